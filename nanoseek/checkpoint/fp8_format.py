@@ -1,0 +1,70 @@
+"""The official DeepSeek-V3 FP8 checkpoint format (REFERENCE §1.8), in pure torch.
+
+Every projection weight of attention, dense FFN, experts and shared experts is stored as
+`float8_e4m3fn` with an fp32 `<name>_scale_inv` of shape [ceil(out/128), ceil(in/128)]:
+    W[i, j] = W_fp8[i, j] * scale_inv[i // 128, j // 128]
+Edge blocks may be smaller than 128 (V3's kv_a_proj_with_mqa has 576 rows: its last row block
+holds 64); expanding the scales and cropping handles them exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+BLOCK = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [BLOCK, BLOCK],
+}
+# which weights are FP8 in the release: projections only; embedding, head, norms, the router
+# and its bias, and the MTP layers' eh_proj (BF16 in the V3 release) stay in high precision
+_QUANTIZED = re.compile(
+    r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(gate_proj|up_proj|down_proj)"
+    r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj)"
+    r"|mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj))\.weight$"
+)
+
+
+def is_quantized_key(key: str) -> bool:
+    """Whether the official FP8 release stores this HF key in float8 with a scale."""
+    return bool(_QUANTIZED.search(key)) and key.startswith("model.layers.")
+
+
+def block_dequantize(
+    w_fp8: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: int = BLOCK,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """w_fp8 [out,in] float8, scale_inv [ceil(out/b), ceil(in/b)] fp32 -> [out,in] `dtype`."""
+    out_f, in_f = w_fp8.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    if tuple(scale_inv.shape) != (rows, cols):
+        raise ValueError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}, expected ({rows}, {cols}) "
+            f"for a [{out_f}, {in_f}] weight in {block}x{block} blocks"
+        )
+    scale = (
+        scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
+    )
+    return (w_fp8.float() * scale).to(dtype)
+
+
+def block_quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out,in] -> (w_fp8 [out,in] float8_e4m3fn, scale_inv [ceil(out/b), ceil(in/b)] fp32),
+    per block s = amax(|block|)/448 so the block's largest value maps to the largest fp8."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    padded = w.float().new_zeros(rows * block, cols * block)
+    padded[:out_f, :in_f] = w.float()
+    blocks = padded.view(rows, block, cols, block)
+    amax = blocks.abs().amax(dim=(1, 3))  # [rows, cols]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(rows * block, cols * block)
+    return q[:out_f, :in_f].contiguous().to(torch.float8_e4m3fn), scale.contiguous()

@@ -1,0 +1,42 @@
+"""One pre-norm transformer block: x + MLA(norm(x)), then h + FFN(norm(h)), FFN dense or MoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.ffn import SwiGLU
+from nanoseek.model.mla import MLA
+from nanoseek.model.moe import MoE
+from nanoseek.model.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MLA(config)
+        self.mlp = (
+            MoE(config)
+            if config.is_moe_layer(layer_idx)
+            else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, token_mask=None):
+        """x [B,T,D] -> (x [B,T,D], balance loss (MoE in training) or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(h, token_mask)
+        else:
+            y, aux = self.mlp(h), None
+        return x + y, aux
+
+
+def sum_aux(total: torch.Tensor | None, aux: torch.Tensor | None) -> torch.Tensor | None:
+    if aux is None:
+        return total
+    return aux if total is None else total + aux

@@ -1,0 +1,137 @@
+"""Multi-head Latent Attention [V3 §2.1.1, eqs. 1-11; V2 §2.1].
+
+Shape legend: B batch, T query tokens, S key tokens, D model dim, H heads, N nope head dim,
+R rope head dim, V value head dim, C kv latent rank (kv_lora_rank), Q q latent rank.
+
+Keys and values come from one compressed latent c_KV [C] per token plus one rotated key k_R [R]
+shared by all heads; only those C + R numbers need caching. Two ways to attend:
+- plain: decompress c_KV with kv_b_proj into per-head k_nope [N] and v [V], then ordinary
+  attention (SDPA, or the `eager` matmul reference). Cheapest for training and long prefill.
+- absorbed: fold kv_b_proj's key half into the query and its value half into the output, and
+  attend over the latent directly (multi-query attention with score dim C + R, value dim C).
+  Cheapest for decoding against a latent cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope
+
+ATTN_IMPLS = ("sdpa", "eager", "absorbed")
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads = c.num_attention_heads
+        self.q_lora_rank = c.q_lora_rank
+        self.kv_lora_rank = c.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
+        self.qk_dim = c.qk_head_dim
+        self.softmax_scale = c.softmax_scale  # includes YaRN's mscale**2
+        self.attn_impl = "sdpa"
+        bias = c.attention_bias
+        H = self.n_heads
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * self.qk_dim, bias=False)
+        # one projection yields the latent (first C) and the shared rope key (last R)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=bias
+        )
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        # rows per head: N key rows, then V value rows
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, c.hidden_size, bias=bias)
+
+    # ------------------------------------------------------------------ projections
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B,T,D] -> q_nope [B,T,H,N], q_rope [B,T,H,R] (rotated). cos/sin [B|1,T,1,R/2]."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [V3 eqs. 1-3]
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B,T,D] -> c_kv [B,T,C] (normalised), k_rope [B,T,R] (rotated): what a cache keeps."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [V3 eq. 1]
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [V3 eq. 3]
+        return c_kv, k_rope
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK [H,N,C], W_UV [H,V,C]. Views, no copy: they follow the
+        weights through optimizer steps and `load_state_dict`, so the split is done once."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    # ------------------------------------------------------------------ attention cores
+    def attend_plain(self, q_nope, q_rope, c_kv, k_rope, mask=None, impl: str = "sdpa"):
+        """Decompressed attention. q_* [B,T,H,*], c_kv [B,S,C], k_rope [B,S,R]; mask is None
+        (causal, T == S) or a bool [B|1, 1|H, T, S] with True = attend. Returns [B,T,H,V]."""
+        B, S, _ = c_kv.shape
+        H = self.n_heads
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)  # [V3 eqs. 2, 4]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B,H,T,N+R]
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, H, self.rope_dim)), dim=-1)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B,H,S,N+R], [B,H,S,V]
+        if impl == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
+            )
+        else:  # the matmul reference
+            scores = (q @ k.transpose(-1, -2)).float() * self.softmax_scale  # [B,H,T,S]
+            scores = scores.masked_fill(
+                ~_mask_or_causal(mask, q.shape[2], S, q.device), float("-inf")
+            )
+            out = scores.softmax(-1).to(v.dtype) @ v
+        return out.transpose(1, 2)  # [B,T,H,V]
+
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask=None):
+        """Attention over the latent [V3 §2.1.1 'absorb']; same arguments and result as
+        `attend_plain`. Scores: (q_nope W_UK) . c_kv + q_rope . k_rope; values: c_kv, then W_UV."""
+        w_uk, w_uv = self.absorbed_weights()
+        T, S = q_nope.shape[1], c_kv.shape[1]
+        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # [B,H,T,C]
+        scores = torch.einsum("bhtc,bsc->bhts", q_lat, c_kv)
+        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = scores.float() * self.softmax_scale
+        scores = scores.masked_fill(~_mask_or_causal(mask, T, S, c_kv.device), float("-inf"))
+        o_lat = torch.einsum("bhts,bsc->bthc", scores.softmax(-1).to(c_kv.dtype), c_kv)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None):
+        """x [B,T,D] -> [B,T,D]. Causal self-attention when mask is None."""
+        B, T, _ = x.shape
+        q_nope, q_rope = self.project_q(x, cos, sin)
+        c_kv, k_rope = self.project_latent(x, cos, sin)
+        if self.attn_impl == "absorbed":
+            out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            out = self.attend_plain(q_nope, q_rope, c_kv, k_rope, mask, impl=self.attn_impl)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+
+
+def _mask_or_causal(mask, T: int, S: int, device) -> torch.Tensor:
+    """Bool mask, True = attend; causal with queries at the last T of S positions by default."""
+    if mask is not None:
+        return mask
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)

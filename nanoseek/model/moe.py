@@ -1,0 +1,166 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts [V3 §2.1.2, eqs. 12-20].
+
+Shape legend: B batch, T tokens, N = B*T tokens, D model dim, E routed experts, F expert width,
+K experts per token, M = N*K token-expert pairs.
+
+Two expert implementations that must agree (tests/model/test_moe.py):
+- `grouped` (fast): sort the M pairs by expert, run each SwiGLU GEMM once for all experts with
+  `torch._grouped_mm` over the contiguous per-expert row blocks (no host sync; one split-loop
+  fallback where grouped_mm does not apply), weight, and scatter-add back.
+- `looped` (reference): for each expert, gather its tokens and run its SwiGLU, like the
+  original DeepSeek inference code.
+No capacity limit and no token dropping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.buffers import FixedDtypeBuffers
+from nanoseek.model.ffn import SwiGLU
+from nanoseek.model.router import Router
+
+EXPERT_IMPLS = ("grouped", "looped")
+
+
+def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._grouped_mm needs bf16/fp32 and row strides that are multiples of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
+        return False
+    if a.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    size = a.element_size()
+    return (a.shape[-1] * size) % 16 == 0 and (b.shape[-1] * size) % 16 == 0
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor):
+    """Per-expert x_e @ w_e^T for row blocks of x sorted by expert.
+
+    x [M,in] (rows of expert e contiguous, counts[e] of them), w [E,out,in] -> [M,out].
+    """
+    w_t = w.transpose(1, 2)  # [E,in,out], a view
+    if _grouped_mm_ok(x, w_t):
+        return torch._grouped_mm(x, w_t, offs=offs)
+    # fallback: one GEMM per expert on a view of its rows (costs one host sync for the sizes)
+    parts = x.split(counts.tolist())
+    return torch.cat([p @ w_t[e] for e, p in enumerate(parts)], dim=0)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as 3D tensors; checkpoints keep the per-expert HF keys
+    (`experts.{e}.gate_proj/up_proj/down_proj`), see nanoseek/checkpoint/keys.py."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts, self.hidden = n_experts, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [E,2F,D]
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E,D,F]
+
+    def forward(self, x, indices, weights, impl: str = "grouped"):
+        """x [N,D], indices [N,K], weights [N,K] fp32 -> y [N,D] = sum_k w_k * expert_k(x)."""
+        if impl == "looped":
+            return self._looped(x, indices, weights)
+        N, K = indices.shape
+        flat = indices.reshape(-1)  # [M]
+        order = flat.argsort(stable=True)  # pairs sorted by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
+        offs = counts.cumsum(0).to(torch.int32)
+        token = order // K  # [M] source token of each sorted pair
+        xs = x[token]  # [M,D]
+        h = grouped_linear(xs, self.gate_up_proj, counts, offs)  # [M,2F]
+        gate, up = h.split(self.hidden, dim=-1)
+        h = F.silu(gate) * up
+        out = grouped_linear(h, self.down_proj, counts, offs)  # [M,D]
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+    def _looped(self, x, indices, weights):
+        y = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            token, slot = torch.where(indices == e)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).split(self.hidden, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.down_proj[e])
+            y.index_add_(0, token, h * weights[token, slot, None].to(h.dtype))
+        return y
+
+
+class MoE(FixedDtypeBuffers):
+    """output = shared(x) + sum_k g_k expert_k(x) [V3 eq. 12]; returns (y, balance_loss)."""
+
+    fixed_dtypes = {"expert_load": torch.int64}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.top_k = c.num_experts_per_tok
+        self.n_experts = c.n_routed_experts
+        self.aux_loss_alpha = c.aux_loss_alpha if c.seq_aux else 0.0
+        self.experts_impl = "grouped"
+        self.gate = Router(c)
+        self.experts = RoutedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = (
+            SwiGLU(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+            if c.n_shared_experts
+            else None
+        )
+        # tokens routed to each expert since the trainer last reset it: int64 so counts never
+        # round (REFERENCE §1.5); counted only in training mode, only when `count_load` is set
+        self.register_buffer(
+            "expert_load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False
+        )
+        self.count_load = False
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """x [B,T,D] -> (y [B,T,D], sequence-wise balance loss (scalar tensor) or None).
+
+        token_mask [B,T] bool marks real tokens (padding is neither counted nor balanced).
+        """
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, indices, scores = self.gate(flat)  # [N,K], [N,K], [N,E]
+        y = self.experts(flat, indices, weights, impl=self.experts_impl).view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.count_load and self.training:
+            with torch.no_grad():
+                idx = indices if token_mask is None else indices[token_mask.reshape(-1)]
+                self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+        aux = None
+        if self.training and self.aux_loss_alpha > 0:
+            aux = self.sequence_balance_loss(
+                scores.view(B, T, -1), indices.view(B, T, -1), token_mask
+            )
+        return y, aux
+
+    def sequence_balance_loss(self, scores, indices, token_mask=None):
+        """[V3 eqs. 17-20] alpha * sum_i f_i P_i per sequence, averaged over sequences.
+
+        f_i = E/(K*T) * #tokens choosing expert i; P_i = mean_t s_i / sum_j s_j.
+        scores [B,T,E] fp32, indices [B,T,K].
+        """
+        B, T, E = scores.shape
+        mask = (
+            torch.ones(B, T, dtype=scores.dtype, device=scores.device)
+            if token_mask is None
+            else token_mask.to(scores.dtype)
+        )
+        n_tok = mask.sum(1).clamp(min=1)  # [B]
+        chosen = torch.zeros(B, T, E, dtype=scores.dtype, device=scores.device)
+        chosen.scatter_(2, indices, 1.0)
+        f = (chosen * mask[..., None]).sum(1) * (E / (self.top_k * n_tok[:, None]))  # [B,E]
+        p_norm = scores / scores.sum(-1, keepdim=True)
+        P = (p_norm * mask[..., None]).sum(1) / n_tok[:, None]  # [B,E]
+        return self.aux_loss_alpha * (f * P).sum(-1).mean()
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = (max_i load_i - mean load) / mean load (REFERENCE §1.5); 0 for no tokens."""
+    mean = load.float().mean().item()
+    return 0.0 if mean == 0 else (load.float().max().item() - mean) / mean

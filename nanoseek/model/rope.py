@@ -1,0 +1,78 @@
+"""Rotary position embedding with YaRN, on DeepSeek's interleaved channel pairs (REFERENCE §1.3).
+
+Only the `qk_rope_head_dim` (R) decoupled channels of queries and the shared key are rotated
+[V3 eqs. 3, 5]. The checkpoints pair channels as (x[2i], x[2i+1]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.buffers import FixedDtypeBuffers
+
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [R/2] fp32, cos/sin scale) for the config's rope scaling.
+
+    YaRN [arXiv 2309.00071]: frequencies that rotate fewer than `beta_slow` times over the original
+    context are interpolated by 1/factor, those rotating more than `beta_fast` times are kept, with a
+    linear ramp between. The cos/sin scale is mscale(factor, mscale)/mscale(factor, mscale_all_dim),
+    exactly 1 for V3 and V2-Lite: their attention temperature lives in the softmax scale instead.
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = config.rope_scaling
+    factor = config.yarn_factor
+    if rs is None or factor <= 1.0:
+        return inv_freq, 1.0
+    original = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+    def mscale(m: float) -> float:
+        return 0.1 * m * math.log(factor) + 1.0 if m else 1.0
+
+    m, m_all = rs.get("mscale") or 0, rs.get("mscale_all_dim") or 0
+    scale = mscale(m) / mscale(m_all) if (m and m_all) else 1.0
+    return inv_freq, scale
+
+
+class RotaryEmbedding(FixedDtypeBuffers):
+    """Maps positions to (cos, sin), each `[*positions.shape, R/2]` in fp32."""
+
+    # the frequencies stay fp32 in a bf16 model: bf16 angles at position 163,840 are noise
+    fixed_dtypes = {"inv_freq": torch.float32}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.scale = yarn_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq.float()
+        return angles.cos() * self.scale, angles.sin() * self.scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of the last dim by angle i.
+
+    x: [..., R]; cos, sin: broadcastable to [..., R/2]. The result is laid out as
+    [rotated evens, rotated odds] rather than re-interleaved: the same fixed permutation applied to
+    queries and keys leaves every dot product q.k unchanged, and it saves a strided copy
+    (transformers does the same with `rope_interleave`). Computed in fp32, returned in x's dtype.
+    """
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)

@@ -1,0 +1,183 @@
+"""The DeepSeek-V3 causal language model: embedding, blocks, final norm, head, MTP modules.
+
+Module names follow the Hugging Face checkpoint keys (`model.embed_tokens`, `model.layers.L.*`,
+`model.norm`, `lm_head`), so state dicts map one to one except for the routed experts (3D here,
+per-expert on disk) and the MTP modules (`mtp.k` here, `model.layers.{L+k}` on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.block import DecoderLayer, sum_aux
+from nanoseek.model.mla import ATTN_IMPLS, MLA
+from nanoseek.model.moe import EXPERT_IMPLS, MoE, RoutedExperts
+from nanoseek.model.mtp import MTPLayer
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding, yarn_inv_freq
+from nanoseek.model.router import Router
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B,T,V]
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B,T-k,V]
+    hidden_states: torch.Tensor | None = None  # [B,T,D] last block's output, before the norm
+    loss: torch.Tensor | None = None  # main + lambda/D * sum(mtp) + balance
+    main_loss: torch.Tensor | None = None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    aux_loss: torch.Tensor | None = None  # sequence-wise balance loss, all MoE layers
+
+
+class Backbone(nn.Module):
+    """`model.*` in HF terms: embedding, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList(
+            MTPLayer(config, L + k) for k in range(config.num_nextn_predict_layers)
+        )
+        self.rotary = RotaryEmbedding(config)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix (V3 §4.2 uses 0.006), ones for norms, zero bias."""
+        std = self.config.initializer_range if std is None else std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, RoutedExperts):
+                nn.init.normal_(m.gate_up_proj, 0.0, std)
+                nn.init.normal_(m.down_proj, 0.0, std)
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, 0.0, std)
+                m.e_score_correction_bias.zero_()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after `to_empty` from the meta device)."""
+        self.rotary.inv_freq.copy_(yarn_inv_freq(self.config)[0])
+        for moe in self.moe_layers():
+            moe.expert_load.zero_()
+            moe.gate.e_score_correction_bias.zero_()
+
+    def set_impl(self, attn: str | None = None, experts: str | None = None) -> CausalLM:
+        """Switch the attention core (sdpa | eager | absorbed) or the expert dispatch
+        (grouped | looped) everywhere; the slow ones are the references the tests compare to."""
+        if attn is not None and attn not in ATTN_IMPLS:
+            raise ValueError(f"attn must be one of {ATTN_IMPLS}, got {attn!r}")
+        if experts is not None and experts not in EXPERT_IMPLS:
+            raise ValueError(f"experts must be one of {EXPERT_IMPLS}, got {experts!r}")
+        for m in self.modules():
+            if attn is not None and isinstance(m, MLA):
+                m.attn_impl = attn
+            if experts is not None and isinstance(m, MoE):
+                m.experts_impl = experts
+        return self
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE, main layers first, then the MTP modules' (bias updates cover all)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------ forward
+    def rope(self, positions: torch.Tensor):
+        """positions [B|1,T] -> cos, sin [B|1,T,1,R/2] (fp32), broadcast over heads."""
+        cos, sin = self.rotary(positions)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        mtp: bool = True,
+    ) -> CausalLMOutput:
+        """input_ids [B,T] -> logits [B,T,V] (+ MTP logits, + losses when labels are given).
+
+        labels [B,T] are the input ids themselves (shifted inside, HF convention), with
+        IGNORE_INDEX where no loss is taken. token_mask [B,T] marks real (non-padding) tokens
+        for the router statistics. `mtp=False` skips the MTP modules (inference).
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None]
+        cos, sin = self.rope(position_ids)
+        emb = self.model.embed_tokens(input_ids)  # [B,T,D]
+        h, aux = emb, None
+        for layer in self.model.layers:
+            h, a = layer(h, cos, sin, None, token_mask)
+            aux = sum_aux(aux, a)
+        out = CausalLMOutput(logits=self.lm_head(self.model.norm(h)), hidden_states=h)
+
+        if mtp:
+            h_k = h
+            for k, layer in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                # position i (< T-k) sees h^{k-1}_i and the embedding of t_{i+k} [V3 eq. 21]
+                tm = None if token_mask is None else token_mask[:, : T - k]
+                h_k, a = layer(
+                    h_k[:, : T - k], emb[:, k:], cos[:, : T - k], sin[:, : T - k], None, tm
+                )
+                aux = sum_aux(aux, a)
+                out.mtp_logits.append(self.lm_head(layer.shared_head.norm(h_k)))
+
+        out.aux_loss = aux
+        if labels is not None:
+            out.main_loss = lm_loss(out.logits[:, :-1], labels[:, 1:])
+            loss = out.main_loss
+            for k, logits_k in enumerate(out.mtp_logits, start=1):
+                # depth k, position i predicts t_{i+k+1} [V3 eqs. 24-25]
+                out.mtp_losses.append(lm_loss(logits_k[:, : T - k - 1], labels[:, k + 1 :]))
+            if out.mtp_losses:
+                lam = self.config.mtp_loss_weight
+                loss = loss + lam / len(self.mtp) * torch.stack(out.mtp_losses).sum()
+            if aux is not None:
+                loss = loss + aux
+            out.loss = loss
+        return out
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in fp32 over targets != IGNORE_INDEX. logits [B,T,V], targets [B,T]."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
