@@ -75,6 +75,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if isinstance(self.rope_scaling, dict):
+            # one normal form: both the old (`type`) and new (`rope_type`) key, or None
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind in ("default", None):
+                self.rope_scaling = None
+            else:
+                self.rope_scaling = {**self.rope_scaling, "type": kind, "rope_type": kind}
         self.validate()
 
     # ----------------------------------------------------------------- derived quantities
@@ -196,12 +203,7 @@ class ModelConfig:
             if "rope_theta" in params:
                 d.setdefault("rope_theta", params.pop("rope_theta"))
             if params.get("rope_type", "default") not in ("default", None):
-                d["rope_scaling"] = {"type": params["rope_type"], **params}
-        if d.get("rope_scaling") is not None:
-            rs = dict(d["rope_scaling"])
-            if rs.get("type", rs.get("rope_type")) in ("default", None):
-                rs = None
-            d["rope_scaling"] = rs
+                d["rope_scaling"] = params
         # HF aliases
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
@@ -215,11 +217,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        if d["rope_scaling"] is not None:
-            rs = dict(d["rope_scaling"])
-            kind = rs.get("type", rs.get("rope_type"))
-            rs["type"] = rs["rope_type"] = kind  # old and new readers both find it
-            d["rope_scaling"] = rs
         if d["quantization_config"] is None:
             del d["quantization_config"]
         d.update(self.extra)

@@ -1,0 +1,78 @@
+"""MLA: SDPA vs matmul reference vs absorbed (attention over the latent) all agree."""
+
+import pytest
+import torch
+
+from nanoseek.model.mla import MLA
+from nanoseek.model.rope import RotaryEmbedding
+from tests.helpers import tiny_config
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
+
+
+def _setup(**overrides):
+    cfg = tiny_config(**overrides)
+    torch.manual_seed(0)
+    mla = MLA(cfg)
+    for name, p in mla.named_parameters():
+        torch.nn.init.normal_(p, 0, 0.2) if "norm" not in name else torch.nn.init.uniform_(
+            p, 0.5, 1.5
+        )
+    rope = RotaryEmbedding(cfg)
+    return cfg, mla, rope
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}])
+def test_attention_impls_agree(overrides):
+    cfg, mla, rope = _setup(**overrides)
+    T = 24
+    cos, sin = (t[:, :, None] for t in rope(torch.arange(T)[None]))
+    x = torch.randn(2, T, cfg.hidden_size, requires_grad=True)
+    outs, grads = {}, {}
+    for impl in ("sdpa", "eager", "absorbed"):
+        mla.attn_impl = impl
+        x.grad = None
+        mla.zero_grad()
+        y = mla(x, cos, sin)
+        y.square().sum().backward()
+        outs[impl] = y.detach()
+        grads[impl] = (x.grad.clone(), mla.kv_b_proj.weight.grad.clone())
+    for impl in ("sdpa", "absorbed"):
+        assert torch.allclose(outs[impl], outs["eager"], atol=1e-5), impl
+        for a, b in zip(grads[impl], grads["eager"]):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), impl
+
+
+def test_absorbed_decode_against_latent_prefix():
+    """Queries at the end of a longer key sequence (what decoding with a latent cache does)."""
+    cfg, mla, rope = _setup()
+    S, T = 20, 3
+    cos, sin = (t[:, :, None] for t in rope(torch.arange(S)[None]))
+    x = torch.randn(1, S, cfg.hidden_size)
+    with torch.no_grad():
+        q_nope, q_rope = mla.project_q(x[:, -T:], cos[:, -T:], sin[:, -T:])
+        c_kv, k_rope = mla.project_latent(x, cos, sin)
+        assert c_kv.shape == (1, S, cfg.kv_lora_rank) and k_rope.shape == (
+            1,
+            S,
+            cfg.qk_rope_head_dim,
+        )
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        a = mla.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        b = mla.attend_plain(q_nope, q_rope, c_kv, k_rope, mask, impl="eager")
+        full = mla.attend_plain(*mla.project_q(x, cos, sin), c_kv, k_rope, impl="sdpa")
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, full[:, -T:], atol=1e-5)  # the last T rows of full causal attention
+
+
+def test_absorbed_weights_are_views_of_kv_b_proj():
+    cfg, mla, _ = _setup()
+    w_uk, w_uv = mla.absorbed_weights()
+    H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    assert w_uk.shape == (H, N, C) and w_uv.shape == (H, V, C)
+    assert w_uk.data_ptr() == mla.kv_b_proj.weight.data_ptr()  # no copy: the split is free
+    # per head, N key rows then V value rows (REFERENCE §1.2)
+    w = mla.kv_b_proj.weight
+    assert torch.equal(w_uk[1], w[(N + V) : (N + V) + N])
+    assert torch.equal(w_uv[1], w[(N + V) + N : 2 * (N + V)])
