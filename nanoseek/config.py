@@ -235,7 +235,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: expected a JSON object")
         try:
             return cls.from_dict(data)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod

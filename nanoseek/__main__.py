@@ -1,0 +1,8 @@
+"""`python -m nanoseek ...` runs the command line (nanoseek/cli.py)."""
+
+import sys
+
+from nanoseek.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The `nanoseek` command line: one subcommand per job, each a small `run_*` function.
+
+    nanoseek info deepseek-v3                 # parameters, KV cache, FLOPs of a preset or dir
+    nanoseek convert SRC DST --dtype fp8      # bf16/fp32/FP8 checkpoint -> another dtype
+    nanoseek demo --out /tmp/tiny             # build, save, reload, check: the end-to-end smoke run
+
+Adding a subcommand: write `_add_<name>(parser)` for its flags and `run_<name>(args) -> int`, and
+append a `Command` to COMMANDS. Runners import heavy modules themselves, so `nanoseek info` on a
+laptop never pays for what `pretrain` needs.
+
+User errors (bad config, bad checkpoint, missing file, bad argument) end as one line
+`nanoseek: error: <message>` on stderr and exit code 2, never a traceback (STYLE 7); anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nanoseek.checkpoint.accounting import Accounting, account
+from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.presets import PRESETS
+
+PROG = "nanoseek"
+USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError)  # OSError: missing file etc.
+DTYPES = ("bf16", "fp32", "fp8")
+
+
+class UsageError(Exception):
+    """A bad command line; raised instead of argparse's print-usage-and-exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage and exit
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------ helpers
+def resolve_config(source: str) -> tuple[ModelConfig, str]:
+    """A preset name, a checkpoint directory, or a config.json path -> (config, description)."""
+    if source in PRESETS:
+        return ModelConfig.from_preset(source), f"preset '{source}'"
+    if os.path.isdir(source):
+        path = os.path.join(source, "config.json")
+    elif os.path.isfile(source):
+        path = source
+    else:
+        raise FileNotFoundError(
+            f"{source}: neither a preset ({', '.join(sorted(PRESETS))}) nor an existing "
+            "checkpoint directory"
+        )
+    return _config_from_file(path), path
+
+
+def _config_from_file(path: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_json_file(path)
+    except ConfigError as e:  # validate() names the field; add the file it came from
+        msg = str(e)
+        raise ConfigError(msg if path in msg else f"{path}: {msg}") from None
+
+
+def human(n: float) -> str:
+    """Parameter counts: 1_234_567 -> '1.23M' (K/M/B/T in steps of 1000)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f}{suffix}"
+    return f"{n:,.0f}"
+
+
+def human_flops(n: float) -> str:
+    """83_490_000_000 -> '83.49 GFLOP' (SI prefixes)."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {prefix}FLOP"
+    return f"{n:,.0f} FLOP"
+
+
+def human_bytes(n: float) -> str:
+    for scale, suffix in ((1024**4, "TiB"), (1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if n >= scale:
+            return f"{n / scale:,.2f} {suffix}"
+    return f"{n:,.0f} B"
+
+
+def format_accounting(a: Accounting, title: str) -> str:
+    """The readable table `nanoseek info` prints."""
+
+    def row(label: str, value: str, exact: str = "") -> str:
+        return f"  {label:<36}{value:>12}  {exact}".rstrip()
+
+    def count(label: str, n: int) -> str:
+        return row(label, human(n), f"{n:,}")
+
+    lines = [title, "parameters"]
+    lines += [
+        count("total (main model)", a.total_params),
+        count("active per token", a.active_params),
+        count("MTP modules (unique)", a.mtp_params),
+        count("MTP incl. embed/head copies", a.mtp_params_with_copies),
+        count("checkpoint values (all tensors)", a.checkpoint_numel),
+        "main model by component",
+    ]
+    lines += [count("  " + name.replace("_", " "), n) for name, n in a.breakdown.items()]
+    b = a.kv_bytes_per_value
+    lines += [
+        f"KV cache per token, {b}-byte values, all layers",
+        row("MLA latent (c_KV + k_rope)", f"{a.kv_cache_bytes_per_token:,} B"),
+        row("full per-head K and V", f"{a.full_kv_cache_bytes_per_token:,} B"),
+        row("ratio", f"{a.kv_cache_ratio:,.1f}x"),
+        f"compute per token, causal context of {a.seq_len:,} tokens",
+        row("forward", human_flops(a.flops_per_token)),
+        row("  of which attention scores/values", human_flops(a.attn_flops_per_token)),
+        row("training (3x forward)", human_flops(a.train_flops_per_token)),
+        row("training incl. MTP modules", human_flops(a.train_flops_per_token_with_mtp)),
+    ]
+    lines += [f"note: {n}" for n in a.notes]
+    return "\n".join(lines)
+
+
+def _checkpoint_files(directory: str) -> list[tuple[str, int]]:
+    """(file name, bytes) of every regular file in a saved checkpoint directory."""
+    return [
+        (name, os.path.getsize(os.path.join(directory, name)))
+        for name in sorted(os.listdir(directory))
+        if os.path.isfile(os.path.join(directory, name))
+    ]
+
+
+def _tensor_stats(directory: str) -> dict[str, int]:
+    """Tensor count per safetensors dtype in a checkpoint directory (headers only)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for name, _ in _checkpoint_files(directory):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
+
+
+def _check_output_dir(path: str, source: str | None = None) -> None:
+    """Saving replaces the directory wholesale: refuse anything that is not a checkpoint."""
+    if source is not None and os.path.realpath(path) == os.path.realpath(source):
+        raise ValueError(f"{path}: the output directory must differ from the source")
+    if os.path.isfile(path):
+        raise FileExistsError(f"{path}: exists and is a file")
+    if os.path.isdir(path) and os.listdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileExistsError(
+                f"{path}: exists, is not empty and holds no config.json; refusing to replace it"
+            )
+
+
+def _print_files(directory: str) -> None:
+    files = _checkpoint_files(directory)
+    for name, size in files:
+        print(f"  {name:<40}{human_bytes(size):>14}")
+    print(f"  {'total':<40}{human_bytes(sum(s for _, s in files)):>14}")
+
+
+# ------------------------------------------------------------------------------ info
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="PRESET_OR_DIR", help="preset name or checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=4096, help="context for the attention FLOPs"
+    )
+
+
+def run_info(args: argparse.Namespace) -> int:
+    config, where = resolve_config(args.source)
+    a = account(config, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps({"source": where, **a.to_dict()}, indent=2))
+    else:
+        print(format_accounting(a, f"{args.source} ({where}, model_type {config.model_type})"))
+    return 0
+
+
+# ------------------------------------------------------------------------------ convert
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="checkpoint directory (bf16, fp32 or FP8)")
+    p.add_argument("dst", metavar="DST", help="output directory (replaced if a checkpoint)")
+    p.add_argument("--dtype", choices=DTYPES, required=True, help="storage format of DST")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanoseek.checkpoint.io import load, save
+
+    _check_output_dir(args.dst, source=args.src)
+    # fp8 keeps the unquantised tensors (embedding, head, norms) in bf16 like the release, so a
+    # bf16 model in memory suffices and halves the memory of a full-size conversion (an fp32
+    # source then passes through bf16 before FP8: 2^-9 relative error under FP8's 2^-4)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    t0 = time.perf_counter()
+    if os.path.isdir(args.src):
+        _config_from_file(os.path.join(args.src, "config.json"))  # clean error naming the file
+    model = load(args.src, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    held = str(dtype).removeprefix("torch.")
+    print(f"loaded {args.src}: {human(n_params)} parameters (MTP included) as {held}")
+    # tokenizer, generation config, README...: everything that is not weights travels along
+    weights = (".safetensors", ".safetensors.index.json")
+    extra = [
+        os.path.join(args.src, name)
+        for name, _ in _checkpoint_files(args.src)
+        if name != "config.json" and not name.endswith(weights)
+    ]
+    save(model, args.dst, dtype=dtype, fp8=args.dtype == "fp8", extra_files=extra)
+    counts = _tensor_stats(args.dst)
+    summary = ", ".join(f"{n:,} {d}" for d, n in sorted(counts.items()))
+    print(f"wrote {args.dst} as {args.dtype}: {sum(counts.values()):,} tensors ({summary})")
+    if extra:
+        print(f"copied {len(extra)} other files: {', '.join(os.path.basename(e) for e in extra)}")
+    _print_files(args.dst)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------ demo
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory to save the demo checkpoint in")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Build a seeded model, save it, load it back, check the logits agree bit for bit."""
+    import torch
+
+    from nanoseek.checkpoint.io import load, save
+    from nanoseek.model.transformer import CausalLM
+
+    _check_output_dir(args.out)
+    config = ModelConfig.from_preset(args.preset)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = CausalLM(config).eval()
+    save(model, args.out)
+    print(f"built {args.preset} (seed {args.seed}) and saved it to {args.out}")
+    reloaded = load(args.out, dtype=model.dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(config.vocab_size, (2, 32), generator=gen)  # [B,T]
+    with torch.no_grad():
+        want, got = model(ids), reloaded(ids)
+    pairs = [(want.logits, got.logits), *zip(want.mtp_logits, got.mtp_logits)]
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    ok = len(want.mtp_logits) == len(got.mtp_logits) and diff == 0.0
+    print(
+        f"reloaded: logits {tuple(want.logits.shape)} and {len(want.mtp_logits)} MTP head(s) "
+        f"{'identical' if ok else 'DIFFER'} (max |diff| {diff:.3g})"
+    )
+    print()
+    print(format_accounting(account(config), f"{args.preset} (saved to {args.out})"))
+    print("saved files")
+    _print_files(args.out)
+    print(f"demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f} s")
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "info", "parameters, KV cache and FLOPs of a preset or checkpoint", _add_info, run_info
+    ),
+    Command(
+        "convert", "convert a checkpoint between bf16, fp32 and FP8", _add_convert, run_convert
+    ),
+    Command("demo", "build, save, reload and check a small model", _add_demo, run_demo),
+]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="DeepSeek-V3 and the R1 recipe in small PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nanoseek` console script and `python -m nanoseek`; returns the exit
+    code (0 ok, 1 a check failed, 2 user error, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    with warnings.catch_warnings():  # restores the global hook on exit
+        warnings.showwarning = _one_line_warning
+        try:
+            return args.run(args)
+        except USER_ERRORS as e:
+            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
