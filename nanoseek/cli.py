@@ -28,9 +28,11 @@ from nanoseek.checkpoint.accounting import Accounting, account
 from nanoseek.checkpoint.io import CheckpointError
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.presets import PRESETS
+from nanoseek.train.loop import TrainingDiverged
 
 PROG = "nanoseek"
-USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError)  # OSError: missing file etc.
+# OSError: missing file etc.; TrainingDiverged: a NaN loss, reported with the checkpoint kept
+USER_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, TrainingDiverged)
 DTYPES = ("bf16", "fp32", "fp8")
 
 
@@ -135,24 +137,8 @@ def _checkpoint_files(directory: str) -> list[tuple[str, int]]:
     ]
 
 
-def _tensor_stats(directory: str) -> dict[str, int]:
-    """Tensor count per safetensors dtype in a checkpoint directory (headers only)."""
-    from safetensors import safe_open
-
-    counts: dict[str, int] = {}
-    for name, _ in _checkpoint_files(directory):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), framework="pt") as f:
-                for key in f.keys():
-                    dtype = f.get_slice(key).get_dtype()
-                    counts[dtype] = counts.get(dtype, 0) + 1
-    return counts
-
-
-def _check_output_dir(path: str, source: str | None = None) -> None:
+def _check_output_dir(path: str) -> None:
     """Saving replaces the directory wholesale: refuse anything that is not a checkpoint."""
-    if source is not None and os.path.realpath(path) == os.path.realpath(source):
-        raise ValueError(f"{path}: the output directory must differ from the source")
     if os.path.isfile(path):
         raise FileExistsError(f"{path}: exists and is a file")
     if os.path.isdir(path) and os.listdir(path):
@@ -196,38 +182,47 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    import torch
+    from nanoseek.checkpoint.convert import convert_checkpoint
 
-    from nanoseek.checkpoint.io import load, save
-
-    _check_output_dir(args.dst, source=args.src)
-    # fp8 keeps the unquantised tensors (embedding, head, norms) in bf16 like the release, so a
-    # bf16 model in memory suffices and halves the memory of a full-size conversion (an fp32
-    # source then passes through bf16 before FP8: 2^-9 relative error under FP8's 2^-4)
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    t0 = time.perf_counter()
-    if os.path.isdir(args.src):
-        _config_from_file(os.path.join(args.src, "config.json"))  # clean error naming the file
-    model = load(args.src, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    held = str(dtype).removeprefix("torch.")
-    print(f"loaded {args.src}: {human(n_params)} parameters (MTP included) as {held}")
-    # tokenizer, generation config, README...: everything that is not weights travels along
-    weights = (".safetensors", ".safetensors.index.json")
-    extra = [
-        os.path.join(args.src, name)
-        for name, _ in _checkpoint_files(args.src)
-        if name != "config.json" and not name.endswith(weights)
-    ]
-    save(model, args.dst, dtype=dtype, fp8=args.dtype == "fp8", extra_files=extra)
-    counts = _tensor_stats(args.dst)
-    summary = ", ".join(f"{n:,} {d}" for d, n in sorted(counts.items()))
-    print(f"wrote {args.dst} as {args.dtype}: {sum(counts.values()):,} tensors ({summary})")
-    if extra:
-        print(f"copied {len(extra)} other files: {', '.join(os.path.basename(e) for e in extra)}")
+    # streams tensor by tensor: memory stays near one 5 GiB output shard, so the 671B checkpoint
+    # converts on an ordinary machine (no model is built, no GPU needed for FP8)
+    progress = _progress_line() if sys.stderr.isatty() else None
+    try:
+        s = convert_checkpoint(args.src, args.dst, args.dtype, progress=progress)
+    finally:
+        if progress is not None:
+            print(file=sys.stderr)  # end the progress line
+    summary = ", ".join(f"{n:,} {d}" for d, n in s["dtypes"].items())
+    done = [f"{s['quantized']:,} quantised"] if s["quantized"] else []
+    done += [f"{s['dequantized']:,} dequantised"] if s["dequantized"] else []
+    print(
+        f"converted {args.src}: {s['tensors_read']:,} tensors, {human_bytes(s['src_bytes'])}"
+        + (f" ({', '.join(done)})" if done else "")
+    )
+    print(f"wrote {args.dst} as {args.dtype}: {s['tensors_written']:,} tensors ({summary})")
+    if s["copied_files"]:
+        print(f"copied {len(s['copied_files'])} other files: {', '.join(s['copied_files'])}")
     _print_files(args.dst)
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    rate = s["src_bytes"] / max(s["seconds"], 1e-9)
+    print(f"done in {s['seconds']:.1f} s ({human_bytes(rate)}/s)")
     return 0
+
+
+def _progress_line() -> Callable[[int, int], None]:
+    """A `\r`-rewritten stderr line, at most twice a second (a terminal only)."""
+    t0 = last = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last < 0.5 and done < total:
+            return
+        last = now
+        pct = 100 * done / max(total, 1)
+        msg = f"converting: {human_bytes(done)} of {human_bytes(total)} ({pct:.0f}%)"
+        print(f"\r{msg}, {now - t0:.0f} s", end="", file=sys.stderr, flush=True)
+
+    return show
 
 
 # ------------------------------------------------------------------------------ demo
@@ -271,6 +266,35 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------------------ pretrain
+def _add_pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML/JSON file of options (see nanoseek/train/pretrain.py)")
+    p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, plots, model/)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="training files (.txt/.jsonl/.parquet); default: the built-in reasoning corpus",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from nanoseek.train.options import build
+    from nanoseek.train.pretrain import PretrainOptions, run_pretrain
+
+    opts = build(PretrainOptions, args.config, args.overrides, out=args.out, data=args.data)
+    last = run_pretrain(opts, resume=args.resume)
+    val = last.get("val_loss")
+    print(
+        f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
+        + (f", val loss {val:.4f}" if val is not None else "")
+        + f"; model in {os.path.join(opts.out, 'model')}"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class Command:
@@ -278,6 +302,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    overrides: bool = False  # accepts free --key=value options for its options dataclass
 
 
 COMMANDS: list[Command] = [
@@ -288,6 +313,13 @@ COMMANDS: list[Command] = [
         "convert", "convert a checkpoint between bf16, fp32 and FP8", _add_convert, run_convert
     ),
     Command("demo", "build, save, reload and check a small model", _add_demo, run_demo),
+    Command(
+        "pretrain",
+        "pre-train a model (MTP, aux-loss-free balancing)",
+        _add_pretrain,
+        run_pretrain,
+        overrides=True,
+    ),
 ]
 
 
@@ -311,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _accepts_overrides(args: argparse.Namespace) -> bool:
+    return any(c.overrides and c.run is args.run for c in COMMANDS)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
 
@@ -323,7 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nanoseek` console script and `python -m nanoseek`; returns the exit
     code (0 ok, 1 a check failed, 2 user error, 130 interrupted)."""
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra and not _accepts_overrides(args):
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+        if bad:
+            raise UsageError(f"options must look like --key=value, got {' '.join(bad)}")
+        args.overrides = extra
     except UsageError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2

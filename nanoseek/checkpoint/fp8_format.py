@@ -42,7 +42,10 @@ def block_dequantize(
     block: int = BLOCK,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """w_fp8 [out,in] float8, scale_inv [ceil(out/b), ceil(in/b)] fp32 -> [out,in] `dtype`."""
+    """w_fp8 [out,in] float8, scale_inv [ceil(out/b), ceil(in/b)] fp32 -> [out,in] `dtype`,
+    computed in fp32 (exactly w_fp8.float() * scale) before the cast to `dtype`."""
+    if w_fp8.dim() != 2:
+        raise ValueError(f"block FP8 weights must be 2D, got shape {tuple(w_fp8.shape)}")
     out_f, in_f = w_fp8.shape
     rows, cols = -(-out_f // block), -(-in_f // block)
     if tuple(scale_inv.shape) != (rows, cols):
@@ -58,7 +61,12 @@ def block_dequantize(
 
 def block_quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out,in] -> (w_fp8 [out,in] float8_e4m3fn, scale_inv [ceil(out/b), ceil(in/b)] fp32),
-    per block s = amax(|block|)/448 so the block's largest value maps to the largest fp8."""
+    per block s = amax(|block|)/448 so the block's largest value maps to the largest fp8.
+    An all-zero block gets s = 1 (any s would do; 0 would divide by zero)."""
+    if w.dim() != 2:
+        raise ValueError(f"block FP8 weights must be 2D, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot quantise a weight with inf/nan entries to FP8")
     out_f, in_f = w.shape
     rows, cols = -(-out_f // block), -(-in_f // block)
     padded = w.float().new_zeros(rows * block, cols * block)

@@ -10,9 +10,11 @@ leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import uuid
 import warnings
 from collections.abc import Iterable
 
@@ -27,12 +29,13 @@ from nanoseek.checkpoint.fp8_format import (
     is_quantized_key,
 )
 from nanoseek.checkpoint.keys import hf_state_items, hf_to_ours, split_expert_key
-from nanoseek.config import ModelConfig
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.transformer import CausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +43,80 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- load
+def load(
+    directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"
+) -> CausalLM:
+    """Read a HF DeepseekV3 directory (bf16/fp32/FP8) into a CausalLM of `dtype` on `device`.
+
+    The router's `e_score_correction_bias` stays fp32 whatever `dtype`. A checkpoint without the
+    MTP layers (transformers drops them) loads with a warning and `num_nextn_predict_layers=0`.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    config = _read_config(directory)
+    wm = weight_map(directory)
+    L = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in wm):
+        warnings.warn(
+            f"{directory}: config has MTP modules but the checkpoint has no weights "
+            "for them; loading without MTP",
+            stacklevel=2,
+        )
+        config = config.replace(num_nextn_predict_layers=0)
+    model = build_empty(config.replace(quantization_config=None), dtype, device)
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    required = _required_keys(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    by_file: dict[str, list[str]] = {}
+    for key, path in wm.items():
+        if not key.endswith("_scale_inv"):
+            by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with _open(path) as f:
+            for key in keys:
+                name = hf_to_ours(key, L)
+                # MTP copies of the shared embedding/head, and a tied head (= the embedding)
+                if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                target = _target(params, name)
+                if target is None:
+                    unexpected.append(key)
+                    continue
+                t = _read(f, path, key)
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    t = _dequantize(key, t, f, path, wm)
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{path}: tensor '{key}' has shape {tuple(t.shape)}, the config "
+                        f"expects {tuple(target.shape)}"
+                    )
+                with torch.no_grad():
+                    target.copy_(t)
+                loaded.add(key)
+    missing = sorted(required - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{directory}: missing tensor '{missing[0]}'{more}")
+    if unexpected:
+        warnings.warn(
+            f"{directory}: ignored {len(unexpected)} unknown tensors, e.g. '{unexpected[0]}'",
+            stacklevel=2,
+        )
+    return model.eval()
+
+
+def _read_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    try:
+        return ModelConfig.from_pretrained(directory)
+    except ConfigError as e:  # validate() names the field; add the file
+        raise (e if path in str(e) else ConfigError(f"{path}: {e}")) from None
+
+
 def weight_map(directory: str) -> dict[str, str]:
     """HF key -> safetensors file path for every tensor in the checkpoint directory."""
     index = os.path.join(directory, INDEX_NAME)
@@ -47,6 +124,8 @@ def weight_map(directory: str) -> dict[str, str]:
         try:
             with open(index) as f:
                 wm = json.load(f)["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise TypeError("'weight_map' must map tensor names to file names")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         return {k: os.path.join(directory, v) for k, v in wm.items()}
@@ -61,34 +140,26 @@ def weight_map(directory: str) -> dict[str, str]:
     return out
 
 
-class _open:
-    """safe_open with errors that name the file (truncated or corrupt files)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self):
-        if not os.path.exists(self.path):
-            raise CheckpointError(f"{self.path}: file listed in the index is missing")
-        try:
-            self._cm = safe_open(self.path, framework="pt", device="cpu")
-            return self._cm.__enter__()
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"{self.path}: corrupt or truncated safetensors file ({e})"
-            ) from None
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+@contextlib.contextmanager
+def _open(path: str):
+    """safe_open with errors that name the file (missing, truncated or corrupt)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: safetensors file is missing")
+    try:
+        f = safe_open(path, framework="pt", device="cpu")  # reads and checks the header
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    with f:
+        yield f
 
 
 def _read(f, path: str, key: str) -> torch.Tensor:
+    if key not in f.keys():  # the index names a tensor its file does not hold
+        raise CheckpointError(f"{path}: has no tensor '{key}' (stale or wrong index?)")
     try:
         return f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path}: cannot read tensor '{key}' (corrupt or truncated: {e})"
-        ) from None
+        raise CheckpointError(f"{path}: cannot read tensor '{key}' ({e})") from None
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype, device) -> CausalLM:
@@ -97,74 +168,24 @@ def build_empty(config: ModelConfig, dtype: torch.dtype, device) -> CausalLM:
         model = CausalLM(config)
     model.to(dtype)  # the router bias stays fp32 (Router._apply)
     model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty makes new Parameters: the tie is lost
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
     return model
 
 
-def load(
-    directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"
-) -> CausalLM:
-    """Read a HF DeepseekV3 directory (bf16/fp32/FP8) into a CausalLM of `dtype` on `device`."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a checkpoint directory")
-    config = ModelConfig.from_pretrained(directory)
-    wm = weight_map(directory)
-    L = config.num_hidden_layers
-    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in wm):
-        # e.g. saved by transformers, which drops the MTP layer: load the main model only
-        warnings.warn(
-            f"{directory}: config has MTP modules but the checkpoint has no weights "
-            "for them; loading without MTP",
-            stacklevel=2,
-        )
-        config = config.replace(num_nextn_predict_layers=0)
-    config.quantization_config = None  # the loaded model is dequantised
-    model = build_empty(config, dtype, device)
-    params = dict(model.named_parameters())
-    params.update(model.named_buffers())
-    expected = set(k for k, _ in hf_state_items(model))
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-
-    by_file: dict[str, list[str]] = {}
-    for key, path in wm.items():
-        if not key.endswith("_scale_inv"):
-            by_file.setdefault(path, []).append(key)
-    for path, keys in by_file.items():
-        with _open(path) as f:
-            for key in keys:
-                name = hf_to_ours(key, L)
-                if name is None:
-                    loaded.add(key)
-                    continue
-                target = _target(params, name)
-                if target is None:
-                    unexpected.append(key)
-                    continue
-                t = _read(f, path, key)
-                if t.dtype == torch.float8_e4m3fn:
-                    t = _dequantize(key, t, wm)
-                if tuple(t.shape) != tuple(target.shape):
-                    raise CheckpointError(
-                        f"{path}: tensor '{key}' has shape {tuple(t.shape)}, the config "
-                        f"expects {tuple(target.shape)}"
-                    )
-                with torch.no_grad():
-                    target.copy_(t)
-                loaded.add(key)
-    missing = sorted(expected - loaded)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{directory}: missing tensor '{missing[0]}'{more}")
-    if unexpected:
-        warnings.warn(
-            f"{directory}: ignored {len(unexpected)} unknown tensors, e.g. '{unexpected[0]}'",
-            stacklevel=2,
-        )
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+def _required_keys(model: CausalLM) -> set[str]:
+    """HF keys a checkpoint of `model` must hold: everything we write, except the MTP layers'
+    copies of shared weights, and the router bias where the router ignores it (non-noaux_tc,
+    e.g. V2 checkpoints, which do not have it; it stays zero)."""
+    config = model.config
+    uses_bias = config.topk_method == "noaux_tc"
+    return {
+        key
+        for key, _ in hf_state_items(model)
+        if hf_to_ours(key, config.num_hidden_layers) is not None
+        and (uses_bias or not key.endswith("e_score_correction_bias"))
+    }
 
 
 def _target(params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
@@ -183,16 +204,20 @@ def _target(params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
     return w[e, :F] if kind == "gate_proj" else w[e, F:]
 
 
-def _dequantize(key: str, w: torch.Tensor, wm: dict[str, str]) -> torch.Tensor:
+def _dequantize(key: str, w: torch.Tensor, f, path: str, wm: dict[str, str]) -> torch.Tensor:
     scale_key = key + "_scale_inv"
     if scale_key not in wm:
-        raise CheckpointError(f"tensor '{key}' is float8 but '{scale_key}' is missing")
-    with _open(wm[scale_key]) as f:
-        scale = _read(f, wm[scale_key], scale_key)
+        raise CheckpointError(f"{path}: tensor '{key}' is float8 but '{scale_key}' is missing")
+    scale_path = wm[scale_key]
+    if scale_path == path:
+        scale = _read(f, path, scale_key)
+    else:
+        with _open(scale_path) as g:
+            scale = _read(g, scale_path, scale_key)
     try:
         return block_dequantize(w, scale)
     except ValueError as e:
-        raise CheckpointError(f"tensor '{key}': {e}") from None
+        raise CheckpointError(f"{path}: tensor '{key}': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -208,99 +233,132 @@ def save(
 
     dtype: storage dtype of the weights (default: the model's); the router bias is always fp32.
     fp8: write the official block-scaled FP8 format (REFERENCE §1.8) for the projection weights.
+    max_shard_bytes: above this, several `model-0000i-of-0000n.safetensors` plus the index.
     extra_files: files copied alongside (e.g. tokenizer.json, tokenizer_config.json).
+    An existing `directory` is replaced as a whole (files in it that we do not write are gone).
     """
-    directory = os.fspath(directory).rstrip("/")
-    tmp = f"{directory}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    config = model.config.replace(
-        torch_dtype=str(dtype or model.dtype).removeprefix("torch."),
-        quantization_config=dict(QUANTIZATION_CONFIG) if fp8 else None,
-    )
-    config.save_pretrained(tmp)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in hf_state_items(model):
-        for k, v in _encode(key, t, dtype, fp8):
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                _flush(shards, tmp)
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-    _flush(shards, tmp)
-    _write_index(tmp, len(shards))
-    for path in extra_files:
-        shutil.copy(path, tmp)
-    _swap_into_place(tmp, directory)
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {SAVE_DTYPES} (for FP8 use fp8=True), got {dtype}")
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(
+        os.path.join(directory, "config.json")
+    ):  # replacing a checkpoint is fine; wiping an unrelated folder (`save(m, "~")`) is not
+        raise CheckpointError(f"{directory}: exists, is not empty and is not a checkpoint; "
+                              "not replacing it")
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    # not tempfile.mkdtemp: its mode 0700 would become the checkpoint's; mkdir honours the umask
+    tmp = _sibling(directory, "tmp")
+    os.mkdir(tmp)
+    try:
+        config = model.config.replace(
+            torch_dtype=str(dtype or model.dtype).removeprefix("torch."),
+            quantization_config=dict(QUANTIZATION_CONFIG) if fp8 else None,
+        )
+        config.save_pretrained(tmp)
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        for key, t in hf_state_items(model):
+            for k, v in _encode(key, t, dtype, fp8):
+                writer.add(k, v)
+        writer.close()
+        for path in extra_files:
+            if os.path.exists(os.path.join(tmp, os.path.basename(path))):
+                raise ValueError(f"{path}: would overwrite a checkpoint file of the same name")
+            shutil.copy(path, tmp)
+        _fsync_files(tmp)
+        _swap_into_place(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _encode(key: str, t: torch.Tensor, dtype, fp8: bool):
+def _encode(key: str, t: torch.Tensor, dtype: torch.dtype | None, fp8: bool):
+    """(key, tensor) pairs to store for one HF tensor: fresh contiguous CPU copies."""
     t = t.detach().cpu()
-    if key.endswith("e_score_correction_bias"):
-        yield key, t.float().contiguous().clone()
+    if key.endswith("e_score_correction_bias"):  # fp32 always (REFERENCE §1.5)
+        yield key, t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     elif fp8 and is_quantized_key(key):
         q, scale = block_quantize(t)
         yield key, q
         yield key + "_scale_inv", scale
     else:
-        yield key, t.to(dtype or t.dtype).contiguous().clone()
+        yield key, t.to(dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _flush(shards: list[dict[str, torch.Tensor]], tmp: str) -> None:
-    """Write the last shard under a provisional name; _write_index names them at the end."""
-    i = len(shards)
-    save_file(
-        shards[-1], os.path.join(tmp, f"shard-{i:05d}.safetensors"), metadata={"format": "pt"}
-    )
-    shards[-1] = {k: None for k in shards[-1]}  # free the tensors, keep the names
+class _ShardWriter:
+    """Writes tensors into files of at most `max_bytes` each (a larger tensor gets its own file),
+    under provisional names; `close` names them as HF does and writes the index."""
+
+    def __init__(self, directory: str, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[str] = []
+        self.file_of: dict[str, int] = {}  # key -> index into self.files
+        self.total_bytes = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.pending[key] = t
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        name = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, os.path.join(self.directory, name), metadata={"format": "pt"})
+        self.file_of.update(dict.fromkeys(self.pending, len(self.files)))
+        self.files.append(name)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        n = len(self.files)
+        final = (
+            [SINGLE_NAME]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
+        for src, dst in zip(self.files, final):
+            os.replace(os.path.join(self.directory, src), os.path.join(self.directory, dst))
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {k: final[i] for k, i in self.file_of.items()},
+            }
+            with open(os.path.join(self.directory, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=2)
 
 
-def _write_index(tmp: str, n: int) -> None:
-    if n == 1:
-        os.replace(os.path.join(tmp, "shard-00001.safetensors"), os.path.join(tmp, SINGLE_NAME))
-        return
-    weight_map, total = {}, 0
-    for i in range(1, n + 1):
-        final = f"model-{i:05d}-of-{n:05d}.safetensors"
-        src = os.path.join(tmp, f"shard-{i:05d}.safetensors")
-        os.replace(src, os.path.join(tmp, final))
-        with safe_open(os.path.join(tmp, final), framework="pt") as f:
-            for k in f.keys():
-                weight_map[k] = final
-                sl = f.get_slice(k)
-                total += _nbytes(sl.get_dtype(), sl.get_shape())
-    with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+def _fsync_files(directory: str) -> None:
+    """Data on disk before the rename makes it visible (else a power cut can publish zeros)."""
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "BF16": 2,
-    "F16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-}
-
-
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    n = _DTYPE_BYTES.get(dtype, 4)
-    for s in shape:
-        n *= s
-    return n
+def _sibling(directory: str, kind: str) -> str:
+    """A fresh name beside `directory`: `<directory>.<kind>-<pid>-<random>`."""
+    return f"{directory}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _swap_into_place(tmp: str, directory: str) -> None:
-    """rename(tmp -> directory); an existing directory is moved aside first, then deleted."""
-    old = None
-    if os.path.exists(directory):
-        old = f"{directory}.old-{os.getpid()}"
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """rename(tmp -> directory). An existing directory is renamed aside first and deleted after;
+    if the second rename fails it is put back. (POSIX cannot swap two directories atomically:
+    a crash between the renames leaves the previous checkpoint at `<directory>.old-*`.)"""
+    if not os.path.lexists(directory):
+        os.rename(tmp, directory)
+        return
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        raise CheckpointError(f"{directory}: exists and is not a directory; not replacing it")
+    old = _sibling(directory, "old")
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -47,11 +47,13 @@ def split_expert_key(key: str) -> tuple[str, int, str] | None:
 
 def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF key, tensor) for every tensor a checkpoint of `model` holds, experts split,
-    MTP renamed, shared copies added. Tensors are views; nothing is copied here."""
+    MTP renamed, shared copies added. Tensors are views; nothing is copied here.
+    A tied head is not written (as transformers does): it is the embedding."""
     L = model.config.num_hidden_layers
+    tied = model.config.tie_word_embeddings
     state = model.state_dict()
     for name, t in state.items():
-        if name.startswith("rotary."):
+        if name.startswith("rotary.") or (tied and name == "lm_head.weight"):
             continue
         hf = ours_to_hf(name, L)
         if hf.endswith("mlp.experts.gate_up_proj"):

@@ -101,7 +101,10 @@ class MoE(FixedDtypeBuffers):
         c = config
         self.top_k = c.num_experts_per_tok
         self.n_experts = c.n_routed_experts
-        self.aux_loss_alpha = c.aux_loss_alpha if c.seq_aux else 0.0
+        self.aux_loss_alpha = c.aux_loss_alpha
+        # seq_aux (V3): balance within each sequence [eqs. 17-20]; otherwise the classic
+        # batch-wise auxiliary loss of DeepSeekMoE / V2 (the whole batch is one "sequence")
+        self.seq_aux = c.seq_aux
         self.experts_impl = "grouped"
         self.gate = Router(c)
         self.experts = RoutedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
@@ -134,9 +137,9 @@ class MoE(FixedDtypeBuffers):
                 self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.n_experts)
         aux = None
         if self.training and self.aux_loss_alpha > 0:
-            aux = self.sequence_balance_loss(
-                scores.view(B, T, -1), indices.view(B, T, -1), token_mask
-            )
+            shape = (B, T, -1) if self.seq_aux else (1, B * T, -1)
+            mask = token_mask if token_mask is None or self.seq_aux else token_mask.reshape(1, -1)
+            aux = self.sequence_balance_loss(scores.view(shape), indices.view(shape), mask)
         return y, aux
 
     def sequence_balance_loss(self, scores, indices, token_mask=None):

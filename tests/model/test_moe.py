@@ -92,3 +92,16 @@ def test_max_violation():
     assert max_violation(torch.tensor([10, 10, 10, 10])) == 0.0
     assert max_violation(torch.tensor([20, 10, 5, 5])) == pytest.approx(1.0)
     assert max_violation(torch.zeros(4)) == 0.0
+
+
+def test_batch_wise_aux_loss_when_not_seq_aux():
+    cfg = tiny_config(aux_loss_alpha=0.01, seq_aux=False)
+    moe = MoE(cfg).train()
+    torch.manual_seed(0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    x = torch.randn(3, 5, cfg.hidden_size)
+    _, aux = moe(x)
+    _, idx, s = moe.gate(x.view(-1, cfg.hidden_size))
+    expected = moe.sequence_balance_loss(s.view(1, 15, -1), idx.view(1, 15, -1))
+    assert aux.item() == pytest.approx(expected.item(), rel=1e-6)

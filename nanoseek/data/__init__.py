@@ -1,0 +1,1 @@
+"""Data: tokenizer training, document sources, token shards and packing."""

@@ -1,0 +1,142 @@
+"""The built-in pre-training corpus: verifiable problems with worked solutions, no downloads.
+
+Each document is one problem in the R1-Zero format (REFERENCE §3): the prompt, the worked
+solution inside `<think>...</think>`, the answer inside `<answer>...</answer>`. A model
+pre-trained on it learns the format and some real ability, which is what makes the later RL stage
+work at all: reward curves rise only when the starting model already solves some problems
+(pass@k > 0). The task families are mixed uniformly, each document's level uniformly from the
+task's levels.
+
+Held-out problems never get in: documents come from `Task.stream(split)`, whose hash split
+(`nanoseek.tasks.base.split_of`) rejects every problem of the other split, whatever the seed.
+
+Documents stay short (~80-570 characters with the default "short" template) so a tiny model
+with a 256-512 token context sees whole documents: with a 1k-vocab BPE that splits digits, the
+longest are ~250 tokens up to level 4 and ~410 at level 6 (6-digit products), so pass
+`levels=(1, 2, 3, 4)` for a 256-token context. The "short" template is the tail of the
+"r1zero" one (`User: ...\\nAssistant: <think>`), so a model trained on it still recognises an
+R1-Zero prompt; pass `template="r1zero"` to train on the full instruction (~400 characters more).
+
+    write_corpus("corpus.jsonl", 100_000, seed=0)            # {"text": ...} per line
+    write_corpus("corpus.txt", 100_000)                      # documents separated by "\\n\\n"
+    # read back with nanoseek.data.sources.read_documents(path, separator="\\n\\n")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from nanoseek.tasks import (
+    SPLITS,
+    TEMPLATES,
+    Problem,
+    TaskError,
+    format_document,
+    get_task,
+)
+
+DEFAULT_TASKS = ("arithmetic", "countdown", "linear_equation")
+DOC_SEPARATOR = "\n\n"  # between documents in plain-text output; documents never contain it
+
+
+def _resolve_levels(
+    names: Sequence[str], levels: Sequence[int] | Mapping[str, Sequence[int]] | None
+) -> dict[str, tuple[int, ...]]:
+    """Per task, the levels to draw from: all, a shared list (clipped to each task's), or a map."""
+    out = {}
+    for name in names:
+        task = get_task(name)  # unknown names fail here, listing the valid ones
+        if levels is None:
+            wanted = task.levels
+        elif isinstance(levels, Mapping):
+            wanted = tuple(levels.get(name, task.levels))
+        else:
+            wanted = tuple(levels)
+        chosen = tuple(lvl for lvl in wanted if lvl in task.levels)
+        if not chosen:
+            raise TaskError(
+                f"no valid level for task {name!r} in {list(wanted)}; its levels: "
+                f"{', '.join(map(str, task.levels))}"
+            )
+        out[name] = chosen
+    return out
+
+
+def generate_corpus(
+    n_docs: int,
+    seed: int = 0,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    levels: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    split: str = "train",
+    template: str = "short",
+) -> Iterator[str]:
+    """Yield `n_docs` documents mixing `tasks`, deterministic in all arguments.
+
+    `levels`: None (each task's own levels), one list for every task (levels a task lacks are
+    skipped: `(1, 2, 3)` gives countdown 2-3 numbers), or a map from task name to levels.
+    `split="test"` gives a held-out corpus (e.g. for validation loss); the default training
+    corpus never contains a test problem.
+    """
+    if n_docs < 0:
+        raise TaskError(f"n_docs must be >= 0, got {n_docs}")
+    if isinstance(tasks, str):
+        tasks = (tasks,)  # a lone name, not its characters
+    if not tasks:
+        raise TaskError("tasks must name at least one task")
+    if split not in SPLITS:
+        raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
+    if template not in TEMPLATES:
+        raise TaskError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
+    per_task = _resolve_levels(tasks, levels)
+    rng = random.Random(f"corpus|{seed}|{split}")
+    names = list(per_task)
+
+    def documents() -> Iterator[str]:  # a closure, so the checks above run at the call
+        # one stream per (task, level), opened on first use; the mixing draws use their own rng,
+        # so adding a task changes the mix but never the problems another task's stream yields
+        streams: dict[tuple[str, int], Iterator[Problem]] = {}
+        for _ in range(n_docs):
+            name = rng.choice(names)
+            level = rng.choice(per_task[name])
+            if (name, level) not in streams:
+                streams[name, level] = get_task(name).stream(split, seed, level)
+            problem = next(streams[name, level])
+            assert problem.split == split, "Task.stream yields only problems of its split"
+            yield format_document(problem, template)
+
+    return documents()
+
+
+def write_corpus(path: str | os.PathLike, n_docs: int, seed: int = 0, **kwargs) -> int:
+    """Write `generate_corpus(n_docs, seed, **kwargs)` to `path`; returns the number written.
+
+    `.jsonl` files get one `{"text": doc}` per line; any other suffix gets plain text with
+    documents separated by a blank line. The file appears complete or not at all (written to a
+    temporary name, then renamed).
+    """
+    path = Path(path)
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in generate_corpus(n_docs, seed, **kwargs):
+                if jsonl:
+                    f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+                else:
+                    if DOC_SEPARATOR in doc:  # a user task's solution with a blank line
+                        raise TaskError(
+                            f"a document contains a blank line, which separates documents in "
+                            f"plain text; write {path.stem}.jsonl instead"
+                        )
+                    f.write((DOC_SEPARATOR if count else "") + doc)
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count

@@ -1,0 +1,263 @@
+"""The one training loop every method (pre-training, SFT, distillation) runs on.
+
+A method supplies a loss function and data; the loop owns the rest: AdamW, the schedule,
+gradient accumulation, clipping, bf16 autocast, metrics (`metrics.jsonl` + a progress bar),
+validation, atomic checkpoints and exact resume.
+
+Loss normalisation: a micro-batch's mean loss is weighted by its share of the step's target
+tokens, so one step over k micro-batches equals one step over their concatenation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanoseek.train.schedule import lr_at
+from nanoseek.train.state import (
+    latest_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopOptions:
+    out: str = "runs/pretrain"
+    max_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    decay_frac: float = 0.2  # wsd: final fraction of steps that decays
+    weight_decay: float = 0.1  # V3 §4.2
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    bf16_moments: bool = False  # keep AdamW's moments in bf16 (V3 §3.3.2), halves their memory
+    precision: str = "bf16"  # fp32 | bf16 (autocast, fp32 master weights)
+    seed: int = 1337
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    plot: bool = True
+
+
+# A method's loss: (model, batch, step) -> (loss, {metric: float})
+LossFn = Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model,
+        opts: LoopOptions,
+        loss_fn: LossFn,
+        train_data,
+        val_data=None,
+        extra_files=(),
+        after_step: Callable[[int], dict] | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        run_info: dict | None = None,
+    ):
+        if opts.precision not in ("fp32", "bf16"):
+            raise ValueError(
+                f"option 'precision' must be fp32 or bf16 here, got {opts.precision!r}"
+            )
+        self.model, self.opts, self.loss_fn = model, opts, loss_fn
+        self.train_data, self.val_data = train_data, val_data
+        self.extra_files, self.after_step = list(extra_files), after_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.run_info = run_info or {}
+        self.optimizer = make_optimizer(model, opts)
+        self.step = 0
+        self.metrics_path = os.path.join(opts.out, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> bool:
+        """Restore the latest checkpoint in `out` if there is one (weights, optimizer, data
+        position, RNG); returns whether it did."""
+        path = latest_checkpoint(self.opts.out)
+        if path is None:
+            return False
+        from nanoseek.checkpoint.io import load
+
+        loaded = load(path, dtype=torch.float32, device=self.model.device)
+        self.model.load_state_dict(loaded.state_dict())
+        state = load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        _truncate_metrics(self.metrics_path, self.step)
+        return True
+
+    def save(self) -> str:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.train_data.state_dict(),
+            "rng": rng_state(),
+            "options": self.run_info,
+        }
+        return save_checkpoint(
+            self.opts.out, self.step, self.model, state, self.extra_files, self.opts.keep_last
+        )
+
+    # ------------------------------------------------------------------ one step
+    def autocast(self):
+        if self.opts.precision == "bf16":
+            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batches: list[Any]) -> dict[str, float]:
+        model, opts = self.model, self.opts
+        lr = lr_at(
+            self.step,
+            peak=opts.lr,
+            total=opts.max_steps,
+            warmup=opts.warmup_steps,
+            kind=opts.lr_schedule,
+            min_ratio=opts.min_lr_ratio,
+            decay_frac=opts.decay_frac,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        counts = [_n_targets(b) for b in batches]
+        total = sum(counts) or 1
+        metrics: dict[str, float] = {}
+        loss_value = 0.0
+        for batch, n in zip(batches, counts):
+            with self.autocast():
+                loss, parts = self.loss_fn(model, batch, self.step)
+            (loss * (n / total)).backward()  # the graph is freed micro-batch by micro-batch
+            loss_value += loss.item() * n / total
+            for k, v in parts.items():
+                metrics[k] = metrics.get(k, 0.0) + v * n / total
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip).item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"step {self.step}: loss {loss_value} / grad norm {grad_norm} is not finite; "
+                f"stopped without saving, the last good checkpoint in {self.opts.out} is kept"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(loss=loss_value, lr=lr, grad_norm=grad_norm, target_tokens=total)
+        if self.after_step is not None:
+            metrics.update(self.after_step(self.step))
+        self.step += 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.val_data:  # a fixed list: the same batches at every evaluation
+            n = _n_targets(batch)
+            with self.autocast():
+                loss, parts = self.loss_fn(self.model, batch, self.step)
+            total += parts.get("main_loss", loss.item()) * n
+            count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, progress=None) -> dict[str, Any]:
+        """Train to `max_steps` from wherever `self.step` is; returns the last metrics."""
+        opts = self.opts
+        os.makedirs(opts.out, exist_ok=True)
+        data: Iterator = iter(self.train_data)
+        last: dict[str, Any] = {}
+        bar = progress(total=opts.max_steps, initial=self.step) if progress else None
+        with open(self.metrics_path, "a") as log:
+            while self.step < opts.max_steps:
+                t0 = time.perf_counter()
+                batches = [next(data) for _ in range(opts.grad_accum)]
+                n_tokens = sum(_n_input_tokens(b) for b in batches)
+                metrics = self.train_step(batches)
+                dt = time.perf_counter() - t0
+                metrics["step"] = self.step
+                metrics["tokens_per_s"] = n_tokens / dt
+                metrics["step_time_s"] = dt
+                if self.flops_per_token and self.peak_flops:
+                    metrics["mfu"] = (
+                        metrics["tokens_per_s"] * self.flops_per_token / self.peak_flops
+                    )
+                if opts.eval_every and (
+                    self.step % opts.eval_every == 0 or self.step == opts.max_steps
+                ):
+                    metrics["val_loss"] = self.evaluate()
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                last = metrics
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                    )
+                if self.step % opts.save_every == 0 or self.step == opts.max_steps:
+                    self.save()
+        if bar is not None:
+            bar.close()
+        return last
+
+
+def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only (norm scales and biases are not decayed); the
+    routing bias is a buffer and never reaches the optimizer (REFERENCE §1.5)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": opts.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if opts.bf16_moments:
+        from nanoseek.train.adamw_bf16 import AdamWBF16Moments
+
+        return AdamWBF16Moments(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2))
+    return torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2), fused=False)
+
+
+def _n_targets(batch) -> int:
+    """Next-token targets of a micro-batch that carry a loss."""
+    if hasattr(batch, "targets"):  # nanoseek.data.shards.Batch
+        return int((batch.targets(0) != -100).sum())
+    return int((batch["labels"][:, 1:] != -100).sum())  # HF convention: shifted inside
+
+
+def _n_input_tokens(batch) -> int:
+    return batch.inputs.numel() if hasattr(batch, "inputs") else batch["input_ids"].numel()
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines past `step` (written after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
