@@ -284,6 +284,15 @@ def _encode(key: str, t: torch.Tensor, dtype: torch.dtype | None, fp8: bool):
         yield key, t.to(dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class _ShardWriter:
     """Writes tensors into files of at most `max_bytes` each (a larger tensor gets its own file),
     under provisional names; `close` names them as HF does and writes the index."""
@@ -306,7 +315,9 @@ class _ShardWriter:
 
     def _flush(self) -> None:
         name = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, os.path.join(self.directory, name), metadata={"format": "pt"})
+        path = os.path.join(self.directory, name)
+        save_file(self.pending, path, metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates 0600; other files follow the umask
         self.file_of.update(dict.fromkeys(self.pending, len(self.files)))
         self.files.append(name)
         self.pending, self.pending_bytes = {}, 0
