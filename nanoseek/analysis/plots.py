@@ -83,6 +83,45 @@ def plot_expert_load(
     _save(fig, path)
 
 
+def plot_routing_heatmap(
+    shares: list[list[list[float]]],
+    path: str,
+    tasks: Sequence[str],
+    layer_names: Sequence[str],
+    scores: Sequence[float] | None = None,
+    title: str = "expert load per task",
+) -> None:
+    """One panel per MoE layer, one row per task: each expert's share of the task's picks times
+    the number of experts (1.0 = uniform, the colour map's centre). shares [L][S][E];
+    `scores` (per layer) go in the panel titles."""
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    arr = np.asarray(shares, dtype=float)  # [L,S,E]
+    L, S, E = arr.shape
+    rel = arr * E
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, float(rel.max())))
+    width = min(max(6.0, 0.3 * E + 3), 24.0)
+    height = min(L * (0.28 * S + 0.7) + 1.2, 60.0)
+    fig, axes = plt.subplots(
+        L, 1, figsize=(width, height), squeeze=False, sharex=True, layout="constrained"
+    )
+    for i, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(rel[i], cmap="coolwarm", norm=norm, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(S))
+        ax.set_yticklabels(tasks, fontsize=8)
+        label = layer_names[i] + (f"  (specialisation {scores[i]:.3f})" if scores else "")
+        ax.set_title(label, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("expert")
+    if E <= 64:
+        axes[-1, 0].set_xticks(range(E))
+        axes[-1, 0].tick_params(axis="x", labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="share of picks x experts", shrink=0.9)
+    _save(fig, path)
+
+
 def plot_curves(
     series: dict[str, tuple[list[float], list[float]]],
     path: str,
