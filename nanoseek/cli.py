@@ -3,6 +3,7 @@
     nanoseek info deepseek-v3                 # parameters, KV cache, FLOPs of a preset or dir
     nanoseek convert SRC DST --dtype fp8      # bf16/fp32/FP8 checkpoint -> another dtype
     nanoseek demo --out /tmp/tiny             # build, save, reload, check: the end-to-end smoke run
+    nanoseek routing DIR --tasks arithmetic countdown --out r/   # which experts each task uses
 
 Adding a subcommand: write `_add_<name>(parser)` for its flags and `run_<name>(args) -> int`, and
 append a `Command` to COMMANDS. Runners import heavy modules themselves, so `nanoseek info` on a
@@ -209,7 +210,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def _progress_line() -> Callable[[int, int], None]:
-    """A `\r`-rewritten stderr line, at most twice a second (a terminal only)."""
+    """One stderr line, rewritten in place (carriage return) at most twice a second."""
     t0 = last = time.perf_counter()
 
     def show(done: int, total: int) -> None:
@@ -295,6 +296,163 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ routing
+def _add_routing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="documents (.txt/.jsonl/.parquet), one task per file, or per JSONL --label-field",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="built-in task families to generate documents for (e.g. arithmetic countdown)",
+    )
+    p.add_argument("--out", help="directory for routing.png (heatmap) and routing.json")
+    p.add_argument(
+        "--max-tokens", type=_positive_int, default=16384, help="tokens run per task (at most)"
+    )
+    p.add_argument("--json", action="store_true", help="print counts and scores as JSON")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
+    p.add_argument("--field", default="text", help="JSONL field / Parquet column of the text")
+    p.add_argument("--label-field", default="task", help="JSONL field naming a line's task")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--top", type=_positive_int, default=3, help="experts listed per task")
+    p.add_argument("--seed", type=int, default=0, help="for --tasks documents")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def run_routing(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanoseek.analysis.routing import (
+        collect_routing,
+        format_report,
+        read_labelled,
+        task_documents,
+        to_json,
+        write_outputs,
+    )
+    from nanoseek.checkpoint.io import load
+    from nanoseek.data.tokenizer import Tokenizer
+
+    if not args.data and not args.tasks:
+        raise ValueError("no data: give --data FILE... and/or --tasks NAME...")
+    if not os.path.isdir(args.model):
+        raise CheckpointError(f"{args.model}: no such checkpoint directory")
+    tok_dir = args.tokenizer or args.model
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir} (pass --tokenizer DIR)")
+    # everything cheap is checked before the model loads
+    docs = (
+        read_labelled(args.data, field=args.field, label_field=args.label_field)
+        if args.data
+        else {}
+    )
+    clash = sorted(set(docs) & set(args.tasks))
+    if clash:
+        raise ValueError(f"task name(s) {', '.join(clash)} given by both --data and --tasks")
+    docs.update(task_documents(args.tasks, n_docs=args.max_tokens, seed=args.seed))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    tokenizer = Tokenizer.load(tok_dir)
+    model = load(args.model, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer in {tok_dir} has {tokenizer.vocab_size} ids, more than the model's "
+            f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
+        )
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    stats = collect_routing(model, tokenizer, docs, args.max_tokens, args.batch_size, seq_len)
+    written = []
+    if args.out:
+        written = write_outputs(stats, args.out, title=f"expert load per task: {args.model}")
+    if args.json:
+        print(to_json({"model": args.model, **stats.to_dict()}))
+    else:
+        print(f"routing of {args.model}")
+        print(format_report(stats, n_top=args.top))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ sft / distill
+def _add_chat_data(p: argparse.ArgumentParser, task_help: str) -> None:
+    p.add_argument("--config", help="TOML/JSON file of options (--key=value overrides it)")
+    p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, model/)")
+    p.add_argument(
+        "--data", nargs="+", help="chat JSONL ({messages} or {prompt, completion}) or text files"
+    )
+    p.add_argument("--task", help=task_help)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+
+
+def _add_sft(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory to fine-tune (with its tokenizer)")
+    _add_chat_data(p, "task name or task JSONL: also train on its worked solutions (cold start)")
+    p.epilog = (
+        "Any field of SFTOptions (nanoseek/train/sft.py) as --key=value, e.g. --epochs=2 "
+        "--lr=1e-4 --seq_len=1024 --overlong=drop --mtp_lambda=0 --task_n=2000."
+    )
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from nanoseek.train.options import build
+    from nanoseek.train.sft import SFTOptions, run_sft
+
+    opts = build(
+        SFTOptions, args.config, args.overrides,
+        model=args.model, out=args.out, data=args.data, task=args.task,
+    )  # fmt: skip
+    last = run_sft(opts, resume=args.resume)
+    _print_done(last, opts.out)
+    return 0
+
+
+def _add_distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", help="teacher checkpoint directory (with its tokenizer)")
+    p.add_argument("--student", help="student: checkpoint directory, preset name or config.json")
+    _add_chat_data(p, "task name or task JSONL: its problems as data / prompts (sequence mode)")
+    p.epilog = (
+        "Any field of DistillOptions (nanoseek/train/distill.py) as --key=value, e.g. "
+        "--mode=logit|sequence --loss=forward_kl|reverse_kl|jsd --beta=0.5 --temperature=2 "
+        "--onpolicy_frac=0.5 --ce_weight=0.5 --samples_per_prompt=8 --max_new_tokens=256."
+    )
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from nanoseek.train.distill import DistillOptions, run_distill
+    from nanoseek.train.options import build
+
+    opts = build(
+        DistillOptions, args.config, args.overrides,
+        teacher=args.teacher, student=args.student, out=args.out, data=args.data, task=args.task,
+    )  # fmt: skip
+    last = run_distill(opts, resume=args.resume)
+    _print_done(last, opts.out)
+    return 0
+
+
+def _print_done(last: dict, out: str) -> None:
+    val = last.get("val_loss")
+    print(
+        f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
+        + (f", val loss {val:.4f}" if val is not None else "")
+        + f"; model in {os.path.join(out, 'model')}"
+    )
+
+
 # ------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class Command:
@@ -318,6 +476,26 @@ COMMANDS: list[Command] = [
         "pre-train a model (MTP, aux-loss-free balancing)",
         _add_pretrain,
         run_pretrain,
+        overrides=True,
+    ),
+    Command(
+        "routing",
+        "which experts each task's tokens use: heatmap and specialisation score",
+        _add_routing,
+        run_routing,
+    ),
+    Command(
+        "sft",
+        "supervised fine-tuning on chat data (assistant tokens only, packed)",
+        _add_sft,
+        run_sft,
+        overrides=True,
+    ),
+    Command(
+        "distill",
+        "distil a teacher into a student (logit KL/JSD, on-policy, or sequence-level)",
+        _add_distill,
+        run_distill,
         overrides=True,
     ),
 ]

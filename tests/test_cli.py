@@ -75,11 +75,12 @@ def test_convert_bf16_fp8_bf16_round_trip(capsys, tiny_dir, tmp_path):
     fp8_dir, back_dir = tmp_path / "fp8", tmp_path / "back"
     code, out, _ = run(capsys, "convert", str(tiny_dir), str(fp8_dir), "--dtype", "fp8")
     assert code == 0 and "F8_E4M3" in out and "tensors" in out
+    assert "quantised" in out and "done in" in out
     config = json.loads((fp8_dir / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     assert (fp8_dir / "tokenizer_config.json").exists()
     code, out, _ = run(capsys, "convert", str(fp8_dir), str(back_dir), "--dtype", "bf16")
-    assert code == 0 and "F8_E4M3" not in out
+    assert code == 0 and "F8_E4M3" not in out and "dequantised" in out
 
     before = dict(load(tiny_dir).named_parameters())
     after = dict(load(back_dir).named_parameters())

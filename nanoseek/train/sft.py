@@ -1,0 +1,269 @@
+"""Supervised fine-tuning on chat data [V3 §5.1, R1 §2.3], on the shared loop.
+
+    nanoseek sft --model runs/tiny/model --data chats.jsonl --out runs/sft
+    nanoseek sft --model runs/tiny/model --task countdown --task_n=2000 --out runs/cold
+    nanoseek sft --config sft.toml --epochs=2 --lr=1e-4
+
+What this method adds to the loop:
+- data: chat JSONL (`messages`, or `prompt`/`completion`), plain text, and/or conversations made
+  from a task's worked solutions (`--task`: R1's cold-start data); rendered with the model's
+  chat template, labels on assistant tokens only, packed into rows (nanoseek/train/sft_data.py);
+- the loss: `lm_loss` on assistant tokens, plus `mtp_lambda` times the mean MTP loss on the same
+  tokens. MTP is trained by default: V3 ships post-trained MTP weights and uses them for
+  speculative decoding with an 85-90% acceptance rate of the second token [V3 §5.4.3]; a head
+  left at its pre-training weights drifts from the fine-tuned model and its drafts get rejected.
+  `mtp_lambda=0` skips the modules (and their compute) entirely.
+- no balancing: the routing bias is frozen (no bias updates during SFT; V3 updates it during
+  pre-training only), the small sequence-wise balance loss stays as configured in the model.
+The model comes from `nanoseek.load` and goes out through `nanoseek.save` as OUT/model with the
+tokenizer files copied from the model (or `tokenizer`) directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.config import ConfigError
+from nanoseek.model.loss import IGNORE_INDEX, lm_loss
+from nanoseek.train.loop import LoopOptions, Trainer
+from nanoseek.train.options import to_dict
+from nanoseek.train.sft_data import (
+    OVERLONG,
+    DataStats,
+    SFTBatch,
+    SFTDataset,
+    load_examples,
+    resolve_task,
+    split_examples,
+    task_conversations,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@dataclass
+class ChatDataOptions:
+    """Where SFT/distillation examples come from and how they are cut (sft_data.py)."""
+
+    data: list[str] = field(default_factory=list)  # chat JSONL and/or text files
+    text_field: str = "text"  # JSONL field / Parquet column of plain-text files
+    task: str | None = None  # also: conversations from this task's worked solutions
+    task_n: int = 1000  # problems drawn from the task's train split
+    task_level: int | None = None  # None: every level of the task
+    task_system: bool = False  # put the R1-Zero instruction in a system message
+    seq_len: int = 512  # model inputs per row; a row holds seq_len + 1 tokens
+    overlong: str = "truncate"  # truncate | drop | error (sft_data.py)
+    val_data: list[str] = field(default_factory=list)  # held-out files; empty: val_fraction
+    val_fraction: float = 0.05
+
+    def validate_data(self) -> None:
+        if not self.data and not self.task:
+            raise ConfigError("no data: give --data FILE... and/or --task NAME")
+        if self.task:
+            resolve_task(self.task)  # an unknown name fails now, listing the valid ones
+            if self.task_n < 1:
+                raise ConfigError(f"option 'task_n' must be >= 1, got {self.task_n}")
+        if self.overlong not in OVERLONG:
+            raise ConfigError(f"option 'overlong' must be one of {OVERLONG}, got {self.overlong!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"option 'val_fraction' must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class SFTOptions(ChatDataOptions, LoopOptions):
+    out: str = "runs/sft"
+    model: str = ""  # checkpoint directory to fine-tune
+    tokenizer: str | None = None  # tokenizer directory; None: the model directory
+    max_steps: int = 200
+    epochs: float = 0.0  # > 0: max_steps = epochs over the packed data (R1 uses 2)
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    mtp_lambda: float = 0.1  # V3's final pre-training weight; 0 skips the MTP modules
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("no model: give --model DIR (a checkpoint directory)")
+        if not os.path.isdir(self.model):
+            raise ConfigError(f"option 'model': {self.model} is not a checkpoint directory")
+        self.validate_data()
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.mtp_lambda < 0 or self.epochs < 0:
+            raise ConfigError("options 'mtp_lambda' and 'epochs' must be >= 0")
+
+
+# ------------------------------------------------------------------------------ set-up
+def tokenizer_dir(model_dir: str, tokenizer: str | None = None) -> str:
+    d = tokenizer or model_dir
+    if not os.path.isfile(os.path.join(d, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {d} (pass --tokenizer=DIR)")
+    return d
+
+
+def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
+    """Copy the tokenizer files of `src_dir` to OUT/tokenizer; returns the copied paths (the
+    `extra_files` of every checkpoint and of the final model)."""
+    dst = os.path.join(out_dir, "tokenizer")
+    os.makedirs(dst, exist_ok=True)
+    files = []
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
+            files.append(os.path.join(dst, name))
+    return files
+
+
+def prepare_datasets(
+    opts: ChatDataOptions, tokenizer, seed: int, batch_size: int, eval_batches: int
+) -> tuple[SFTDataset, list[SFTBatch] | None, DataStats]:
+    """(train SFTDataset, fixed validation batches or None, stats) from the data options."""
+    convs = []
+    if opts.task:
+        convs = task_conversations(
+            opts.task, opts.task_n, seed=seed, level=opts.task_level, system=opts.task_system
+        )
+    L = opts.seq_len + 1
+    examples, stats = load_examples(
+        opts.data, tokenizer, L, overlong=opts.overlong, text_field=opts.text_field,
+        conversations=convs,
+    )  # fmt: skip
+    if opts.val_data:
+        val, _ = load_examples(opts.val_data, tokenizer, L, overlong=opts.overlong,
+                               text_field=opts.text_field)  # fmt: skip
+        train = examples
+    else:
+        train, val = split_examples(examples, opts.val_fraction, seed)
+    kw = dict(seq_len=opts.seq_len, batch_size=batch_size, pad_id=tokenizer.pad_id, seed=seed)
+    train_ds = SFTDataset(train, **kw)
+    val_batches = None  # None, not []: the loop then logs no validation loss at all
+    if val and eval_batches > 0:
+        val_batches = SFTDataset(val, shuffle=False, **kw).fixed_batches(eval_batches)
+    return train_ds, val_batches, stats
+
+
+def describe(stats: DataStats, ds: SFTDataset, val_batches: list | None) -> str:
+    rows = ds.rows(0)
+    fill = sum(ds.lengths) / max(len(rows) * (ds.seq_len + 1), 1)
+    return (
+        f"{stats.examples} examples ({stats.label_tokens:,} of {stats.tokens:,} tokens labelled), "
+        f"{len(rows)} rows of {ds.seq_len + 1} ({fill:.0%} full), {len(ds)} batches/epoch, "
+        f"{len(val_batches or [])} validation batches; {stats.truncated} truncated, "
+        f"{stats.dropped} dropped"
+    )
+
+
+def mtp_losses(out, batch) -> list[torch.Tensor]:
+    """One loss per MTP depth k on `batch.targets(k)`. A depth with no valid target in this
+    micro-batch (short conversations) gives a zero that keeps the module in the graph: lm_loss
+    would be NaN, and every rank must report the same metric keys."""
+    losses = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        t = batch.targets(k)
+        losses.append(lm_loss(logits, t) if bool((t != IGNORE_INDEX).any()) else logits.sum() * 0)
+    return losses
+
+
+def make_loss_fn(mtp_lambda: float):
+    """lm_loss on assistant tokens [+ mtp_lambda * mean MTP loss] [+ the balance loss]."""
+
+    def loss_fn(model, batch, step: int):
+        use_mtp = mtp_lambda > 0 and len(model.mtp) > 0
+        out = model(batch.inputs, mtp=use_mtp, token_mask=batch.token_mask)
+        main = lm_loss(out.logits, batch.targets(0))
+        parts = {"main_loss": main.item()}
+        loss = main
+        mtp = mtp_losses(out, batch)
+        if mtp:
+            loss = loss + mtp_lambda / len(mtp) * torch.stack(mtp).sum()  # [V3 eq. 25]
+            parts.update({f"mtp_loss_{k}": m.item() for k, m in enumerate(mtp, 1)})
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            parts["aux_loss"] = out.aux_loss.item()
+        return loss, parts
+
+    return loss_fn
+
+
+def steps_for_epochs(epochs: float, ds: SFTDataset, grad_accum: int) -> int:
+    return max(1, math.ceil(epochs * len(ds) / grad_accum))
+
+
+# ------------------------------------------------------------------------------ the run
+def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune `opts.model` on the data, export OUT/model; returns the final metrics."""
+    from nanoseek.checkpoint.io import load, save
+    from nanoseek.data.tokenizer import Tokenizer
+
+    opts.validate()
+    os.makedirs(opts.out, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    tok_src = tokenizer_dir(opts.model, opts.tokenizer)
+    tokenizer = Tokenizer.load(tok_src)
+    model = load(opts.model, dtype=torch.float32)
+    cfg = model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer in {tok_src} has {tokenizer.vocab_size} ids, more than the model's "
+            f"vocab_size {cfg.vocab_size}: not this model's tokenizer"
+        )
+    if opts.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"option 'seq_len' {opts.seq_len} exceeds the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
+        )
+    train_ds, val_batches, stats = prepare_datasets(
+        opts, tokenizer, opts.seed, opts.batch_size, opts.eval_batches
+    )
+    print(f"sft data: {describe(stats, train_ds, val_batches)}", file=sys.stderr)
+    if opts.epochs > 0:
+        opts = dataclasses.replace(
+            opts, max_steps=steps_for_epochs(opts.epochs, train_ds, opts.grad_accum)
+        )
+    tok_files = copy_tokenizer(tok_src, opts.out)
+    with open(os.path.join(opts.out, "options.json"), "w") as f:
+        json.dump(to_dict(opts), f, indent=2)
+    with open(os.path.join(opts.out, "data_stats.json"), "w") as f:
+        json.dump(stats.to_dict(), f, indent=2)
+    trainer = Trainer(
+        model,
+        opts,
+        make_loss_fn(opts.mtp_lambda),
+        train_ds,
+        val_batches,
+        extra_files=tok_files,
+        run_info=to_dict(opts),
+    )
+    if resume and trainer.resume():
+        print(f"resumed from step {trainer.step} in {opts.out}", file=sys.stderr)
+    last = trainer.fit(progress=progress_bar("sft") if progress else None)
+    save(trainer.model, os.path.join(opts.out, "model"), extra_files=tok_files)
+    if opts.plot:
+        write_plot(opts.out, "SFT loss (assistant tokens)")
+    return last
+
+
+def progress_bar(desc: str):
+    def make(total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                    mininterval=1.0)  # fmt: skip
+
+    return make
+
+
+def write_plot(out_dir: str, title: str) -> None:
+    from nanoseek.analysis.plots import plot_losses, read_metrics
+
+    records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    if records:
+        plot_losses(records, os.path.join(out_dir, "loss.png"), title=title)
