@@ -2,6 +2,7 @@
 
 from nanoseek.checkpoint import CheckpointError, load, save
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.infer import Engine, SamplingParams, generate
 from nanoseek.model import CausalLM, CausalLMOutput
 
 __version__ = "0.1.0"
@@ -10,7 +11,10 @@ __all__ = [
     "CausalLMOutput",
     "CheckpointError",
     "ConfigError",
+    "Engine",
     "ModelConfig",
+    "SamplingParams",
+    "generate",
     "load",
     "save",
 ]

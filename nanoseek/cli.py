@@ -3,7 +3,13 @@
     nanoseek info deepseek-v3                 # parameters, KV cache, FLOPs of a preset or dir
     nanoseek convert SRC DST --dtype fp8      # bf16/fp32/FP8 checkpoint -> another dtype
     nanoseek demo --out /tmp/tiny             # build, save, reload, check: the end-to-end smoke run
+    nanoseek generate DIR --prompt 'Hi' --chat  # stream a completion (--speculative mtp)
     nanoseek routing DIR --tasks arithmetic countdown --out r/   # which experts each task uses
+    nanoseek eval DIR --task addition --n 200 --k 8 --json     # held-out pass@1 / pass@k
+    nanoseek rejection-sample --model DIR --task T --n-prompts 500 --samples 8 --out rs.jsonl
+    nanoseek pipeline r1 --model BASE --task T --out runs/r1 --grpo.max_steps=100  # 4 stages
+    nanoseek serve DIR --port 8000 --api-key KEY   # OpenAI-compatible API on 127.0.0.1
+    nanoseek chat DIR                         # multi-turn chat, thinking dimmed
 
 Adding a subcommand: write `_add_<name>(parser)` for its flags and `run_<name>(args) -> int`, and
 append a `Command` to COMMANDS. Runners import heavy modules themselves, so `nanoseek info` on a
@@ -444,6 +450,40 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ grpo
+def _add_grpo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory to train (with its tokenizer)")
+    p.add_argument("--task", help="task name(s), comma-separated, or a task JSONL file")
+    p.add_argument("--config", help="TOML/JSON file of options (--key=value overrides it)")
+    p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, reward.png, model/)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+    )
+    p.epilog = (
+        "Any field of GRPOOptions (nanoseek/train/grpo.py) as --key=value, e.g. "
+        "--num_generations=8 --prompts_per_step=8 --max_completion_length=256 --beta=0.001 "
+        "--num_iterations=2 --task_level=2 --template=short|r1zero|chat "
+        '--rewards=\'{"accuracy": 1, "format": 0.1}\'.'
+    )
+
+
+def run_grpo(args: argparse.Namespace) -> int:
+    from nanoseek.train.grpo import GRPOOptions, run_grpo
+    from nanoseek.train.options import build
+
+    opts = build(
+        GRPOOptions, args.config, args.overrides, model=args.model, out=args.out, task=args.task
+    )
+    last = run_grpo(opts, resume=args.resume)
+    acc = last.get("eval_accuracy")
+    print(
+        f"done: step {last.get('step')}, reward {last.get('reward', float('nan')):.3f}"
+        + (f", held-out pass@1 {acc:.3f}" if acc is not None else "")
+        + f"; model in {os.path.join(opts.out, 'model')}"
+    )
+    return 0
+
+
 def _print_done(last: dict, out: str) -> None:
     val = last.get("val_loss")
     print(
@@ -451,6 +491,309 @@ def _print_done(last: dict, out: str) -> None:
         + (f", val loss {val:.4f}" if val is not None else "")
         + f"; model in {os.path.join(out, 'model')}"
     )
+
+
+# ------------------------------------------------------------------------------ generate
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going after the eos token")
+    p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
+    p.add_argument("--num-draft", type=_positive_int, default=1, help="drafts per step (MTP)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads (default: torch's, all cores); 1 is far faster on a busy machine",
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanoseek.checkpoint.io import load
+    from nanoseek.data.tokenizer import ASSISTANT, Tokenizer
+    from nanoseek.infer import Engine, SamplingParams
+
+    if not os.path.isdir(args.model):
+        raise CheckpointError(f"{args.model}: no such checkpoint directory")
+    tok_dir = args.tokenizer or args.model
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir} (pass --tokenizer DIR)")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    tokenizer = Tokenizer.load(tok_dir)
+    opened = ""  # text the chat template already put in the assistant's turn (R1: "<think>\n")
+    if args.chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        prompt = tokenizer.encode(text)  # the rendered template starts with bos already
+        opened = text.rsplit(ASSISTANT, 1)[-1]
+    else:
+        prompt = tokenizer.encode(args.prompt, add_bos=True)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model, dtype=dtype, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer in {tok_dir} has {tokenizer.vocab_size} ids, more than the model's "
+            f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
+        )
+    num_draft = args.num_draft if args.speculative else 0
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=1,
+        max_seq_len=len(prompt) + args.max_new_tokens + num_draft,
+        speculative=args.speculative,
+        num_draft=args.num_draft,
+    )
+    print(opened, end="", flush=True)
+    t0, n, reason = time.perf_counter(), 0, None
+    for delta in engine.stream([prompt], params):
+        print(delta.text, end="", flush=True)
+        n += len(delta.token_ids)
+        reason = delta.finish_reason or reason
+    seconds = time.perf_counter() - t0
+    print()
+    stats = f"{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s), {reason}"
+    if engine.speculator is not None:
+        rates = ", ".join(f"{r:.0%}" for r in engine.speculator.acceptance_rates())
+        stats += f"; MTP acceptance per draft position: {rates}"
+    print(stats, file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--task", required=True, help="task name or task JSONL file")
+    p.add_argument("--n", type=_positive_int, default=100, help="held-out problems")
+    p.add_argument(
+        "--k", type=_positive_int, default=1, help="samples per problem: pass@1 and pass@k"
+    )
+    p.add_argument(
+        "--temperature", type=float, help="default: greedy for k=1, else 0.6 (R1's evaluation)"
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument(
+        "--template",
+        default="chat",
+        help="prompt format: chat (after SFT/RL), short (the pre-training corpus), r1zero",
+    )
+    p.add_argument("--level", type=int, help="task level (default: all levels)")
+    p.add_argument("--seed", type=int, default=0, help="which held-out problems, and sampling")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from nanoseek.eval import evaluate_checkpoint, format_result
+    from nanoseek.train.sft_data import resolve_task
+
+    task = resolve_task(args.task)  # an unknown name fails before the model loads
+    result = evaluate_checkpoint(
+        args.model, task, args.tokenizer, args.device, n_problems=args.n, k=args.k,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        template=args.template, seed=args.seed, level=args.level,
+    )  # fmt: skip
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------ rejection
+def _add_rejection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory to sample from")
+    p.add_argument("--task", help="task name or task JSONL file (prompts: its train split)")
+    p.add_argument("--n-prompts", type=_positive_int, help="distinct problems")
+    p.add_argument("--samples", type=_positive_int, help="completions per problem")
+    p.add_argument("--out", help="SFT chat JSONL to write (statistics go to OUT.json)")
+    p.add_argument("--config", help="TOML/JSON file of options (--key=value overrides it)")
+    p.epilog = (
+        "Any field of RejectionOptions (nanoseek/train/rejection.py) as --key=value, e.g. "
+        "--temperature=1.0 --max_new_tokens=256 --template=chat|short --min_language=0.9 "
+        "--min_readability=0.9 --level=2."
+    )
+
+
+def run_rejection(args: argparse.Namespace) -> int:
+    from nanoseek.train.options import build
+    from nanoseek.train.rejection import (
+        RejectionOptions,
+        format_stats,
+        run_rejection,
+        stats_path,
+    )
+
+    opts = build(
+        RejectionOptions, args.config, args.overrides, model=args.model, task=args.task,
+        n_prompts=args.n_prompts, samples=args.samples, out=args.out,
+    )  # fmt: skip
+    stats = run_rejection(opts)
+    print(format_stats(stats))
+    print(f"wrote {opts.out} and {stats_path(opts.out)}")
+    if not stats["kept"]:
+        warnings.warn("no sample was kept: the data file is empty", stacklevel=1)
+    return 0
+
+
+# ------------------------------------------------------------------------------ pipeline
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    # the kinds of nanoseek.train.pipeline.KINDS, spelt out: building the parser imports no torch
+    p.add_argument(
+        "kind", choices=("r1-zero", "r1"), help="r1-zero: GRPO from the base; r1: four stages"
+    )
+    p.add_argument("--model", help="base checkpoint directory (pre-trained, with its tokenizer)")
+    p.add_argument("--task", help="task name or task JSONL file")
+    p.add_argument("--out", help="pipeline directory (one sub-directory per stage)")
+    p.add_argument("--config", help="TOML/JSON: top-level options plus [sft] [grpo] ... tables")
+    p.epilog = (
+        "Options of PipelineOptions (nanoseek/train/pipeline.py) as --key=value (--eval_n=200 "
+        "--eval_k=8 --level=2 --template=chat), and per stage as --SECTION.key=value with "
+        "SECTION one of sft, grpo, rejection, rejection_sft, final_grpo, e.g. "
+        "--sft.max_steps=300 --grpo.max_steps=100 --rejection.samples=8."
+    )
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from nanoseek.train.pipeline import build_pipeline_options, run_pipeline
+
+    opts = build_pipeline_options(
+        args.config, args.overrides, model=args.model, task=args.task, out=args.out
+    )
+    run_pipeline(args.kind, opts)
+    print(f"summary in {os.path.join(opts.out, 'summary.md')}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ serve / chat
+def _add_engine_options(p: argparse.ArgumentParser, max_batch: int | None) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    if max_batch is not None:
+        p.add_argument(
+            "--max-batch", type=_positive_int, default=max_batch, help="sequences decoded together"
+        )
+    p.add_argument(
+        "--max-seq-len",
+        type=_positive_int,
+        help="context: prompt + completion tokens per sequence (default: min(model's, 4096))",
+    )
+    p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
+    p.add_argument("--num-draft", type=_positive_int, default=1, help="drafts per step (MTP)")
+    p.add_argument("--seed", type=int, default=None, help="for requests without their own")
+
+
+def _engine_from_args(args: argparse.Namespace):
+    from nanoseek.serve.loading import load_engine
+
+    return load_engine(
+        args.model, args.tokenizer, dtype=args.dtype, device=args.device,
+        max_batch_size=getattr(args, "max_batch", 1), max_seq_len=args.max_seq_len,
+        speculative=args.speculative, num_draft=args.num_draft, seed=args.seed,
+    )  # fmt: skip
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_engine_options(p, max_batch=16)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NANOSEEK_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY)",
+    )
+    p.add_argument("--model-name", help="the model id clients send (default: MODEL's base name)")
+    p.add_argument(
+        "--max-tokens", type=_positive_int, help="most new tokens per request (default: context)"
+    )
+    p.add_argument(
+        "--max-pending",
+        type=_positive_int,
+        default=256,
+        help="most sequences running + queued; more requests get 429",
+    )
+    p.add_argument(
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info"
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from nanoseek.serve.app import create_app, served_name
+        from nanoseek.serve.server import bind, serve
+    except ImportError as e:  # an environment problem: one line, like a missing file
+        raise OSError(
+            f"nanoseek serve needs fastapi and uvicorn (pip install fastapi uvicorn): {e}"
+        ) from None
+
+    sock = bind(args.host, args.port)  # a port in use fails here, before the model loads
+    engine, tokenizer = _engine_from_args(args)
+    name = served_name(args.model, args.model_name)
+    app = create_app(
+        engine, tokenizer, name, api_key=args.api_key, max_tokens=args.max_tokens,
+        max_pending=args.max_pending,
+    )  # fmt: skip
+    print(
+        f"serving {name!r} at http://{args.host}:{args.port}/v1 (batch {engine.max_batch_size}, "
+        f"context {engine.max_seq_len}{', API key required' if args.api_key else ''})",
+        file=sys.stderr,
+    )
+    try:
+        serve(app, sock, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down gracefully for
+        pass
+    return 0
+
+
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    _add_engine_options(p, max_batch=None)  # one conversation: batch 1
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (R1 uses 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--no-color", action="store_true", help="label thinking instead of dimming it")
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from nanoseek.infer import SamplingParams
+    from nanoseek.serve.chat import ChatSession, run_chat
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed,
+    )  # fmt: skip
+    params.validate(vocab_size=1 << 62)  # bad values fail before the model loads
+    engine, tokenizer = _engine_from_args(args)
+    session = ChatSession(engine, tokenizer, params, system=args.system)
+    color = False if args.no_color or os.environ.get("NO_COLOR") else None
+    return run_chat(session, color=color)
 
 
 # ------------------------------------------------------------------------------ registry
@@ -471,6 +814,12 @@ COMMANDS: list[Command] = [
         "convert", "convert a checkpoint between bf16, fp32 and FP8", _add_convert, run_convert
     ),
     Command("demo", "build, save, reload and check a small model", _add_demo, run_demo),
+    Command(
+        "generate",
+        "stream a completion of a prompt (greedy or sampled)",
+        _add_generate,
+        run_generate,
+    ),
     Command(
         "pretrain",
         "pre-train a model (MTP, aux-loss-free balancing)",
@@ -498,6 +847,40 @@ COMMANDS: list[Command] = [
         run_distill,
         overrides=True,
     ),
+    Command(
+        "grpo",
+        "GRPO: RL with rule rewards on a task (R1-Zero), rollouts from the engine",
+        _add_grpo,
+        run_grpo,
+        overrides=True,
+    ),
+    Command(
+        "eval",
+        "held-out pass@1 / pass@k, format rate and lengths of a model on a task",
+        _add_eval,
+        run_eval,
+    ),
+    Command(
+        "rejection-sample",
+        "sample a model on a task, keep verified, well-formed, unique answers as SFT JSONL",
+        _add_rejection,
+        run_rejection,
+        overrides=True,
+    ),
+    Command(
+        "pipeline",
+        "post-training pipelines: r1-zero (GRPO from the base) or r1 (SFT, RL, RS+SFT, RL)",
+        _add_pipeline,
+        run_pipeline,
+        overrides=True,
+    ),
+    Command(
+        "serve",
+        "OpenAI-compatible HTTP server (chat, completions, streaming, batching)",
+        _add_serve,
+        run_serve,
+    ),
+    Command("chat", "multi-turn chat in the terminal, thinking shown apart", _add_chat, run_chat),
 ]
 
 

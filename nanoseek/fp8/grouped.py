@@ -3,7 +3,7 @@
 Shape legend: M token-expert pairs (rows of x, sorted by expert, counts[e] rows for expert e),
 E experts, K in features, N out features.
 
-Same signature and result as nanoseek.model.moe.grouped_linear(x, w, counts, offs):
+Same signature and result as nanoseek.model.moe.grouped_linear(x, w, offs):
     x [M,K], w [E,N,K] -> y [M,N], rows of expert e: x_e @ w_e^T
 with the tilings of nanoseek/fp8/linear.py applied per expert:
 - Fprop / Dgrad: x and dy in 1x128 tiles along features. A tile never crosses a row, so one
@@ -77,13 +77,13 @@ class _FP8GroupedFn(torch.autograd.Function):
 def fp8_grouped_linear(
     x: torch.Tensor,
     w: torch.Tensor,
-    counts: torch.Tensor,
-    offs: torch.Tensor | None = None,
+    offs: torch.Tensor,
     backend: str | FP8Backend = "auto",
     pow2_scales: bool = False,
 ) -> torch.Tensor:
-    """Drop-in FP8 `grouped_linear`: x [M,K] sorted by expert, w [E,N,K], counts [E] -> [M,N].
-    `offs` (the cumulative counts) is accepted for signature compatibility and not needed."""
+    """Drop-in FP8 `grouped_linear`: x [M,K] sorted by expert, w [E,N,K], offs [E] (end row of
+    each expert's block) -> [M,N]."""
+    counts = offs.diff(prepend=offs.new_zeros(1))
     return _FP8GroupedFn.apply(x, w, counts, get_backend(backend), pow2_scales, output_dtype(x))
 
 

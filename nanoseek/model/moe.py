@@ -5,8 +5,9 @@ K experts per token, M = N*K token-expert pairs.
 
 Two expert implementations that must agree (tests/model/test_moe.py):
 - `grouped` (fast): sort the M pairs by expert, run each SwiGLU GEMM once for all experts with
-  `torch._grouped_mm` over the contiguous per-expert row blocks (no host sync; one split-loop
-  fallback where grouped_mm does not apply), weight, and scatter-add back.
+  `torch._grouped_mm` over the contiguous per-expert row blocks (one split-loop fallback where
+  grouped_mm does not apply), weight, and scatter-add back. No host sync on GPU; on CPU each
+  block is padded with zero rows to a multiple of `_row_granule` rows (see there why).
 - `looped` (reference): for each expert, gather its tokens and run its SwiGLU, like the
   original DeepSeek inference code.
 No capacity limit and no token dropping.
@@ -38,17 +39,74 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape[-1] * size) % 16 == 0 and (b.shape[-1] * size) % 16 == 0
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor):
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert x_e @ w_e^T for row blocks of x sorted by expert.
 
-    x [M,in] (rows of expert e contiguous, counts[e] of them), w [E,out,in] -> [M,out].
+    x [M,in] (rows of expert e in [offs[e-1], offs[e])), w [E,out,in] -> [M,out].
     """
     w_t = w.transpose(1, 2)  # [E,in,out], a view
     if _grouped_mm_ok(x, w_t):
+        if x.dtype == torch.float32:
+            return _grouped_mm_eager(x, w_t, offs)
         return torch._grouped_mm(x, w_t, offs=offs)
     # fallback: one GEMM per expert on a view of its rows (costs one host sync for the sizes)
+    counts = offs.diff(prepend=offs.new_zeros(1))
     parts = x.split(counts.tolist())
     return torch.cat([p @ w_t[e] for e, p in enumerate(parts)], dim=0)
+
+
+@torch.compiler.disable  # torch's fake (tracing) kernel for it admits only bf16 inputs
+def _grouped_mm_eager(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w_t, offs=offs)
+
+
+def expert_rows(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, granule: int = 1):
+    """Lay the N*K (token, expert) pairs out as per-expert row blocks.
+
+    indices, weights [N,K] -> src [M'] (token of each row, N for a padding row), w [M'] (its
+    gate weight, 0 for padding), offs [E] int32 (end of each expert's block). Each block is
+    padded to a multiple of `granule` rows (M' = N*K when granule is 1).
+    """
+    N, K = indices.shape
+    flat = indices.reshape(-1)  # [M]
+    expert, order = flat.sort(stable=True)  # pairs sorted by expert
+    # block ends; unlike bincount, searchsorted has a data-independent shape (no graph break)
+    ends = torch.searchsorted(expert, torch.arange(1, n_experts + 1, device=flat.device))
+    token, w = order // K, weights.reshape(-1)[order]
+    if granule == 1:
+        return token, w, ends.to(torch.int32)
+    return _pad_blocks(expert, ends, token, w, N, granule)
+
+
+@torch.compiler.disable  # sizes the padded layout on the host: runs eagerly under torch.compile
+def _pad_blocks(expert, ends, token, w, N: int, granule: int):
+    """Moves each expert's rows down so every block starts at a multiple of `granule`."""
+    counts = ends.diff(prepend=ends.new_zeros(1))
+    padded = (counts + granule - 1) // granule * granule
+    padded_ends = padded.cumsum(0)
+    shift = (padded_ends - padded) - (ends - counts)  # how far each expert's block moves down
+    row = torch.arange(expert.numel(), device=expert.device) + shift[expert]
+    rows = int(padded_ends[-1])  # a host sync: only used on CPU, where it costs nothing
+    src = torch.full((rows,), N, dtype=token.dtype, device=token.device).index_put_((row,), token)
+    w_pad = w.new_zeros(rows).index_put_((row,), w)
+    return src, w_pad, padded_ends.to(torch.int32)
+
+
+def _row_granule(x: torch.Tensor) -> int:
+    """Rows per expert block are padded to a multiple of this on CPU (1 elsewhere: no padding,
+    no host sync).
+
+    - bf16/fp16, speed: oneDNN builds and caches one kernel per GEMM shape, and the expert row
+      counts change every step, so nearly every expert GEMM (forward and backward) would pay
+      ~0.5 ms of kernel creation, 2-4x the GEMM itself at these sizes. Multiples of 64 keep the
+      shapes few enough to stay cached, for ~6% extra (zero) rows: ~10% off a bf16 step.
+    - fp32, batch invariance: MKL uses another kernel for 1-3 rows, which rounds differently, so
+      a token's output would depend on how many other tokens picked its experts (a prefix's
+      logits would move by ~1e-6 when a later token changes). Multiples of 4 avoid it.
+    """
+    if x.device.type != "cpu":
+        return 1
+    return 64 if x.dtype in (torch.bfloat16, torch.float16) else 4
 
 
 class RoutedExperts(nn.Module):
@@ -60,24 +118,25 @@ class RoutedExperts(nn.Module):
         self.n_experts, self.hidden = n_experts, hidden
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [E,2F,D]
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E,D,F]
+        # the grouped GEMM (x [M,in], w [E,out,in], offs [E]) -> [M,out]; FP8 training swaps in
+        # nanoseek.fp8.fp8_grouped_linear (nanoseek/fp8/convert.py)
+        self.linear_fn = grouped_linear
 
     def forward(self, x, indices, weights, impl: str = "grouped"):
         """x [N,D], indices [N,K], weights [N,K] fp32 -> y [N,D] = sum_k w_k * expert_k(x)."""
         if impl == "looped":
             return self._looped(x, indices, weights)
-        N, K = indices.shape
-        flat = indices.reshape(-1)  # [M]
-        order = flat.argsort(stable=True)  # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)  # [E]
-        offs = counts.cumsum(0).to(torch.int32)
-        token = order // K  # [M] source token of each sorted pair
-        xs = x[token]  # [M,D]
-        h = grouped_linear(xs, self.gate_up_proj, counts, offs)  # [M,2F]
+        N, D = x.shape
+        granule = _row_granule(x)
+        src, w, offs = expert_rows(indices, weights, self.n_experts, granule)
+        # row r of the expert-sorted layout holds token src[r]; src = N marks a padding row,
+        # which reads (and writes) one extra all-zero row
+        x_src = x if granule == 1 else F.pad(x, (0, 0, 0, 1))  # [N(+1),D]
+        h = self.linear_fn(x_src[src], self.gate_up_proj, offs)  # [M',2F]
         gate, up = h.split(self.hidden, dim=-1)
         h = F.silu(gate) * up
-        out = grouped_linear(h, self.down_proj, counts, offs)  # [M,D]
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        out = self.linear_fn(h, self.down_proj, offs) * w[:, None].to(x.dtype)  # [M',D]
+        return torch.zeros_like(x_src).index_add_(0, src, out)[:N]
 
     def _looped(self, x, indices, weights):
         y = torch.zeros_like(x)
@@ -133,8 +192,9 @@ class MoE(FixedDtypeBuffers):
             y = y + self.shared_experts(x)
         if self.count_load and self.training:
             with torch.no_grad():
-                idx = indices if token_mask is None else indices[token_mask.reshape(-1)]
-                self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+                real = torch.ones_like(indices) if token_mask is None else token_mask.reshape(-1, 1)
+                real = real.expand_as(indices).to(torch.int64).reshape(-1)
+                self.expert_load.scatter_add_(0, indices.reshape(-1), real)  # static shapes
         aux = None
         if self.training and self.aux_loss_alpha > 0:
             shape = (B, T, -1) if self.seq_aux else (1, B * T, -1)

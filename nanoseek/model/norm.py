@@ -14,9 +14,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 sums of squares lose digits), cast back, then scale: the same
-        # order as transformers' DeepseekV3RMSNorm, so bf16 outputs agree bit for bit.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Normalise in fp32 (bf16 sums of squares lose digits), round to x's dtype, then scale:
+        # the same order as transformers' DeepseekV3RMSNorm, so bf16 outputs agree bit for bit.
+        # F.rms_norm already accumulates bf16 input in fp32 (bit-identical to casting x first),
+        # so no fp32 copy of x is made (saves two casts forward and two backward per norm).
+        y = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * y
 
     def extra_repr(self) -> str:

@@ -15,14 +15,13 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer, sum_aux
+from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.model.mla import ATTN_IMPLS, MLA
 from nanoseek.model.moe import EXPERT_IMPLS, MoE, RoutedExperts
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding, yarn_inv_freq
 from nanoseek.model.router import Router
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -162,11 +161,12 @@ class CausalLM(nn.Module):
 
         out.aux_loss = aux
         if labels is not None:
-            out.main_loss = lm_loss(out.logits[:, :-1], labels[:, 1:])
+            # shift the labels, not the logits: slicing [B,T,V] logits would copy them
+            out.main_loss = lm_loss(out.logits, shift_labels(labels, 1))
             loss = out.main_loss
             for k, logits_k in enumerate(out.mtp_logits, start=1):
                 # depth k, position i predicts t_{i+k+1} [V3 eqs. 24-25]
-                out.mtp_losses.append(lm_loss(logits_k[:, : T - k - 1], labels[:, k + 1 :]))
+                out.mtp_losses.append(lm_loss(logits_k, shift_labels(labels, k + 1)))
             if out.mtp_losses:
                 lam = self.config.mtp_loss_weight
                 loss = loss + lam / len(self.mtp) * torch.stack(out.mtp_losses).sum()
@@ -176,8 +176,7 @@ class CausalLM(nn.Module):
         return out
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 over targets != IGNORE_INDEX. logits [B,T,V], targets [B,T]."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
+    """labels [B,T] -> [B,T-shift+1]: entry i is labels[i + shift], IGNORE_INDEX in the last
+    position (whose target lies past the end). Lines up with logits of length T-shift+1."""
+    return F.pad(labels[:, shift:], (0, 1), value=IGNORE_INDEX)

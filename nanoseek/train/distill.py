@@ -462,58 +462,23 @@ def teacher_samples(
     seed: int = 0,
     system: bool = False,
     keep_unverified: bool = False,
-) -> tuple[list[list[dict[str, str]]], dict[str, int]]:
+) -> tuple[list[list[dict[str, str]]], dict]:
     """The teacher's verified samples as SFT conversations, and counts of what was dropped.
 
-    A sample is kept when it finished (ends in eos), passes the task's strict verifier and the
-    format reward, and is not a duplicate of a kept sample for the same problem.
+    A sample is kept when it finished (ends in a stop token), passes the task's strict verifier
+    and the format reward, and is not a duplicate of a kept sample for the same problem: the
+    rules of rejection sampling (`SampleFilter`, nanoseek/train/rejection.py).
     """
-    from nanoseek.tasks import format_chat
-    from nanoseek.tasks.extract import THINK_OPEN
-    from nanoseek.tasks.rewards import format_reward
+    from nanoseek.eval.sampling import sample_problems
+    from nanoseek.train.rejection import SampleFilter, to_conversation
 
-    counts = dict(prompts=len(problems), samples=0, truncated=0, wrong=0, ill_formed=0,
-                  duplicates=0, kept=0, prompts_kept=0)  # fmt: skip
-    jobs = [(p, k) for p in problems for k in range(samples_per_prompt)]
-    prompt_ids = {
-        p.id: tokenizer.apply_chat_template(
-            format_chat(p, system=system, include_answer=False), add_generation_prompt=True
-        )
-        for p in problems
-    }
-    kept: dict[str, list[str]] = {}
-    conversations = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        gens = sample_fn(
-            teacher, [prompt_ids[p.id] for p, _ in chunk], max_new_tokens, temperature,
-            seed + start,
-        )  # fmt: skip
-        for (problem, _), g in zip(chunk, gens):
-            counts["samples"] += 1
-            finished = bool(g) and g[-1] == tokenizer.eos_id
-            text = tokenizer.decode(g[:-1] if finished else g)  # continues after "<think>\n"
-            reason = None
-            if not finished:
-                reason = "truncated"
-            elif not task.verify_completion(problem, text):
-                reason = "wrong"
-            elif not format_reward(problem, text):
-                reason = "ill_formed"
-            elif text in kept.get(problem.id, []):
-                reason = "duplicates"
-            if reason is not None:
-                counts[reason] += 1
-                if not keep_unverified or reason == "duplicates":
-                    continue
-            kept.setdefault(problem.id, []).append(text)
-            counts["kept"] += 1
-            # the generation prompt ends in "<think>\n", so the assistant turn begins with it
-            messages = format_chat(problem, system=system, include_answer=False)
-            messages.append({"role": "assistant", "content": f"{THINK_OPEN}\n{text}"})
-            conversations.append(messages)
-    counts["prompts_kept"] = len(kept)
-    return conversations, counts
+    rows = sample_problems(
+        teacher, tokenizer, problems, samples_per_prompt, system=system, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, sample_fn=sample_fn, chunk_size=batch_size,
+    )  # fmt: skip
+    filt = SampleFilter(task, keep_unverified=keep_unverified)
+    conversations = [to_conversation(s, system) for row in rows for s in row if filt.add(s)]
+    return conversations, filt.counts()
 
 
 def run_sequence_distill(

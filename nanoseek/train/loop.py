@@ -6,6 +6,11 @@ validation, atomic checkpoints and exact resume.
 
 Loss normalisation: a micro-batch's mean loss is weighted by its share of the step's target
 tokens, so one step over k micro-batches equals one step over their concatenation.
+
+Under torchrun the same loop runs on every rank (`parallel`, nanoseek/dist/parallel.py): the
+share is of the *global* target tokens and gradients are summed across ranks, so W ranks x k
+micro-batches make the same step as one process with W*k micro-batches; metrics are global
+sums; rank 0 alone writes metrics and the progress bar; checkpoints are sharded (DCP).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 
+from nanoseek.dist.parallel import SingleProcess
 from nanoseek.train.schedule import lr_at
 from nanoseek.train.state import (
     latest_checkpoint,
@@ -58,6 +64,13 @@ class LoopOptions:
     save_every: int = 200
     keep_last: int = 2
     plot: bool = True
+    # scale-out, used under torchrun (docs/distributed.md); batch_size is then the GLOBAL number
+    # of sequences per micro-batch, split over the ranks
+    device: str = "cpu"  # cpu | cuda (rank r uses cuda:LOCAL_RANK); backend gloo | nccl
+    dp: int = 0  # data-parallel groups of the expert mesh; 0: world size / ep
+    ep: int = 1  # expert-parallel ranks (divides n_routed_experts)
+    fsdp: bool = True  # shard weights with FSDP2; false: replicate them (DDP-style)
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this fails the run
 
 
 # A method's loss: (model, batch, step) -> (loss, {metric: float})
@@ -77,6 +90,7 @@ class Trainer:
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
         run_info: dict | None = None,
+        parallel: SingleProcess | None = None,
     ):
         if opts.precision not in ("fp32", "bf16"):
             raise ValueError(
@@ -87,6 +101,7 @@ class Trainer:
         self.extra_files, self.after_step = list(extra_files), after_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.run_info = run_info or {}
+        self.parallel = parallel or SingleProcess()
         self.optimizer = make_optimizer(model, opts)
         self.step = 0
         self.metrics_path = os.path.join(opts.out, "metrics.jsonl")
@@ -94,30 +109,51 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
         """Restore the latest checkpoint in `out` if there is one (weights, optimizer, data
-        position, RNG); returns whether it did."""
-        path = latest_checkpoint(self.opts.out)
+        position, RNG); returns whether it did. Either format (one-process HF directory or
+        sharded), written at any world size."""
+        from nanoseek.dist.checkpoint import adapt_data_state, is_sharded
+
+        par = self.parallel
+        path = par.broadcast(latest_checkpoint(self.opts.out) if par.is_main else None)
         if path is None:
             return False
-        from nanoseek.checkpoint.io import load
-
-        loaded = load(path, dtype=torch.float32, device=self.model.device)
-        self.model.load_state_dict(loaded.state_dict())
         state = load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.train_data.load_state_dict(state["data"])
+        if is_sharded(path):
+            from nanoseek.dist.checkpoint import load_sharded
+
+            load_sharded(path, self.model, self.optimizer)
+        elif par.distributed:
+            from nanoseek.dist.checkpoint import load_full
+
+            load_full(path, self.model, self.optimizer, state["optimizer"])
+        else:
+            from nanoseek.checkpoint.io import load
+
+            loaded = load(path, dtype=torch.float32, device=self.model.device)
+            self.model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.train_data.load_state_dict(adapt_data_state(state["data"], self.train_data))
         set_rng_state(state["rng"])
         self.step = state["step"]
-        _truncate_metrics(self.metrics_path, self.step)
+        if par.is_main:
+            _truncate_metrics(self.metrics_path, self.step)
         return True
 
     def save(self) -> str:
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
             "data": self.train_data.state_dict(),
             "rng": rng_state(),
             "options": self.run_info,
         }
+        if self.parallel.distributed:  # every rank writes its shards (optimizer included)
+            from nanoseek.dist.checkpoint import save_sharded
+
+            return save_sharded(
+                self.opts.out, self.step, self.model, self.optimizer, state,
+                self.extra_files, self.opts.keep_last, self.parallel,
+            )  # fmt: skip
+        state["optimizer"] = self.optimizer.state_dict()
         return save_checkpoint(
             self.opts.out, self.step, self.model, state, self.extra_files, self.opts.keep_last
         )
@@ -142,18 +178,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
+        par = self.parallel
         counts = [_n_targets(b) for b in batches]
-        total = sum(counts) or 1
+        total = int(par.sum([sum(counts)])[0]) or 1  # the step's target tokens, all ranks
         metrics: dict[str, float] = {}
         loss_value = 0.0
-        for batch, n in zip(batches, counts):
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            par.grad_sync(model, i == len(batches) - 1)  # FSDP: reduce after the last one
+            batch = par.to_device(batch)
             with self.autocast():
                 loss, parts = self.loss_fn(model, batch, self.step)
             (loss * (n / total)).backward()  # the graph is freed micro-batch by micro-batch
             loss_value += loss.item() * n / total
             for k, v in parts.items():
                 metrics[k] = metrics.get(k, 0.0) + v * n / total
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip).item()
+        keys = list(metrics)  # the same keys, in the same order, on every rank
+        loss_value, *values = par.sum([loss_value, *(metrics[k] for k in keys)])
+        metrics = dict(zip(keys, values))
+        par.reduce_grads(model)  # replicated weights: sum over ranks (FSDP already did)
+        grad_norm = par.clip_grad_norm_(model, opts.grad_clip)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise TrainingDiverged(
                 f"step {self.step}: loss {loss_value} / grad norm {grad_norm} is not finite; "
@@ -176,25 +219,26 @@ class Trainer:
         for batch in self.val_data:  # a fixed list: the same batches at every evaluation
             n = _n_targets(batch)
             with self.autocast():
-                loss, parts = self.loss_fn(self.model, batch, self.step)
+                loss, parts = self.loss_fn(self.model, self.parallel.to_device(batch), self.step)
             total += parts.get("main_loss", loss.item()) * n
             count += n
+        total, count = self.parallel.sum([total, count])  # each rank has its own rows
         self.model.train()
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, progress=None) -> dict[str, Any]:
         """Train to `max_steps` from wherever `self.step` is; returns the last metrics."""
-        opts = self.opts
+        opts, main = self.opts, self.parallel.is_main
         os.makedirs(opts.out, exist_ok=True)
         data: Iterator = iter(self.train_data)
         last: dict[str, Any] = {}
-        bar = progress(total=opts.max_steps, initial=self.step) if progress else None
-        with open(self.metrics_path, "a") as log:
+        bar = progress(total=opts.max_steps, initial=self.step) if progress and main else None
+        with open(self.metrics_path, "a") if main else contextlib.nullcontext() as log:
             while self.step < opts.max_steps:
                 t0 = time.perf_counter()
                 batches = [next(data) for _ in range(opts.grad_accum)]
-                n_tokens = sum(_n_input_tokens(b) for b in batches)
+                n_tokens = self.parallel.sum([sum(_n_input_tokens(b) for b in batches)])[0]
                 metrics = self.train_step(batches)
                 dt = time.perf_counter() - t0
                 metrics["step"] = self.step
@@ -208,8 +252,9 @@ class Trainer:
                     self.step % opts.eval_every == 0 or self.step == opts.max_steps
                 ):
                     metrics["val_loss"] = self.evaluate()
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
                 last = metrics
                 if bar is not None:
                     bar.update(1)
@@ -238,7 +283,13 @@ def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:
         from nanoseek.train.adamw_bf16 import AdamWBF16Moments
 
         return AdamWBF16Moments(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2))
-    return torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2), fused=False)
+    # foreach kernels (the CUDA default) cannot mix plain tensors and DTensors, or DTensors of
+    # two meshes: expert slices beside FSDP shards (nanoseek/dist) take the per-tensor loop
+    kinds = {(type(p), getattr(p, "device_mesh", None)) for p in decay + no_decay}
+    foreach = None if len(kinds) <= 1 else False
+    return torch.optim.AdamW(
+        groups, lr=opts.lr, betas=(opts.beta1, opts.beta2), fused=False, foreach=foreach
+    )
 
 
 def _n_targets(batch) -> int:

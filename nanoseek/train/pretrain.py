@@ -12,6 +12,10 @@ What this method adds to the loop:
 - balancing after every optimizer step (nanoseek/train/balance.py): auxiliary-loss-free bias
   updates (default, with the small sequence-wise loss), or a classic batch-wise auxiliary loss
   to compare against, or none.
+
+Under torchrun (docs/distributed.md) rank 0 writes the tokenizer and shards while the others
+wait, each rank reads its own rows of every global batch, expert counts are summed over ranks
+before the bias update, and rank 0 writes the consolidated OUT/model.
 """
 
 from __future__ import annotations
@@ -87,8 +91,9 @@ def documents(opts: PretrainOptions):
     return generate_corpus(opts.corpus_docs, seed=opts.seed, levels=opts.corpus_levels)
 
 
-def prepare_data(opts: PretrainOptions, tokenizer):
-    """Token shards under OUT/data (written once; reused on resume)."""
+def prepare_data(opts: PretrainOptions, tokenizer, rank: int = 0, world_size: int = 1):
+    """Token shards under OUT/data (written once; reused on resume). With several ranks each
+    reads rows rank*B/W .. of every global batch of B sequences: the windows of one process."""
     from nanoseek.data.shards import PackedDataset, TokenShard, write_shards
 
     data_dir = os.path.join(opts.out, "data")
@@ -97,22 +102,21 @@ def prepare_data(opts: PretrainOptions, tokenizer):
             documents(opts), tokenizer, data_dir, val_fraction=opts.val_fraction, seed=opts.seed
         )
     train = TokenShard.open(data_dir, "train", tokenizer=tokenizer)
-    train_ds = PackedDataset([train], opts.seq_len, opts.batch_size, seed=opts.seed)
+    B, shard = opts.batch_size // world_size, dict(rank=rank, world_size=world_size)
+    train_ds = PackedDataset([train], opts.seq_len, B, seed=opts.seed, **shard)
     val_batches = []
     if opts.val_fraction > 0 and os.path.exists(os.path.join(data_dir, "val.json")):
         val = TokenShard.open(data_dir, "val", tokenizer=tokenizer)
         try:
-            val_ds = PackedDataset(
-                [val], opts.seq_len, opts.batch_size, seed=opts.seed, shuffle=False
-            )
+            val_ds = PackedDataset([val], opts.seq_len, B, seed=opts.seed, shuffle=False, **shard)
         except ValueError:  # a small validation split: fewer sequences per batch
-            val_ds = PackedDataset([val], opts.seq_len, 1, seed=opts.seed, shuffle=False)
+            val_ds = PackedDataset([val], opts.seq_len, 1, seed=opts.seed, shuffle=False, **shard)
         val_batches = [val_ds.batch(0, i) for i in range(min(opts.eval_batches, len(val_ds)))]
     return train_ds, val_batches
 
 
-def model_config(opts: PretrainOptions, tokenizer) -> tuple[ModelConfig, str | None]:
-    """(config, checkpoint to start from or None), with vocabulary and balancing filled in."""
+def base_config(opts: PretrainOptions) -> tuple[ModelConfig, str | None]:
+    """(config as named by option 'model', checkpoint to start from or None)."""
     from nanoseek.presets import PRESETS
 
     init = None
@@ -127,6 +131,12 @@ def model_config(opts: PretrainOptions, tokenizer) -> tuple[ModelConfig, str | N
             f"option 'model': {opts.model!r} is neither a preset ({', '.join(PRESETS)}) "
             "nor a config.json / checkpoint directory"
         )
+    return cfg, init
+
+
+def model_config(opts: PretrainOptions, tokenizer) -> tuple[ModelConfig, str | None]:
+    """(config, checkpoint to start from or None), with vocabulary and balancing filled in."""
+    cfg, init = base_config(opts)
     if init is None:  # a fresh model: its vocabulary is the tokenizer's (rounded up for GEMMs)
         cfg = cfg.replace(
             vocab_size=-(-tokenizer.vocab_size // 64) * 64,
@@ -170,12 +180,13 @@ def make_loss_fn(opts: PretrainOptions):
     return loss_fn
 
 
-def make_balancer(opts: PretrainOptions, model: CausalLM):
+def make_balancer(opts: PretrainOptions, model: CausalLM, all_reduce=None):
+    """After each step: the loads (summed over ranks by `all_reduce`), stats, bias update."""
     moes = model.moe_layers()
     start_counting(moes)
 
     def after_step(step: int) -> dict:
-        loads = gather_loads(moes)
+        loads = gather_loads(moes, all_reduce)
         stats = load_stats(loads)
         gamma = 0.0
         if opts.balance == "aux_free":
@@ -191,16 +202,38 @@ def make_balancer(opts: PretrainOptions, model: CausalLM):
 
 # ------------------------------------------------------------------------------ the run
 def run_pretrain(opts: PretrainOptions, resume: bool = False, progress=True) -> dict:
-    """Prepare everything, train, export OUT/model; returns the final metrics."""
-    from nanoseek.checkpoint.accounting import account
-    from nanoseek.checkpoint.io import load, save
-    from nanoseek.train.mfu import matmul_peak_flops
+    """Prepare everything, train, export OUT/model; returns the final metrics. Under torchrun
+    every rank calls this (nanoseek/dist/parallel.py decides from the environment)."""
+    from nanoseek.dist.parallel import launch
 
     opts.validate()
+    with launch(opts, base_config(opts)[0].n_routed_experts) as par:
+        return _run(opts, par, resume, progress)
+
+
+def _run(opts: PretrainOptions, par, resume: bool, progress) -> dict:
+    from nanoseek.checkpoint.accounting import account
+    from nanoseek.checkpoint.io import load
+    from nanoseek.dist.checkpoint import export_hf
+    from nanoseek.train.mfu import matmul_peak_flops
+
     os.makedirs(opts.out, exist_ok=True)
-    torch.manual_seed(opts.seed)
-    tokenizer = prepare_tokenizer(opts, lambda: documents(opts))
-    train_ds, val_batches = prepare_data(opts, tokenizer)
+    torch.manual_seed(opts.seed)  # data preparation draws nothing from torch: every rank, and
+    # every world size, initialises the same full model below and keeps its part of it
+
+    def write_run_files(tokenizer):
+        tokenizer.save(os.path.join(opts.out, "tokenizer"))
+        with open(os.path.join(opts.out, "options.json"), "w") as f:
+            json.dump(to_dict(opts), f, indent=2)
+
+    def prepare():
+        tokenizer = prepare_tokenizer(opts, lambda: documents(opts))
+        data = prepare_data(opts, tokenizer, par.rank, par.world_size)
+        if par.is_main:  # rewrites OUT/tokenizer: done before the other ranks read it
+            write_run_files(tokenizer)
+        return (tokenizer, *data)
+
+    tokenizer, train_ds, val_batches = par.main_first(prepare)  # rank 0 writes, others read
     cfg, init = model_config(opts, tokenizer)
     train_ds.shards[0].check_vocab(cfg.vocab_size)
     if init is not None:
@@ -211,11 +244,12 @@ def run_pretrain(opts: PretrainOptions, resume: bool = False, progress=True) -> 
     tok_files = [
         os.path.join(opts.out, "tokenizer", f) for f in ("tokenizer.json", "tokenizer_config.json")
     ]
-    tokenizer.save(os.path.join(opts.out, "tokenizer"))
-    with open(os.path.join(opts.out, "options.json"), "w") as f:
-        json.dump(to_dict(opts), f, indent=2)
     acct = account(model.config, seq_len=opts.seq_len)
-    peak = matmul_peak_flops(torch.bfloat16 if opts.precision == "bf16" else torch.float32)
+    peak = None
+    if par.is_main:  # measured once; the run's peak is W times one rank's
+        dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
+        peak = matmul_peak_flops(dtype, device=par.device) * par.world_size
+    model = par.parallelize(model, opts.precision)
     trainer = Trainer(
         model,
         opts,
@@ -223,17 +257,18 @@ def run_pretrain(opts: PretrainOptions, resume: bool = False, progress=True) -> 
         train_ds,
         val_batches,
         extra_files=tok_files,
-        after_step=make_balancer(opts, model),
+        after_step=make_balancer(opts, model, par.all_reduce_),
         flops_per_token=acct.train_flops_per_token_with_mtp,
         peak_flops=peak,
         run_info=to_dict(opts),
+        parallel=par,
     )
-    if resume and trainer.resume():
+    if resume and trainer.resume() and par.is_main:
         print(f"resumed from step {trainer.step} in {opts.out}", file=sys.stderr)
     bar = _progress_bar if progress else None
     last = trainer.fit(progress=bar)
-    save(trainer.model, os.path.join(opts.out, "model"), extra_files=tok_files)
-    if opts.plot:
+    export_hf(trainer.model, os.path.join(opts.out, "model"), tok_files, par)
+    if opts.plot and par.is_main:
         write_plots(opts.out)
     return last
 

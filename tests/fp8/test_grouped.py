@@ -23,7 +23,7 @@ def _inputs(counts, K=96, N=160, seed=0):
 
 def _run(fn, x, w, dy, counts, offs):
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = fn(xr, wr, counts, offs)
+    y = fn(xr, wr, offs)
     y.backward(dy)
     return y.detach(), xr.grad, wr.grad
 
@@ -70,8 +70,7 @@ def test_drop_in_for_routed_experts(monkeypatch):
     wts = torch.rand(50, 2)
     outs = []
     for fn in (grouped_linear, make_fp8_grouped_linear("emulated")):
-        monkeypatch.setattr(moe_mod, "grouped_linear", fn)  # before the hook is wired
-        ex.linear_fn = fn  # once RoutedExperts calls self.linear_fn
+        ex.linear_fn = fn
         ex.zero_grad()
         xr = x.clone().requires_grad_()
         y = ex(xr, idx, wts)
@@ -86,7 +85,7 @@ def test_drop_in_for_routed_experts(monkeypatch):
 def test_autocast_and_bad_counts():
     x, w, dy, counts, offs = _inputs([10, 20])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fp8_grouped_linear(x, w, counts, offs, backend="emulated")
+        y = fp8_grouped_linear(x, w, offs, backend="emulated")
     assert y.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="counts sum"):
-        fp8_grouped_linear(x, w, torch.tensor([10, 5]), offs, backend="emulated")
+        fp8_grouped_linear(x, w, torch.tensor([10, 15], dtype=torch.int32), backend="emulated")

@@ -1,0 +1,149 @@
+"""GRPO raises held-out accuracy of a small pre-trained model on multi-digit addition.
+
+    python experiments/grpo_addition.py --out runs/grpo_addition            # all stages
+    python experiments/grpo_addition.py --out R --base runs/tiny/model      # skip pre-training
+    python experiments/grpo_addition.py --out R --max_steps=60 --lr=2e-4    # GRPOOptions fields
+
+Stages (each skipped when its output exists, so a re-run only redoes what is missing):
+1. base: the `tiny` preset pre-trained on the built-in corpus generator restricted to the
+   addition family (levels 1-2, "short" template), so a few hundred CPU steps give a model that
+   solves some sums but not all (reward curves rise only from pass@k > 0, REFERENCE §3);
+2. held-out evaluation of the base at `--level`: greedy pass@1, sampled pass@1 and pass@8 at the
+   rollout temperature, on `--eval_n` test-split problems (never seen in pre-training or RL);
+3. GRPO (`nanoseek.train.grpo.run_grpo`) on train-split problems at `--level`, timed;
+4. the same evaluation of the GRPO model, and a table: before, after, the gain, the minutes.
+
+OUT/results.json holds the numbers, OUT/grpo/reward.png the reward curve and
+OUT/grpo/eval_accuracy.png the held-out pass@1 during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from nanoseek.train.grpo import GRPOOptions, Rollouts, evaluate, held_out, run_grpo
+from nanoseek.train.options import build
+
+TASK = "addition"
+# GRPO settings found for this task on a 2-core CPU (see the README's GRPO section)
+GRPO_DEFAULTS = dict(
+    num_generations=8, prompts_per_step=8, max_completion_length=96, temperature=1.0,
+    lr=2e-4, beta=0.0, num_iterations=1, max_steps=60, eval_every=20, eval_n=100,
+    save_every=10, batch_size=16, rewards={"accuracy": 1.0, "format": 0.1},
+)  # fmt: skip
+
+
+def pretrain_base(out: str, steps: int, seed: int) -> str:
+    """The tiny preset on addition documents (levels 1-2) from the built-in corpus generator.
+
+    Why so narrow: the model must learn to copy the operands out of the question before any
+    arithmetic can be right, and on the mixed corpus the tiny model's loss sits on a plateau
+    with every digit at ~2.3 nats (no copying) for hundreds of steps. Short, uniform documents
+    give many more copy events per step. WSD keeps the peak learning rate until the last 20%
+    (a cosine decay had lowered it before the copying circuit formed)."""
+    from nanoseek.data.corpus import write_corpus
+    from nanoseek.train.pretrain import PretrainOptions, run_pretrain
+
+    model_dir = os.path.join(out, "model")
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        return model_dir
+    os.makedirs(out, exist_ok=True)
+    corpus = os.path.join(out, "addition_corpus.jsonl")
+    if not os.path.exists(corpus):
+        write_corpus(corpus, 30_000, seed=seed, tasks=(TASK,), levels=[1, 2])
+    opts = PretrainOptions(
+        out=out, model="tiny", data=[corpus], vocab_size=1024, seq_len=128, batch_size=16,
+        max_steps=steps, warmup_steps=20, lr=3e-3, lr_schedule="wsd", eval_every=100,
+        save_every=50, keep_last=20, seed=seed,
+    )  # fmt: skip
+    run_pretrain(opts, resume=True)
+    return model_dir
+
+
+def evaluate_dir(model_dir: str, level: int, n: int, opts: GRPOOptions, seed: int) -> dict:
+    """Greedy pass@1, and sampled pass@1 / pass@8 at the rollout temperature, held out."""
+    from nanoseek import load
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.tasks import get_task
+
+    model, tok = load(model_dir, dtype=torch.float32), Tokenizer.load(model_dir)
+    problems = held_out([get_task(TASK)], n, seed, level)
+    rollouts = Rollouts(model, tok.eos_id, 128)
+    greedy = evaluate(rollouts, tok, problems, opts)
+    sampled = evaluate(rollouts, tok, problems, opts, samples=8, temperature=opts.temperature,
+                       seed=seed + 1)  # fmt: skip
+    return {
+        "pass@1_greedy": greedy["accuracy"],
+        "pass@1_sampled": sampled["accuracy"],
+        "pass@8": sampled["pass@8"],
+        "format_greedy": greedy["format"],
+        "mean_length": greedy["mean_length"],
+        "n": len(problems),
+    }
+
+
+def cached(path: str, fn):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    value = fn()
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+    return value
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/grpo_addition")
+    p.add_argument("--base", help="a pre-trained model directory (skips stage 1)")
+    p.add_argument("--pretrain_steps", type=int, default=600)
+    p.add_argument("--level", type=int, default=2, help="digits per operand of the RL problems")
+    p.add_argument("--eval_n", type=int, default=200, help="held-out problems per evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    args, overrides = p.parse_known_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    t0 = time.perf_counter()
+    base = args.base or pretrain_base(os.path.join(args.out, "base"), args.pretrain_steps,
+                                      args.seed)  # fmt: skip
+    pretrain_min = (time.perf_counter() - t0) / 60
+    opts = build(
+        GRPOOptions, None, overrides,
+        **{**GRPO_DEFAULTS, "model": base, "out": os.path.join(args.out, "grpo"), "task": [TASK],
+           "task_level": args.level, "seed": args.seed},
+    )  # fmt: skip
+    before = cached(os.path.join(args.out, "eval_base.json"),
+                    lambda: evaluate_dir(base, args.level, args.eval_n, opts, args.seed))  # fmt: skip
+    print("base:", json.dumps(before))
+
+    timing = os.path.join(args.out, "grpo_time.json")
+    if not os.path.exists(os.path.join(opts.out, "model", "config.json")):
+        t1 = time.perf_counter()
+        run_grpo(opts, resume=True)
+        with open(timing, "w") as f:  # a resumed run reports the time of its last part only
+            json.dump({"minutes": (time.perf_counter() - t1) / 60}, f)
+    grpo_min = json.load(open(timing))["minutes"] if os.path.exists(timing) else float("nan")
+    after = cached(os.path.join(args.out, "eval_grpo.json"),
+                   lambda: evaluate_dir(os.path.join(opts.out, "model"), args.level,
+                                        args.eval_n, opts, args.seed))  # fmt: skip
+    print("grpo:", json.dumps(after))
+
+    keys = ("pass@1_greedy", "pass@1_sampled", "pass@8", "format_greedy")
+    print(f"\naddition level {args.level}, {after['n']} held-out problems")
+    print(f"{'metric':<16} {'base':>7} {'GRPO':>7} {'gain':>7}")
+    for k in keys:
+        print(f"{k:<16} {before[k]:>7.3f} {after[k]:>7.3f} {after[k] - before[k]:>+7.3f}")
+    print(f"GRPO: {opts.max_steps} steps in {grpo_min:.1f} min (pre-training {pretrain_min:.1f} "
+          f"min this invocation); curve: {os.path.join(opts.out, 'reward.png')}")  # fmt: skip
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"level": args.level, "before": before, "after": after,
+                   "grpo_minutes": grpo_min, "options": overrides}, f, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

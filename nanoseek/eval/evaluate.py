@@ -1,0 +1,202 @@
+"""Held-out evaluation of a model on a verifiable task: pass@1, pass@k, format, length.
+
+    nanoseek eval runs/r1/final_rl/model --task addition --n 200 --k 8 --json
+    from nanoseek.eval import evaluate
+    result = evaluate(model, tokenizer, "addition", n_problems=200, k=8)
+    result["accuracy"], result["pass@k"]
+
+Problems come from the task's **test** split (hash-split by content, so no training stage ever
+saw them; nanoseek/tasks/base.py), each asked `k` times. `accuracy` is pass@1 = the mean share of
+correct samples, `pass@k` the unbiased estimator from those k samples (passk.py). With k = 1 and
+no temperature given, decoding is greedy; with k > 1 it defaults to R1's evaluation temperature
+0.6 [R1 §3], since k greedy samples would all be the same.
+
+A sample is correct when the task's strict verifier accepts the answer inside `<answer>` (or
+`\\boxed{}`), the accuracy reward of RL; `format_rate` is the share of samples with the full
+`</think> <answer>...</answer>` format; `truncated` the share cut at max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+
+from nanoseek.eval.passk import mean_pass_at_k, report_ks
+from nanoseek.eval.sampling import CHAT, Sample, SampleFn, check_template, sample_problems
+from nanoseek.tasks import Task, TaskError
+from nanoseek.tasks.rewards import format_reward
+
+R1_EVAL_TEMPERATURE = 0.6  # [R1 §3.1]: pass@1 from k samples at temperature 0.6, top-p 0.95
+
+
+def default_temperature(k: int) -> float:
+    return 0.0 if k == 1 else R1_EVAL_TEMPERATURE
+
+
+def heldout_problems(task: Task, n: int, seed: int = 0, level: int | None = None):
+    """`n` distinct problems of the task's test split (deterministic in seed and level). A small
+    problem space (1-digit sums have ~5 held-out problems) gives all it has, with a warning."""
+    if n < 1:
+        raise ValueError(f"number of problems must be >= 1, got {n}")
+    problems: list = []
+    try:
+        for p in task.stream("test", seed, level, unique=True):
+            problems.append(p)
+            if len(problems) == n:
+                break
+    except TaskError:  # the stream ran dry
+        if not problems:
+            raise
+        warnings.warn(
+            f"task {task.name!r} has only {len(problems)} distinct held-out problems"
+            + (f" at level {level}" if level is not None else "")
+            + f"; evaluating on those instead of {n}",
+            stacklevel=2,
+        )
+    return problems
+
+
+def resolve(task: str | Task) -> Task:
+    """A Task, a registered name or a task JSONL file; an unknown name lists the valid ones."""
+    from nanoseek.train.sft_data import resolve_task
+
+    return resolve_task(task) if isinstance(task, str) else task
+
+
+def score_samples(task: Task, samples: Sequence[Sequence[Sample]], k: int) -> dict:
+    """Accuracy, pass@k, format rate and lengths of `samples[i]` (the k samples of problem i),
+    overall and per level. Pure bookkeeping: no model involved."""
+    ks = report_ks(k)
+
+    def summarise(rows: Sequence[Sequence[Sample]]) -> dict:
+        correct = [sum(task.verify_completion(s.problem, s.text) for s in row) for row in rows]
+        flat = [s for row in rows for s in row]
+        n = max(len(flat), 1)
+        return {
+            "n_problems": len(rows),
+            "accuracy": mean_pass_at_k(correct, k, 1),
+            "pass@k": mean_pass_at_k(correct, k, k),
+            "pass_at": {str(j): mean_pass_at_k(correct, k, j) for j in ks},
+            "format_rate": sum(format_reward(s.problem, s.text) for s in flat) / n,
+            "mean_length": sum(s.n_tokens for s in flat) / n,
+            "truncated": sum(not s.finished for s in flat) / n,
+        }
+
+    result = summarise(samples)
+    levels = sorted({row[0].problem.level for row in samples if row})
+    result["by_level"] = {
+        str(lvl): summarise([row for row in samples if row and row[0].problem.level == lvl])
+        for lvl in levels
+    }
+    return result
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: str | Task,
+    n_problems: int = 100,
+    k: int = 1,
+    *,
+    temperature: float | None = None,
+    max_new_tokens: int = 256,
+    template: str = CHAT,
+    system: bool | str = False,
+    seed: int = 0,
+    level: int | None = None,
+    n_show: int = 3,
+    sample_fn: SampleFn | None = None,
+) -> dict:
+    """Evaluate on `n_problems` held-out problems with `k` samples each; returns a JSON-able dict:
+    accuracy (pass@1), pass@k, pass_at {j: pass@j for j = 1, 2, 4, ..., k}, format_rate,
+    mean_length (tokens), truncated (share), by_level {level: the same}, samples (the first
+    `n_show` problems' first completions), the settings, and wall_s.
+    `sample_fn` replaces the engine (tests use scripted models)."""
+    t0 = time.perf_counter()
+    t = resolve(task)
+    check_template(template)
+    if k < 1:
+        raise ValueError(f"samples per problem (k) must be >= 1, got {k}")
+    temp = default_temperature(k) if temperature is None else temperature
+    problems = heldout_problems(t, n_problems, seed=seed, level=level)
+    samples = sample_problems(
+        model, tokenizer, problems, k, template=template, system=system, temperature=temp,
+        max_new_tokens=max_new_tokens, seed=seed, sample_fn=sample_fn,
+    )  # fmt: skip
+    result = {
+        "task": t.name,
+        "split": "test",
+        "level": level,
+        "template": template,
+        "samples_per_problem": k,
+        "k": k,
+        "temperature": temp,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        **score_samples(t, samples, k),
+        "samples": [
+            {
+                "id": row[0].problem.id,
+                "question": row[0].problem.question,
+                "answer": row[0].problem.answer,
+                "completion": row[0].text,
+                "correct": t.verify_completion(row[0].problem, row[0].text),
+            }
+            for row in samples[:n_show]
+        ],
+    }
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def evaluate_checkpoint(model_dir: str, task: str | Task, tokenizer_dir: str | None = None,
+                        device: str = "cpu", **kwargs) -> dict:  # fmt: skip
+    """`evaluate` on a checkpoint directory (its tokenizer beside it, or `tokenizer_dir`)."""
+    import os
+
+    import torch
+
+    from nanoseek.checkpoint.io import CheckpointError, load
+    from nanoseek.data.tokenizer import Tokenizer
+
+    t = resolve(task)  # fail on a bad name before loading
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(f"{model_dir}: no such checkpoint directory")
+    tok_dir = tokenizer_dir or model_dir
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir} (pass a tokenizer directory)")
+    tokenizer = Tokenizer.load(tok_dir)
+    model = load(model_dir, dtype=torch.float32, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer in {tok_dir} has {tokenizer.vocab_size} ids, more than the model's "
+            f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
+        )
+    return evaluate(model, tokenizer, t, **kwargs)
+
+
+def format_result(r: dict) -> str:
+    """A few readable lines of an evaluation result."""
+    k = r["k"]
+    head = (
+        f"{r['task']} (test split, {r['n_problems']} problems x {k} samples, "
+        f"temperature {r['temperature']}, template {r['template']})"
+    )
+    passes = ", ".join(f"pass@{j} {v:.1%}" for j, v in r["pass_at"].items())
+    lines = [
+        head,
+        f"  accuracy (pass@1) {r['accuracy']:.1%}" + (f"; {passes}" if k > 1 else ""),
+        f"  format {r['format_rate']:.1%}, truncated {r['truncated']:.1%}, "
+        f"mean length {r['mean_length']:.1f} tokens, {r['wall_s']:.1f} s",
+    ]
+    if len(r["by_level"]) > 1:
+        lines.append(
+            "  by level: "
+            + ", ".join(f"{lvl}: {v['accuracy']:.1%}" for lvl, v in r["by_level"].items())
+        )
+    for s in r["samples"]:
+        mark = "right" if s["correct"] else "wrong"
+        text = " ".join(s["completion"].split())
+        lines.append(f"  [{mark}] {s['question']!r} -> {text[:160]!r}")
+    return "\n".join(lines)

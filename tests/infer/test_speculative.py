@@ -1,0 +1,116 @@
+"""MTP speculative decoding: the acceptance rule keeps the distribution; greedy stays exact."""
+
+import pytest
+import torch
+
+from nanoseek.infer import Engine, SamplingParams, generate
+from nanoseek.infer.speculative import accept_drafts
+from tests.helpers import random_model, tiny_config
+
+
+def tv(tokens: torch.Tensor, p: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=p.numel()).float()
+    return 0.5 * (counts / counts.sum() - p).abs().sum().item()
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    """Toy p (target) and q (draft) per position, k = 2: the first emitted token is distributed
+    as p_0, the second (when the first draft was accepted) as p_1, and draft 1 is accepted
+    with probability sum_x min(p_0(x), q_1(x)) = 1 - TV(p_0, q_1)."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 2, 40_000
+    p = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.5, 0.1, 0.1, 0.1],
+                      [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]])  # fmt: skip
+    q = torch.tensor([[0.1, 0.5, 0.1, 0.1, 0.1, 0.1], [0.3, 0.0, 0.3, 0.4, 0.0, 0.0]])
+    drafts = torch.stack(
+        [torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(k)], 1
+    )
+
+    def draw(w):
+        return (w / torch.empty_like(w).exponential_(generator=g)).argmax(-1)
+
+    u = torch.rand(n, k, generator=g)
+    accepted, nxt = accept_drafts(p.expand(n, -1, -1), q.expand(n, -1, -1), drafts, u, draw)
+    first = torch.where(accepted > 0, drafts[:, 0], nxt)
+    assert tv(first, p[0]) < 0.01
+    two = accepted > 0
+    second = torch.where(accepted[two] > 1, drafts[two, 1], nxt[two])
+    assert tv(second, p[1]) < 0.015
+    expected = torch.minimum(p[0], q[0]).sum().item()
+    assert abs(two.float().mean().item() - expected) < 0.01
+    # all accepted: the bonus token comes from p_k
+    assert tv(nxt[accepted == 2], p[2]) < 0.03
+
+
+def test_identical_draft_and_target_always_accept():
+    p = torch.softmax(torch.randn(5, 3, 10), -1)
+    drafts = torch.randint(0, 10, (5, 2))
+    accepted, _ = accept_drafts(p, p[:, :2], drafts, torch.rand(5, 2), lambda w: w.argmax(-1))
+    assert accepted.tolist() == [2] * 5
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_speculative_greedy_equals_plain_greedy(k):
+    """Batch of 4 prompts of different lengths (one of a single token), queued through 2 rows
+    (so rows are refilled): token for token the plain greedy output."""
+    model = random_model(tiny_config())
+    prompts = [[5, 9, 11, 3], [7, 8], [20, 30, 40, 50, 60, 70, 80], [42]]
+    params = SamplingParams(max_new_tokens=15, ignore_eos=True)
+    plain = Engine(model, max_batch_size=2, max_seq_len=64).generate(prompts, params)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, speculative="mtp", num_draft=k)
+    spec = engine.generate(prompts, params)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    rates = engine.speculator.acceptance_rates()
+    assert len(rates) == k and all(0.0 <= r <= 1.0 for r in rates)
+    assert 1.0 <= engine.speculator.tokens_per_step() <= k + 1
+
+
+def test_speculative_api_matches_plain_api():
+    model = random_model(tiny_config())
+    ids = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    want = generate(model, ids, max_new_tokens=12)
+    assert torch.equal(
+        generate(model, ids, max_new_tokens=12, speculative="mtp", num_draft=2), want
+    )
+
+
+def test_rollback_leaves_the_caches_consistent():
+    """After every step the main cache holds prompt + emitted - 1 positions (the last token is
+    pending) and the MTP cache is behind it by the positions it has not seen."""
+    model = random_model(tiny_config())
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, speculative="mtp", num_draft=3)
+    for p in ([5, 6, 7], [9, 10, 11, 12, 13]):
+        engine.add_request(p, SamplingParams(max_new_tokens=30, temperature=1.0, seed=0))
+    while engine.has_unfinished():
+        engine.step()
+        for row, seq in enumerate(engine.running):
+            n = len(seq.prompt_ids) + len(seq.output_ids) - 1
+            assert engine.runner.cache.lengths[row] == n
+            assert engine.runner.mtp_cache.lengths[row] == n - len(seq.mtp_next)
+            assert seq.mtp_next[-1] == seq.output_ids[-1]
+
+
+def test_speculative_sampling_is_seeded_and_logprobs_match_plain():
+    model = random_model(tiny_config())
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=3, logprobs=True)
+    runs = [
+        Engine(model, max_batch_size=1, max_seq_len=64, speculative="mtp", num_draft=2).generate(
+            [[4, 5, 6]], params
+        )[0]
+        for _ in range(2)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids
+    # the log-probs are the main model's, temperature-scaled, whatever drafted the tokens
+    ids = torch.tensor([[4, 5, 6] + runs[0].token_ids])
+    with torch.no_grad():
+        logits = model(ids, mtp=False).logits[0, 2:-1] / 0.8
+    want = logits.log_softmax(-1).gather(-1, ids[0, 3:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(runs[0].logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_speculative_needs_an_mtp_module():
+    model = random_model(tiny_config(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(model, speculative="mtp")
+    with pytest.raises(ValueError, match="speculative"):
+        Engine(model, speculative="eagle")
