@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import nanoseek.fp8.grouped as grouped_mod
-import nanoseek.model.moe as moe_mod
-from nanoseek.fp8 import FP8Linear, convert_to_fp8, fp8_experts_hook, make_fp8_grouped_linear
+from nanoseek.fp8 import FP8Linear, convert_to_fp8, fp8_experts_hook
 from nanoseek.model.moe import RoutedExperts
 from tests.helpers import random_model, tiny_config
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import nanoseek.model.moe as moe_mod
 from nanoseek.fp8 import EmulatedBackend, fp8_grouped_linear, fp8_linear, make_fp8_grouped_linear
 from nanoseek.model.moe import RoutedExperts, grouped_linear
 
