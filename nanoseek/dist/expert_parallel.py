@@ -10,7 +10,8 @@ and parameter names, so the router, shared experts, balancing and checkpoint nam
    one host sync turns them into split sizes; all_to_all the rows with the autograd-aware
    functional collective (its backward is the reverse exchange, REFERENCE §5);
 2. compute: received rows arrive grouped by source rank; regroup them by local expert and run
-   the SwiGLU as grouped GEMMs (`torch._grouped_mm`, as RoutedExperts does);
+   the SwiGLU with the replaced module's `linear_fn` (its grouped GEMM, or the FP8 one that
+   nanoseek/fp8 hooks in: hook before `parallelize`, the swap carries it over);
 3. combine: undo the regrouping, all_to_all back, weight by the gate, scatter-add per token.
 No capacity limit, no token dropping: the same function as the single-process module.
 
@@ -45,6 +46,8 @@ class ExpertParallelExperts(nn.Module):
         local = slice(self.first, self.first + self.n_local)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[local].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[local].clone())
+        # (x [R,in] sorted by expert, w [El,out,in], offs [El] int32 block ends) -> [R,out]
+        self.linear_fn = getattr(experts, "linear_fn", _grouped_linear)
 
     def extra_repr(self) -> str:
         return f"experts {self.first}..{self.first + self.n_local - 1} of {self.n_experts}"
@@ -93,16 +96,15 @@ class ExpertParallelExperts(nn.Module):
                 out.append(F.linear(F.silu(gate) * up, w2))
             return torch.cat(out, dim=0)
         offs = counts.cumsum(0).to(torch.int32)
-        h = _grouped_linear(xs, self.gate_up_proj, counts, offs)  # [R,2F]
+        h = self.linear_fn(xs, self.gate_up_proj, offs)  # [R,2F]
         gate, up = h.split(self.hidden, dim=-1)
-        return _grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)  # [R,D]
+        return self.linear_fn(F.silu(gate) * up, self.down_proj, offs)  # [R,D]
 
 
-def _grouped_linear(x, w, counts, offs):
-    """x [R,in] sorted by expert (counts [El], offs = cumsum), w [El,out,in] -> [R,out]:
-    one torch._grouped_mm where it applies (REFERENCE §5: bf16/fp32, 16-byte row strides; on
-    CUDA sm90+), else one GEMM per expert. Kept here rather than borrowed from model/moe.py,
-    whose helpers are tuned for the single-process layout (tests compare the two modules)."""
+def _grouped_linear(x, w, offs):
+    """x [R,in] sorted by expert (offs: block ends), w [El,out,in] -> [R,out]: one
+    torch._grouped_mm where it applies (REFERENCE §5: bf16/fp32, 16-byte row strides; on CUDA
+    sm90+), else one GEMM per expert. Used when the replaced experts declare no `linear_fn`."""
     w_t = w.transpose(1, 2).to(x.dtype)  # [El,in,out]; a view unless autocast-like casting
     ok = (
         hasattr(torch, "_grouped_mm")
@@ -113,6 +115,7 @@ def _grouped_linear(x, w, counts, offs):
     )
     if ok:
         return torch._grouped_mm(x, w_t, offs=offs)
+    counts = offs.diff(prepend=offs.new_zeros(1))
     return torch.cat([p @ w_t[e] for e, p in enumerate(x.split(counts.tolist()))], dim=0)
 
 

@@ -41,6 +41,7 @@ def _worker(rank: int, world_size: int) -> None:
         full = RoutedExperts(E, D, F)
         torch.nn.init.normal_(full.gate_up_proj, 0, 0.3)
         torch.nn.init.normal_(full.down_proj, 0, 0.3)
+        hook_calls = []
         for name, (idx0, idx1) in SCENARIOS.items():
             for impl in ("grouped", "looped"):
                 idx = [_indices(idx0), _indices(idx1)]
@@ -53,8 +54,13 @@ def _worker(rank: int, world_size: int) -> None:
                 full.zero_grad()
                 ref = full(x, torch.cat(idx), w)
                 (ref * dy).sum().backward()
-                # this rank's tokens through the expert-parallel module
+                # this rank's tokens through the expert-parallel module, which keeps the
+                # replaced module's GEMM hook (nanoseek/fp8 sets one)
                 ep = ExpertParallelExperts(full, dist.group.WORLD)
+                assert ep.linear_fn is full.linear_fn
+                ep.linear_fn = lambda x, w, offs, f=ep.linear_fn: (
+                    hook_calls.append(1) or f(x, w, offs)
+                )
                 mine = slice(0, n[0]) if rank == 0 else slice(n[0], sum(n))
                 x_r = x.detach()[mine].clone().requires_grad_()
                 w_r = w.detach()[mine].clone().requires_grad_()
@@ -72,6 +78,7 @@ def _worker(rank: int, world_size: int) -> None:
                     ep.down_proj.grad, full.down_proj.grad[local], msg=f"down: {what}"
                 )
                 x.grad = w.grad = None
+        assert hook_calls, "the grouped path never called linear_fn"
     except BaseException:
         shutdown(synchronize=False)
         raise
