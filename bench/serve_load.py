@@ -1,6 +1,7 @@
 """Serving under load: N concurrent streaming chat requests against `nanoseek serve`.
 
     python bench/serve_load.py                          # random bench-config model, 64 requests
+    python bench/serve_load.py --threads 1              # on a busy shared CPU (README numbers)
     python bench/serve_load.py --model runs/tiny/model  # a checkpoint directory (with tokenizer)
     python bench/serve_load.py --url http://127.0.0.1:8000 --model-name NAME [--api-key KEY]
 

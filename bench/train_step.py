@@ -109,6 +109,7 @@ def load_transformers(directory: str, dtype: torch.dtype):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     model = DeepseekV3ForCausalLM.from_pretrained(directory, dtype=dtype)
     return model.train()
 
@@ -214,7 +215,11 @@ def main(argv=None) -> None:
     nanoseek.save(nanoseek.CausalLM(c), tmp.name)
     ids = torch.randint(0, c.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
 
-    rows = []
+    print(
+        f"\n{'impl':<17} {'dtype':<5} {'tokens/s':>9} {'ms/step':>8} {'vs HF':>6} {'MFU':>6} "
+        f"{'peak GFLOP/s':>12}  note",
+        flush=True,
+    )
     for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
         dtype = DTYPES[name]
         peak = matmul_peak(dtype)
@@ -224,19 +229,12 @@ def main(argv=None) -> None:
             tps = B * T / (r["ms"] / 1e3)
             note = f"compile {r['compile_s']:.0f} s" if label.endswith("compile") else ""
             ratio = f"{base / r['ms']:.2f}x" if base else "-"
-            rows.append((label, name, tps, r["ms"], ratio, tps * fpt / peak, peak, note))
+            print(
+                f"{label:<17} {name:<5} {tps:>9,.0f} {r['ms']:>8.1f} {ratio:>6} "
+                f"{tps * fpt / peak:>6.1%} {peak / 1e9:>12.0f}  {note}",
+                flush=True,
+            )
     tmp.cleanup()
-
-    print()
-    print(
-        f"{'impl':<17} {'dtype':<5} {'tokens/s':>9} {'ms/step':>8} {'vs HF':>6} {'MFU':>6} "
-        f"{'peak GFLOP/s':>12}  note"
-    )
-    for label, name, tps, ms, ratio, mfu, peak, note in rows:
-        print(
-            f"{label:<17} {name:<5} {tps:>9,.0f} {ms:>8.1f} {ratio:>6} {mfu:>6.1%} "
-            f"{peak / 1e9:>12.0f}  {note}"
-        )
     load1 = os.getloadavg()[0]
     if max(load0, load1) > torch.get_num_threads() + 0.5:
         print(

@@ -57,7 +57,9 @@ class LoopOptions:
     beta2: float = 0.95
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW's moments in bf16 (V3 §3.3.2), halves their memory
-    precision: str = "bf16"  # fp32 | bf16 (autocast, fp32 master weights)
+    # fp32 | bf16 (autocast, fp32 master weights) | fp8 (pretrain converts the projections and
+    # experts to FP8 GEMMs with fine-grained scaling, nanoseek/fp8; the rest runs as bf16)
+    precision: str = "bf16"
     seed: int = 1337
     eval_every: int = 100
     eval_batches: int = 8
@@ -92,9 +94,9 @@ class Trainer:
         run_info: dict | None = None,
         parallel: SingleProcess | None = None,
     ):
-        if opts.precision not in ("fp32", "bf16"):
+        if opts.precision not in ("fp32", "bf16", "fp8"):
             raise ValueError(
-                f"option 'precision' must be fp32 or bf16 here, got {opts.precision!r}"
+                f"option 'precision' must be fp32, bf16 or fp8, got {opts.precision!r}"
             )
         self.model, self.opts, self.loss_fn = model, opts, loss_fn
         self.train_data, self.val_data = train_data, val_data
@@ -160,7 +162,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
-        if self.opts.precision == "bf16":
+        if self.opts.precision in ("bf16", "fp8"):
             return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
