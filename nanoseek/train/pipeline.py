@@ -126,7 +126,8 @@ def build_pipeline_options(
     for key in top:
         if key not in {f.name for f in dataclasses.fields(PipelineOptions)} - set(SECTIONS):
             raise ConfigError(f"unknown pipeline option '{key}'")
-    opts = build(PipelineOptions, None, None, **top, **values)
+    top.update({k: v for k, v in values.items() if v is not None})  # keyword values win
+    opts = build(PipelineOptions, None, None, **top)
     for s in SECTIONS:
         getattr(opts, s).update(sections[s])
     return opts

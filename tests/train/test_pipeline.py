@@ -193,6 +193,7 @@ def test_options_from_toml_sections_and_overrides(tmp_path, base):
     o = build_pipeline_options(str(cfg), ["--eval_n=60", "--grpo.beta=0.001"], model=base,
                                task="addition")  # fmt: skip
     assert (o.eval_n, o.level) == (60, 3)
+    assert build_pipeline_options(None, ["--task=countdown"], task="addition").task == "addition"
     assert o.sft == {"lr": 0.001, "max_steps": 20}
     assert o.grpo == {"num_generations": 4, "beta": "0.001"}
     with pytest.raises(ConfigError, match="unknown section 'sfx'"):
