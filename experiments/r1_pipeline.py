@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/r1_pipeline")
     p.add_argument("--base", help="a pre-trained checkpoint directory (default: pre-train one)")
     p.add_argument("--level", default="2", help="task level, or 'none' for all levels")
-    p.add_argument("--pretrain_steps", type=int, default=750)
+    p.add_argument("--pretrain_steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)"

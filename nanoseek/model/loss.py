@@ -27,7 +27,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, impl: str = "chunked") 
     (same leading shape, already aligned: targets[i] is what logits[i] predicts)."""
     logits = logits.reshape(-1, logits.shape[-1])
     targets = targets.reshape(-1)
-    if impl == "reference":
+    if impl == "reference" or torch.compiler.is_compiling():
+        # under torch.compile the reference is the fast path: inductor fuses the cast and the
+        # log-softmax itself, and the chunk loop would only be unrolled into the graph
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
     return ChunkedCrossEntropy.apply(logits, targets)
 

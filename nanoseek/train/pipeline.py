@@ -7,7 +7,9 @@
 
 Stages (each writes OUT/<stage>/, its model in OUT/<stage>/model):
     r1-zero  base (evaluated only) -> rl: GRPO from the base, accuracy + format rewards [R1 §2.2]
-    r1       base -> cold_start: SFT of the base on the task's worked solutions [R1 §2.3.1]
+    r1       base -> base_chat (the base evaluated in the tuned stages' template, when it
+                     differs from `base_template`: a like-for-like row for the cold start)
+                  -> cold_start: SFT of the base on the task's worked solutions [R1 §2.3.1]
                   -> reasoning_rl: GRPO from cold_start, accuracy + format + language rewards
                      (R1 adds language consistency in this stage because RL alone drifts into
                      mixed-language, hard-to-read reasoning) [§2.3.2]
@@ -227,8 +229,13 @@ class Pipeline:
             rl = Stage("rl", o.base_template, lambda d, p: self._grpo(
                 d, p, o.model, o.base_template, R1_ZERO_REWARDS, "grpo", o.grpo))  # fmt: skip
             return [base, rl]
+        # the base in the tuned stages' format too, so every later row has a like-for-like row
+        # before it (a base rarely knows a chat format it was never trained on)
+        same = o.template == o.base_template
+        base_tuned = [] if same else [Stage(f"base_{o.template}", o.template, base.run)]
         return [
             base,
+            *base_tuned,
             Stage("cold_start", o.template, self._cold_start),
             Stage("reasoning_rl", o.template, lambda d, p: self._grpo(
                 d, p, self.model_of("cold_start"), o.template, R1_REWARDS, "grpo", o.grpo)),
@@ -352,6 +359,7 @@ class Pipeline:
             ev = done["eval"]
             rows.append({
                 "stage": stage.name,
+                "template": done.get("template", stage.template),
                 "pass@1": ev["accuracy"],
                 f"pass@{ev['k']}": ev["pass@k"],
                 "format_rate": ev["format_rate"],
@@ -386,12 +394,13 @@ def format_table(summary: dict) -> str:
         f"{summary['kind']} pipeline on {summary['task']} ({level}), held-out test split: "
         f"{summary['eval']['n_problems']} problems x {k} samples",
         "",
-        f"| stage | pass@1 | pass@{k} | format | mean length | truncated | wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| stage | template | pass@1 | pass@{k} | format | mean length | truncated | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["stages"]:
         lines.append(
-            f"| {r['stage']} | {r['pass@1']:.1%} | {r[f'pass@{k}']:.1%} | {r['format_rate']:.1%} "
+            f"| {r['stage']} | {r['template']} | {r['pass@1']:.1%} | {r[f'pass@{k}']:.1%} "
+            f"| {r['format_rate']:.1%} "
             f"| {r['mean_length']:.0f} | {r['truncated']:.0%} | {_duration(r['wall_s'])} |"
         )
     for r in summary["stages"]:

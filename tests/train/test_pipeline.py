@@ -21,7 +21,7 @@ from nanoseek.train.rejection import run_rejection, stats_path
 from tests.eval.test_evaluate import question_of
 from tests.train.test_sft import make_model_dir, tok, tok_dir  # noqa: F401 - fixtures
 
-R1_STAGES = ["base", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
+R1_STAGES = ["base", "base_chat", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
 
 
 class Stubs:
@@ -128,17 +128,19 @@ def test_r1_wires_the_stages_and_writes_the_summary(tmp_path, base, capsys):
     assert final.model == j("rejection_sft", "model") and final.max_steps == 3
     # every stage evaluated on the held-out split in its own template
     evals = [c[1] for c in stubs.calls if c[0] == "eval"]
-    assert evals[0] == (base, "short") and all(t == "chat" for _, t in evals[1:])
+    assert evals[:2] == [(base, "short"), (base, "chat")]  # the base in both formats
+    assert all(t == "chat" for _, t in evals[2:])
     assert [r["stage"] for r in summary["stages"]] == R1_STAGES
-    assert [r["pass@1"] for r in summary["stages"]] == [0.1, 0.2, 0.3, 0.35, 0.4]
+    assert [r["pass@1"] for r in summary["stages"]] == [0.1, 0.1, 0.2, 0.3, 0.35, 0.4]
     done = read_done(j("rejection_sft"))
     assert done["metrics"]["rejection"]["kept"] == 3 and done["resumed"] is False
     assert done["model"] == j("rejection_sft", "model") and done["wall_s"] >= 0
     md = open(j("summary.md")).read()
-    assert "| stage | pass@1 | pass@2 | format |" in md and "| final_rl | 40.0% | 50.0% |" in md
+    assert "| stage | template | pass@1 | pass@2 | format |" in md
+    assert "| base | short | 10.0% |" in md and "| final_rl | chat | 40.0% | 50.0% |" in md
     assert "rejection_sft: rejection sampling kept 3 of 8 samples (37.5%)" in md
     assert json.load(open(j("summary.json")))["stages"][0]["stage"] == "base"
-    assert "| cold_start | 20.0% |" in capsys.readouterr().out
+    assert "| cold_start | chat | 20.0% |" in capsys.readouterr().out
 
 
 def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(tmp_path, base):
@@ -146,7 +148,8 @@ def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(tmp_path, ba
     first = Stubs(fail_grpo=1)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline("r1", opts_for(base, out), first.runners(), progress=False)
-    assert [s for s in R1_STAGES if read_done(os.path.join(out, s))] == ["base", "cold_start"]
+    done = [s for s in R1_STAGES if read_done(os.path.join(out, s))]
+    assert done == ["base", "base_chat", "cold_start"]
     second = Stubs()
     summary = run_pipeline("r1", opts_for(base, out), second.runners(), progress=False)
     assert len(second.of("sft")) == 1  # only the rejection SFT: cold_start was done
@@ -155,7 +158,7 @@ def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(tmp_path, ba
     assert base not in evaluated and len(evaluated) == 3
     assert read_done(os.path.join(out, "reasoning_rl"))["resumed"] is True
     assert read_done(os.path.join(out, "final_rl"))["resumed"] is False
-    assert len(summary["stages"]) == 5
+    assert len(summary["stages"]) == 6
     third = Stubs()
     run_pipeline("r1", opts_for(base, out), third.runners(), progress=False)
     assert third.calls == []  # everything done: nothing runs, the summary is rewritten
@@ -256,7 +259,7 @@ def test_real_tiny_r1_pipeline_end_to_end(tmp_path, tok_dir, tok, capsys):  # no
         o, progress, sample_fn=perfect_teacher(tok)))  # fmt: skip
     summary = run_pipeline("r1", opts, runners, progress=False)
     assert [r["stage"] for r in summary["stages"]] == R1_STAGES
-    for stage in R1_STAGES[1:]:
+    for stage in R1_STAGES[2:]:
         assert os.path.isfile(os.path.join(out, stage, "model", "config.json"))
         assert read_done(os.path.join(out, stage))["eval"]["n_problems"] == 2
     assert json.load(open(os.path.join(out, "rejection_sft", "samples.json")))["kept"] == 4
