@@ -1,4 +1,4 @@
-"""`python -m nanoseek ...` runs the command line (nanoseek/cli.py)."""
+"""`python -m nanoseek ...` runs the command line (nanoseek/cli/)."""
 
 import sys
 

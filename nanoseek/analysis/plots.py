@@ -143,6 +143,24 @@ def plot_curves(
     _save(fig, path)
 
 
+def plot_bars(
+    values: dict[str, float], path: str, title: str, ylabel: str, fmt: str = "{:.1%}"
+) -> None:
+    """One labelled bar per name (e.g. held-out accuracy per stage), the value printed on top."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(values) + 1.5), 4.2))
+    bars = ax.bar(list(values), list(values.values()), color="tab:blue")
+    for bar, v in zip(bars, values.values()):
+        ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -60,11 +59,21 @@ from nanoseek.train.grpo_loss import (
     token_entropy,
     token_logprobs,
 )
+from nanoseek.train.grpo_rollouts import (  # noqa: F401  (re-exported: grpo's public names)
+    TEMPLATE_CHAT,
+    PromptSampler,
+    Rollouts,
+    completion_ids,
+    encode_prompt,
+    evaluate,
+    held_out,
+    request_seed,
+    sampling,
+)
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
 
 IGNORE = -100
-TEMPLATE_CHAT = "chat"
 
 
 @dataclass
@@ -145,143 +154,6 @@ class GRPOOptions(LoopOptions):
             rewards_from_spec(self.rewards)
         except ValueError as e:
             raise ConfigError(f"option 'rewards': {e}") from None
-
-
-# ------------------------------------------------------------------------------ prompts
-class PromptSampler:
-    """Training problems in a fixed order: problem i comes from task i mod n_tasks (each task's
-    own deterministic stream). `drawn` is the whole position, so resuming replays the streams."""
-
-    def __init__(self, tasks: list, seed: int, level: int | None):
-        self.tasks, self.seed, self.level = tasks, seed, level
-        self.drawn = 0
-        self._streams = [t.stream("train", seed, level) for t in tasks]
-
-    def take(self, n: int) -> list:
-        out = [next(self._streams[(self.drawn + k) % len(self.tasks)]) for k in range(n)]
-        self.drawn += n
-        return out
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__init__(self.tasks, self.seed, self.level)
-        self.take(int(state["drawn"]))
-
-
-def held_out(tasks: list, n: int, seed: int, level: int | None) -> list:
-    """`n` test-split problems spread over the tasks, unique where the space allows."""
-    from nanoseek.tasks import TaskError
-
-    problems = []
-    for i, task in enumerate(tasks):
-        k = n // len(tasks) + (i < n % len(tasks))
-        try:
-            problems += task.generate(k, "test", seed=seed, level=level, unique=True)
-        except TaskError:  # a small test split (1-digit sums, a short JSONL file): repeats
-            try:
-                problems += task.generate(k, "test", seed=seed, level=level)
-            except TaskError as e:  # none at all: train anyway, without held-out accuracy
-                warnings.warn(f"no held-out evaluation for task {task.name!r}: {e}", stacklevel=2)
-    return problems
-
-
-def encode_prompt(tokenizer, question: str, template: str, prefill: bool) -> list[int]:
-    """Prompt ids exactly as training documents start: bos + the template (+ "<think>")."""
-    from nanoseek.tasks import format_prompt
-
-    if template == TEMPLATE_CHAT:  # ends in "<think>\n" already (the R1 generation prompt)
-        msgs = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-    return tokenizer.encode(format_prompt(question, template, prefill=prefill), add_bos=True)
-
-
-def sampling(opts, n: int, seed: int, step: int, eos_id: int, temperature: float) -> list:
-    """SamplingParams for n completions; each has its own seed (see `request_seed`)."""
-    from nanoseek.infer import SamplingParams
-
-    return [SamplingParams(max_new_tokens=opts.max_completion_length, temperature=temperature,
-                           top_p=opts.top_p, seed=request_seed(seed, step, i), logprobs=True,
-                           stop_token_ids=(eos_id,)) for i in range(n)]  # fmt: skip
-
-
-def request_seed(seed: int, step: int, index: int) -> int:
-    """A per-completion sampling seed: rollouts depend on (seed, step, index) only, not on what
-    else the engine batches or on any global RNG, so a resumed run samples the same tokens."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-# ------------------------------------------------------------------------------ generation
-class Rollouts:
-    """Owns the engine (built lazily, rebuilt when a longer prompt needs more cache)."""
-
-    def __init__(self, model, eos_id: int, rows: int):
-        self.model, self.eos_id, self.rows = model, eos_id, rows
-        self.engine = None
-        self.limit = model.config.max_position_embeddings
-
-    def generate(self, prompts: list[list[int]], params: list) -> list:
-        from nanoseek.infer import Engine
-
-        need = max(len(p) for p in prompts) + max(sp.max_new_tokens for sp in params) + 1
-        if need > self.limit:
-            raise ConfigError(
-                f"a prompt of {max(len(p) for p in prompts)} tokens + max_completion_length "
-                f"exceeds the model's context of {self.limit} tokens; lower "
-                "max_completion_length or use a shorter template"
-            )
-        if self.engine is None or self.engine.max_seq_len < need:
-            # the engine holds views of the weights, so optimizer steps reach it without a rebuild
-            size = min(self.limit, need + need // 2)  # headroom for longer prompts
-            self.engine = Engine(self.model, max_batch_size=self.rows, max_seq_len=size)
-        self.model.eval()  # the engine switches to eval once; the trainer switches back
-        return self.engine.generate(prompts, params)
-
-
-def completion_ids(tokens: list[int], eos_id: int) -> list[int]:
-    """The completion up to and including the first eos (nothing after it counts)."""
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else list(tokens)
-
-
-@torch.no_grad()
-def evaluate(
-    rollouts: Rollouts,
-    tokenizer,
-    problems: list,
-    opts: GRPOOptions,
-    samples: int = 1,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Held-out accuracy: pass@1 (greedy by default, else the mean over `samples` samples) and,
-    with samples > 1, pass@samples (any sample right). Also the format rate and lengths."""
-    from nanoseek.tasks.rewards import accuracy_reward, format_reward
-
-    prompts = [encode_prompt(tokenizer, p.question, opts.template, opts.prefill) for p in problems]
-    n = samples if temperature > 0 else 1
-    params = sampling(opts, len(prompts) * n, seed, -1, rollouts.eos_id, temperature)
-    done = rollouts.generate([p for p in prompts for _ in range(n)], params)
-    right, fmt, lengths, clipped = [], 0.0, [], 0
-    for i, c in enumerate(done):
-        text = tokenizer.decode(
-            completion_ids(c.token_ids, rollouts.eos_id), skip_special_tokens=True
-        )
-        right.append(accuracy_reward(problems[i // n], text))
-        fmt += format_reward(problems[i // n], text)
-        lengths.append(len(c.token_ids))
-        clipped += c.finish_reason == "length"
-    per_problem = [right[i * n : (i + 1) * n] for i in range(len(problems))]
-    out = {
-        "accuracy": sum(right) / len(right),
-        "format": fmt / len(done),
-        "mean_length": sum(lengths) / len(lengths),
-        "clipped_ratio": clipped / len(done),
-    }
-    if n > 1:
-        out[f"pass@{n}"] = sum(any(r) for r in per_problem) / len(problems)
-    return out
 
 
 # ------------------------------------------------------------------------------ batches

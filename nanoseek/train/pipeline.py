@@ -278,6 +278,7 @@ class Pipeline:
         with open(stats_path(samples)) as f:
             stats = json.load(f)
         if not stats["kept"]:
+            os.remove(stats_path(samples))  # a re-run (e.g. with more samples) samples again
             raise ValueError(
                 f"rejection sampling kept none of {stats['samples']} samples from "
                 f"{rs.model} ({json.dumps({k: stats[k] for k in ('wrong', 'truncated')})}): "

@@ -158,6 +158,7 @@ class RejectionOptions:
     min_language: float = 0.9  # language-consistency reward of the CoT at least this
     min_readability: float = 0.9  # readability reward (no repeated or run-on lines) at least this
     language: str = "en"
+    keep_unverified: bool = False  # keep wrong / ill-formed samples too (smoke runs, ablations)
     batch_size: int = 64  # engine rows decoding together
     seed: int = 0
 
@@ -219,7 +220,7 @@ def run_rejection(
     )  # fmt: skip
     filt = SampleFilter(
         task, min_language=opts.min_language, min_readability=opts.min_readability,
-        language=opts.language,
+        language=opts.language, keep_unverified=opts.keep_unverified,
     )  # fmt: skip
     kept = [to_conversation(s, opts.system) for row in rows for s in row if filt.add(s)]
     write_chat_jsonl(kept, opts.out)

@@ -1,0 +1,467 @@
+"""`nanoseek speedrun`: the whole DeepSeek recipe on a laptop, stage by stage, with a report card.
+
+    nanoseek speedrun --out runs/speedrun            # ~15-20 minutes on a 2-core CPU
+    nanoseek speedrun --out runs/smoke --smoke       # the same code path, a handful of steps
+    nanoseek speedrun --out runs/sr --fp8 --pretrain_steps=1500 --grpo_steps=60
+
+Stages (each in OUT/<stage>/, finished when OUT/<stage>/DONE exists):
+    tokenizer    the built-in corpus (worked arithmetic solutions, data/corpus.py) written to a
+                 JSONL file, a byte-level BPE trained on it
+    pretrain     the preset (MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP) trained
+                 on that corpus; FP8 GEMMs with --fp8 [V3 §2-3]
+    fp8_vs_bf16  (--fp8 only) the same short run in BF16 and FP8: loss curves and their gap
+    r1           the R1 pipeline (train/pipeline.py): cold-start SFT, reasoning GRPO with rule
+                 rewards, rejection sampling + SFT from the base, final GRPO [R1 §2.3]; every
+                 stage evaluated on held-out problems
+    distill      logit distillation of the final model into a smaller student [R1 §2.4]
+    speculative  greedy decoding with and without MTP speculative decoding: tokens/s,
+                 acceptance rate, identical output checked [V3 §2.2]
+The report card OUT/report.md (speedrun_report.py) is rewritten after every stage.
+
+Resuming. A re-run skips every stage with a DONE file; an interrupted stage is re-entered and
+its trainer continues from its last checkpoint (checkpoints are written atomically, so a kill
+at any moment leaves the previous one loadable). Options of a finished run are kept in
+OUT/speedrun.json; a re-run with different options asks for a fresh OUT instead of mixing them.
+
+Why addition: the tiny model must first learn to copy operands before it can add (REFERENCE §3:
+RL needs pass@k > 0), and a few minutes of CPU pre-training reach that on short, uniform
+documents, not on a broad mix (experiments/grpo_addition.py has the measurements).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.config import ConfigError
+from nanoseek.eval.sampling import CHAT
+
+STAGES = ("tokenizer", "pretrain", "fp8_vs_bf16", "r1", "distill", "speculative")
+DONE = "DONE"
+
+
+@dataclass
+class SpeedrunOptions:
+    out: str = "runs/speedrun"
+    preset: str = "tiny"
+    smoke: bool = False  # a handful of steps per stage: the same code path in ~1-2 minutes
+    fp8: bool = False  # pre-train with FP8 GEMMs (emulated on CPU) + the FP8-vs-BF16 stage
+    task: str = "addition"
+    level: int = 2  # problems of post-training and of every evaluation
+    corpus_docs: int = 30000
+    corpus_levels: list[int] = field(default_factory=lambda: [1, 2])
+    vocab_size: int = 1024
+    pretrain_steps: int = 1000
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    fp8_steps: int = 150  # length of each run of the FP8-vs-BF16 comparison
+    cold_start_n: int = 500
+    sft_steps: int = 150
+    grpo_steps: int = 80  # reasoning RL; the final RL runs half as many
+    grpo_generations: int = 8  # G: samples per prompt
+    max_new_tokens: int = 128  # completions of RL, rejection sampling and evaluation
+    rejection_prompts: int = 600
+    rejection_samples: int = 4
+    eval_n: int = 200  # held-out problems per evaluation
+    eval_k: int = 4  # samples per problem (pass@1 = their mean, at R1's temperature 0.6)
+    distill_steps: int = 600
+    distill_examples: int = 4000  # worked solutions the student sees (and the teacher scores)
+    student_layers: int = 2  # the student: the preset with this many layers
+    spec_prompts: int = 8
+    spec_new_tokens: int = 96
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    def validate(self) -> None:
+        from nanoseek.presets import PRESETS
+        from nanoseek.train.sft_data import resolve_task
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"option 'preset': {self.preset!r}; presets: {', '.join(PRESETS)}")
+        task = resolve_task(self.task)
+        if self.level not in task.levels:
+            raise ConfigError(
+                f"option 'level': task {task.name!r} has no level {self.level}; valid levels: "
+                f"{', '.join(map(str, task.levels))}"
+            )
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and name not in ("seed",):
+                if value < (0 if name == "threads" else 1):
+                    raise ConfigError(f"option '{name}' must be >= 1, got {value}")
+
+    def effective(self) -> SpeedrunOptions:
+        """The smoke mode's budgets replace the full ones (everything else stays)."""
+        if not self.smoke:
+            return self
+        return dataclasses.replace(
+            self, corpus_docs=2000, vocab_size=512, pretrain_steps=12, fp8_steps=4,
+            cold_start_n=16, sft_steps=3, grpo_steps=2, rejection_prompts=6,
+            rejection_samples=2, eval_n=4, eval_k=2, distill_steps=3, distill_examples=32,
+            spec_prompts=1, spec_new_tokens=12, batch_size=4, seq_len=64, grpo_generations=2,
+            max_new_tokens=32,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ stages
+@dataclass
+class Context:
+    opts: SpeedrunOptions  # effective (smoke budgets applied)
+    progress: bool
+
+    def dir(self, stage: str, *parts: str) -> str:
+        return os.path.join(self.opts.out, stage, *parts)
+
+    def result(self, stage: str) -> dict:
+        done = read_done(self.dir(stage))
+        assert done is not None, f"stage {stage} has not finished"
+        return done["result"]
+
+
+def stage_tokenizer(ctx: Context) -> dict:
+    from pathlib import Path
+
+    from nanoseek.data.corpus import write_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    o = ctx.opts
+    corpus = ctx.dir("tokenizer", "corpus.jsonl")
+    docs = write_corpus(corpus, o.corpus_docs, seed=o.seed, tasks=(o.task,), levels=o.corpus_levels)
+    tok = train_tokenizer([Path(corpus)], o.vocab_size, ctx.dir("tokenizer", "tokenizer"))
+    return {"corpus": corpus, "documents": docs, "tokenizer": ctx.dir("tokenizer", "tokenizer"),
+            "vocab_size": tok.vocab_size}  # fmt: skip
+
+
+def pretrain_options(ctx: Context, out: str, precision: str, steps: int):
+    from nanoseek.train.pretrain import PretrainOptions
+
+    o, tok = ctx.opts, ctx.result("tokenizer")
+    return PretrainOptions(
+        out=out, model=o.preset, data=[tok["corpus"]], tokenizer=tok["tokenizer"],
+        seq_len=o.seq_len, batch_size=o.batch_size, max_steps=steps, lr=o.lr,
+        warmup_steps=min(20, max(1, steps // 10)), lr_schedule="wsd", precision=precision,
+        eval_every=max(1, min(100, steps // 4)), save_every=max(1, min(100, steps // 2)),
+        seed=o.seed,
+    )  # fmt: skip
+
+
+def stage_pretrain(ctx: Context) -> dict:
+    from nanoseek.analysis.plots import read_metrics
+    from nanoseek.train.pretrain import run_pretrain
+
+    o = ctx.opts
+    opts = pretrain_options(ctx, ctx.dir("pretrain"), "fp8" if o.fp8 else "bf16", o.pretrain_steps)
+    last = run_pretrain(opts, resume=True, progress=ctx.progress)
+    records = read_metrics(ctx.dir("pretrain", "metrics.jsonl"))
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    tail = records[-max(1, len(records) // 10) :]
+    return {
+        "model": ctx.dir("pretrain", "model"),
+        "steps": o.pretrain_steps,
+        "precision": opts.precision,
+        "val_loss": val,
+        "train_loss_end": sum(r["main_loss"] for r in tail) / len(tail),
+        "maxvio_global_end": sum(r["maxvio_global"] for r in tail) / len(tail),
+        "tokens_per_s": sorted(r["tokens_per_s"] for r in records)[len(records) // 2],
+        "options": dataclasses.asdict(opts),
+        "final": {k: v for k, v in last.items() if isinstance(v, int | float)},
+    }
+
+
+def stage_fp8_vs_bf16(ctx: Context) -> dict:
+    from nanoseek.analysis.plots import plot_curves, read_metrics, smooth
+    from nanoseek.train.pretrain import run_pretrain
+
+    o, runs = ctx.opts, {}
+    for precision in ("bf16", "fp8"):
+        out = ctx.dir("fp8_vs_bf16", precision)
+        run_pretrain(pretrain_options(ctx, out, precision, o.fp8_steps), resume=True,
+                     progress=ctx.progress)  # fmt: skip
+        runs[precision] = read_metrics(os.path.join(out, "metrics.jsonl"))
+    loss = {k: [r["main_loss"] for r in v] for k, v in runs.items()}
+    final = {k: smooth(v, 0.05)[-1] for k, v in loss.items()}
+    speed = {k: sorted(r["tokens_per_s"] for r in v)[len(v) // 2] for k, v in runs.items()}
+    plot = ctx.dir("fp8_vs_bf16", "fp8_vs_bf16.png")
+    plot_curves({k: (list(range(1, len(v) + 1)), v) for k, v in loss.items()}, plot,
+                "training loss, BF16 vs FP8 (1x128 / 128x128 scaling)", "loss")  # fmt: skip
+    return {
+        "steps": o.fp8_steps,
+        "final_loss": final,
+        "rel_diff": abs(final["fp8"] - final["bf16"]) / final["bf16"],
+        "tokens_per_s": speed,
+        "plot": plot,
+    }
+
+
+def stage_r1(ctx: Context) -> dict:
+    from nanoseek.train.pipeline import build_pipeline_options, run_pipeline
+
+    o = ctx.opts
+    final_steps = max(1, o.grpo_steps // 2)
+    overrides = [
+        # cold start: a few hundred worked solutions, ~5 epochs [R1 §2.3.1]
+        f"--sft.max_steps={o.sft_steps}", "--sft.batch_size=8", f"--sft.seq_len={o.seq_len * 2}",
+        "--sft.lr=3e-4", f"--sft.eval_every={max(1, o.sft_steps // 3)}",
+        f"--sft.save_every={max(1, o.sft_steps // 3)}",
+        # GRPO: lr 1e-4 made a tiny model's accuracy collapse in our trials; 3e-5 was stable
+        f"--grpo.max_steps={o.grpo_steps}", f"--grpo.num_generations={o.grpo_generations}",
+        "--grpo.prompts_per_step=8", f"--grpo.max_completion_length={o.max_new_tokens}",
+        "--grpo.batch_size=32",
+        "--grpo.lr=3e-5", f"--grpo.eval_every={max(1, o.grpo_steps // 4)}",
+        f"--grpo.eval_n={min(100, o.eval_n)}", f"--grpo.save_every={max(1, o.grpo_steps // 4)}",
+        f"--final_grpo.max_steps={final_steps}",
+        f"--final_grpo.eval_every={max(1, final_steps // 2)}",
+        f"--final_grpo.save_every={max(1, final_steps // 2)}",
+        f"--rejection.n_prompts={o.rejection_prompts}",
+        f"--rejection.samples={o.rejection_samples}", "--rejection.temperature=0.7",
+        f"--rejection.max_new_tokens={o.max_new_tokens}",
+        "--rejection_sft.epochs=2",  # R1's two epochs over the kept samples
+    ]  # fmt: skip
+    if o.smoke:  # an untrained model rarely gets one right: keep its samples to run the path
+        overrides.append("--rejection.keep_unverified=true")
+    opts = build_pipeline_options(
+        None, overrides, model=ctx.result("pretrain")["model"], task=o.task, level=o.level,
+        out=ctx.dir("r1"), eval_n=o.eval_n, eval_k=o.eval_k, eval_max_new_tokens=o.max_new_tokens,
+        cold_start_n=o.cold_start_n, seed=o.seed,
+    )  # fmt: skip
+    summary = run_pipeline("r1", opts, progress=ctx.progress)
+    rows = summary["stages"]
+    return {"summary": summary, "final_model": rows[-1]["model"], "options":
+            dataclasses.asdict(opts)}  # fmt: skip
+
+
+def stage_distill(ctx: Context) -> dict:
+    from nanoseek.analysis.plots import read_metrics
+    from nanoseek.config import ModelConfig
+    from nanoseek.eval.evaluate import evaluate_checkpoint
+    from nanoseek.train.distill import DistillOptions, run_distill
+
+    o = ctx.opts
+    teacher = ctx.result("r1")["final_model"]
+    cfg = ModelConfig.from_preset(o.preset)
+    student_cfg = cfg.replace(
+        num_hidden_layers=o.student_layers,
+        first_k_dense_replace=min(cfg.first_k_dense_replace, o.student_layers - 1),
+    )
+    os.makedirs(ctx.dir("distill"), exist_ok=True)
+    student_json = ctx.dir("distill", "student_config.json")
+    _write_json(student_json, student_cfg.to_dict())
+    opts = DistillOptions(
+        out=ctx.dir("distill"), teacher=teacher, student=student_json, loss="forward_kl",
+        task=o.task, task_level=o.level, task_n=o.distill_examples, seq_len=o.seq_len * 2,
+        batch_size=o.batch_size, max_steps=o.distill_steps, lr=2e-3, lr_schedule="wsd",
+        warmup_steps=min(20, max(1, o.distill_steps // 10)),
+        eval_every=max(1, o.distill_steps // 4), save_every=max(1, o.distill_steps // 2),
+        seed=o.seed,
+    )  # fmt: skip
+    run_distill(opts, resume=True, progress=ctx.progress)
+    model_dir = ctx.dir("distill", "model")
+    ev = evaluate_checkpoint(model_dir, o.task, n_problems=o.eval_n, k=o.eval_k, template=CHAT,
+                             max_new_tokens=o.max_new_tokens, seed=o.seed, level=o.level)  # fmt: skip
+    records = read_metrics(ctx.dir("distill", "metrics.jsonl"))
+    val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    with open(ctx.dir("distill", "teacher_eval.json")) as f:
+        teacher_val = json.load(f).get("teacher_val_loss")
+    return {
+        "model": model_dir,
+        "teacher": teacher,
+        "student_params": sum(p.numel() for p in _meta_model(student_cfg).parameters()),
+        "teacher_params": sum(p.numel() for p in _meta_model(cfg).parameters()),
+        "student_layers": o.student_layers,
+        "val_loss": val[-1] if val else None,
+        "teacher_val_loss": teacher_val,
+        "eval": {k: ev[k] for k in ("accuracy", "pass@k", "k", "format_rate", "mean_length")},
+        "options": dataclasses.asdict(opts),
+    }
+
+
+def stage_speculative(ctx: Context) -> dict:
+    from nanoseek.checkpoint.io import load
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.eval.evaluate import heldout_problems, resolve
+    from nanoseek.eval.sampling import encode_prompt
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+
+    o = ctx.opts
+    model_dir = ctx.result("r1")["final_model"]
+    model, tok = load(model_dir, dtype=torch.float32), Tokenizer.load(model_dir)
+    problems = heldout_problems(resolve(o.task), o.spec_prompts, seed=o.seed + 1, level=o.level)
+    prompts = [encode_prompt(tok, p, CHAT) for p in problems]
+    params = SamplingParams(max_new_tokens=o.spec_new_tokens, ignore_eos=True)
+    max_len = max(map(len, prompts)) + o.spec_new_tokens + 4
+    runs = {}
+    for name, spec in (("plain", None), ("mtp", "mtp")):
+        engine = Engine(model, tok, max_batch_size=1, max_seq_len=max_len, speculative=spec)
+        engine.generate([prompts[0]], params)  # warm-up
+        if engine.speculator is not None:
+            engine.speculator.reset_stats()
+        t0, outs = time.perf_counter(), []
+        for p in prompts:  # batch 1: the latency case speculative decoding is for
+            outs.append(engine.generate([p], params)[0].token_ids)
+        dt = time.perf_counter() - t0
+        runs[name] = {"tokens": outs, "s": dt, "tokens_per_s": sum(map(len, outs)) / dt}
+        if engine.speculator is not None:
+            runs[name]["acceptance"] = engine.speculator.acceptance_rates()
+            runs[name]["tokens_per_step"] = engine.speculator.tokens_per_step()
+    same = runs["plain"]["tokens"] == runs["mtp"]["tokens"]
+    return {
+        "prompts": len(prompts),
+        "new_tokens": o.spec_new_tokens,
+        "threads": torch.get_num_threads(),
+        "plain_tokens_per_s": runs["plain"]["tokens_per_s"],
+        "mtp_tokens_per_s": runs["mtp"]["tokens_per_s"],
+        "speedup": runs["mtp"]["tokens_per_s"] / runs["plain"]["tokens_per_s"],
+        "acceptance": runs["mtp"]["acceptance"],
+        "tokens_per_step": runs["mtp"]["tokens_per_step"],
+        "greedy_identical": same,
+        "sample": tok.decode(runs["plain"]["tokens"][0]),
+    }
+
+
+def _meta_model(cfg):
+    from nanoseek.model.transformer import CausalLM
+
+    with torch.device("meta"):
+        return CausalLM(cfg)
+
+
+RUNNERS: dict[str, Callable[[Context], dict]] = {
+    "tokenizer": stage_tokenizer,
+    "pretrain": stage_pretrain,
+    "fp8_vs_bf16": stage_fp8_vs_bf16,
+    "r1": stage_r1,
+    "distill": stage_distill,
+    "speculative": stage_speculative,
+}
+# seconds per unit of work on a quiet 2-core CPU (measured); only for the ETA
+ESTIMATES: dict[str, Callable[[SpeedrunOptions], float]] = {
+    "tokenizer": lambda o: 5 + o.corpus_docs / 3000,
+    "pretrain": lambda o: o.pretrain_steps * (0.6 if o.fp8 else 0.2) + 10,
+    "fp8_vs_bf16": lambda o: o.fp8_steps * 0.8 + 10,
+    "r1": lambda o: (
+        60
+        + o.sft_steps * 0.8
+        + o.grpo_steps * 1.5 * 2
+        + o.rejection_prompts * o.rejection_samples * 0.03
+        + 5 * o.eval_n * o.eval_k * 0.02
+    ),
+    "distill": lambda o: 15 + o.distill_steps * 0.25 + o.eval_n * o.eval_k * 0.02,
+    "speculative": lambda o: 5 + o.spec_prompts * o.spec_new_tokens * 0.02,
+}
+
+
+# ------------------------------------------------------------------------------ running
+def planned_stages(opts: SpeedrunOptions) -> list[str]:
+    return [s for s in STAGES if s != "fp8_vs_bf16" or opts.fp8]
+
+
+def check_same_options(opts: SpeedrunOptions) -> None:
+    """A re-run continues the run in OUT only with the options it started with."""
+    path = os.path.join(opts.out, "speedrun.json")
+    if not os.path.exists(path):
+        _write_json(path, {"options": dataclasses.asdict(opts)})
+        return
+    with open(path) as f:
+        before = json.load(f)["options"]
+    now = dataclasses.asdict(opts)
+    changed = sorted(k for k in now if k != "threads" and before.get(k) != now[k])
+    if changed:
+        k = changed[0]
+        raise ConfigError(
+            f"{opts.out} holds a speedrun with other options ({k}: {before.get(k)!r} there, "
+            f"{now[k]!r} now): use another --out, or remove {opts.out} to start over"
+        )
+
+
+def run_speedrun(opts: SpeedrunOptions, progress: bool = True) -> dict:
+    """Run (or skip) every stage; returns the report card's data (also OUT/report.md)."""
+    from nanoseek.speedrun_report import write_report
+
+    opts.validate()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    os.makedirs(opts.out, exist_ok=True)
+    check_same_options(opts)
+    ctx = Context(opts.effective(), progress)
+    stages = planned_stages(opts)
+    machine = machine_info()
+    t_start, scale = time.perf_counter(), 1.0  # actual / estimated time of the stages run
+    spent_est = spent_real = 0.0
+    for i, name in enumerate(stages, 1):
+        d = ctx.dir(name)
+        if read_done(d) is not None:
+            _say(f"[{i}/{len(stages)}] {name}: done, skipped (remove {d}/{DONE} to redo it)")
+            continue
+        resumed = os.path.isdir(d) and bool(os.listdir(d))
+        os.makedirs(d, exist_ok=True)
+        remaining = sum(
+            ESTIMATES[s](ctx.opts) for s in stages[i - 1 :] if not read_done(ctx.dir(s))
+        )
+        est = ESTIMATES[name](ctx.opts)
+        _say(f"[{i}/{len(stages)}] {name}: {'resuming' if resumed else 'starting'} "
+             f"(about {_duration(est * scale)}; all left: {_duration(remaining * scale)})")  # fmt: skip
+        t0 = time.perf_counter()
+        result = RUNNERS[name](ctx)
+        wall = time.perf_counter() - t0
+        _write_json(os.path.join(d, DONE), {"stage": name, "result": result, "wall_s": wall,
+                                            "resumed": resumed})  # fmt: skip
+        spent_est, spent_real = spent_est + est, spent_real + wall
+        scale = spent_real / spent_est
+        write_report(opts, ctx.opts, stages, machine)
+        _say(f"[{i}/{len(stages)}] {name}: finished in {_duration(wall)}")
+    card = write_report(opts, ctx.opts, stages, machine)
+    _say(f"all stages done ({_duration(time.perf_counter() - t_start)} this run); "
+         f"report card: {os.path.join(opts.out, 'report.md')}")  # fmt: skip
+    return card
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def read_done(stage_dir: str) -> dict | None:
+    path = os.path.join(stage_dir, DONE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)  # atomic: a DONE file is complete or absent
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _say(msg: str) -> None:
+    print(f"speedrun {msg}", file=sys.stderr, flush=True)

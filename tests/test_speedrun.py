@@ -1,0 +1,144 @@
+"""`nanoseek speedrun`: the smoke mode end to end, and resume / interruption with stub stages."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from nanoseek import speedrun
+from nanoseek.config import ConfigError
+from nanoseek.speedrun import SpeedrunOptions, read_done, run_speedrun
+from nanoseek.tasks.base import TaskError
+
+ALL = ["tokenizer", "pretrain", "fp8_vs_bf16", "r1", "distill", "speculative"]
+
+
+def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeypatch):
+    out = str(tmp_path / "sr")
+    card = run_speedrun(SpeedrunOptions(out=out, smoke=True, fp8=True, threads=1), progress=False)
+    assert list(card["stages"]) == ALL
+    for stage in ALL:
+        assert read_done(os.path.join(out, stage))["wall_s"] >= 0
+    res = {s: d["result"] for s, d in card["stages"].items()}
+    assert res["tokenizer"]["documents"] == 2000
+    assert os.path.isfile(os.path.join(res["pretrain"]["model"], "tokenizer.json"))
+    assert res["pretrain"]["precision"] == "fp8" and len(res["pretrain"]["val_loss"]) >= 1
+    assert res["fp8_vs_bf16"]["rel_diff"] >= 0
+    rows = res["r1"]["summary"]["stages"]
+    assert [r["stage"] for r in rows] == [
+        "base", "base_chat", "cold_start", "reasoning_rl", "rejection_sft", "final_rl",
+    ]  # fmt: skip
+    assert res["r1"]["final_model"].endswith(os.path.join("final_rl", "model"))
+    assert res["distill"]["student_params"] < res["distill"]["teacher_params"]
+    assert 0 <= res["distill"]["eval"]["accuracy"] <= 1
+    # greedy MTP speculative decoding must reproduce plain greedy decoding exactly
+    assert res["speculative"]["greedy_identical"] is True
+    assert len(res["speculative"]["acceptance"]) == 1
+    md = open(os.path.join(out, "report.md")).read()
+    for stage in ALL:
+        assert f"| {stage} |" in md
+    for rel in ("pretrain/loss.png", "plots/accuracy.png", "plots/decode_speed.png",
+                "fp8_vs_bf16/fp8_vs_bf16.png", "r1/reasoning_rl/reward.png"):  # fmt: skip
+        assert f"]({rel})" in md and os.path.isfile(os.path.join(out, rel)), rel
+    assert "smoke mode" in md and "Machine:" in md and "Effective hyperparameters" in md
+    assert md.rstrip().endswith("```") and f"nanoseek chat {res['r1']['final_model']}" in md
+
+    # a re-run finds every stage done: nothing runs again, the report is rewritten
+    def boom(ctx):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(speedrun, "RUNNERS", {s: boom for s in ALL})
+    os.remove(os.path.join(out, "report.md"))
+    run_speedrun(SpeedrunOptions(out=out, smoke=True, fp8=True, threads=1), progress=False)
+    assert os.path.isfile(os.path.join(out, "report.md"))
+
+
+class Stubs:
+    """Stage runners that record their calls; `fail` raises KeyboardInterrupt in one stage."""
+
+    def __init__(self, fail: str | None = None):
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def runners(self) -> dict:
+        def make(name):
+            def run(ctx):
+                self.calls.append(name)
+                if name == self.fail:
+                    os.makedirs(ctx.dir(name, "checkpoints"), exist_ok=True)  # partial work
+                    raise KeyboardInterrupt
+                return {"stage": name}
+
+            return run
+
+        return {s: make(s) for s in ALL}
+
+
+@pytest.fixture
+def no_report(monkeypatch):
+    import nanoseek.speedrun_report as report
+
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: {"stages": {}})
+
+
+def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path, monkeypatch,
+                                                                 no_report):  # fmt: skip
+    out = str(tmp_path / "sr")
+    first = Stubs(fail="r1")
+    monkeypatch.setattr(speedrun, "RUNNERS", first.runners())
+    with pytest.raises(KeyboardInterrupt):
+        run_speedrun(SpeedrunOptions(out=out), progress=False)
+    assert first.calls == ["tokenizer", "pretrain", "r1"]  # no fp8 stage without --fp8
+    assert read_done(os.path.join(out, "pretrain"))["result"] == {"stage": "pretrain"}
+    assert read_done(os.path.join(out, "r1")) is None
+    second = Stubs()
+    monkeypatch.setattr(speedrun, "RUNNERS", second.runners())
+    run_speedrun(SpeedrunOptions(out=out), progress=False)
+    assert second.calls == ["r1", "distill", "speculative"]
+    assert read_done(os.path.join(out, "r1"))["resumed"] is True  # its partial work was there
+    assert read_done(os.path.join(out, "distill"))["resumed"] is False
+
+
+def test_rerun_with_other_options_is_refused(tmp_path, monkeypatch, no_report):
+    out = str(tmp_path / "sr")
+    monkeypatch.setattr(speedrun, "RUNNERS", Stubs().runners())
+    run_speedrun(SpeedrunOptions(out=out), progress=False)
+    with pytest.raises(ConfigError, match="pretrain_steps: 1000 there, 5 now"):
+        run_speedrun(SpeedrunOptions(out=out, pretrain_steps=5), progress=False)
+    run_speedrun(SpeedrunOptions(out=out, threads=1), progress=False)  # threads may change
+    assert json.load(open(os.path.join(out, "speedrun.json")))["options"]["pretrain_steps"] == 1000
+
+
+def test_bad_options_name_the_field():
+    with pytest.raises(ConfigError, match="option 'preset'"):
+        SpeedrunOptions(preset="huge").validate()
+    with pytest.raises(ConfigError, match="option 'level'"):
+        SpeedrunOptions(level=99).validate()
+    with pytest.raises(ConfigError, match="option 'grpo_steps' must be >= 1"):
+        SpeedrunOptions(grpo_steps=0).validate()
+    with pytest.raises(TaskError, match="valid tasks: addition"):
+        SpeedrunOptions(task="nope").validate()
+
+
+def test_cli_runs_the_stages_and_points_at_the_result(tmp_path, monkeypatch, capsys):
+    from nanoseek.cli import main
+
+    out = str(tmp_path / "sr")
+    stubs = Stubs()
+    runners = stubs.runners()
+    runners["r1"] = lambda ctx: {"final_model": ctx.dir("r1", "final_rl", "model")}
+    monkeypatch.setattr(speedrun, "RUNNERS", runners)
+    monkeypatch.setattr("nanoseek.speedrun_report.write_report",
+                        lambda opts, *a: {"stages": {s: read_done(os.path.join(opts.out, s))
+                                                     for s in ALL if s != "fp8_vs_bf16"}})  # fmt: skip
+    assert main(["speedrun", "--out", out, "--smoke", "--grpo_steps=3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"nanoseek chat {os.path.join(out, 'r1', 'final_rl', 'model')}" in printed
+    saved = json.load(open(os.path.join(out, "speedrun.json")))["options"]
+    assert saved["smoke"] is True and saved["grpo_steps"] == 3 and saved["fp8"] is False
+    assert main(["speedrun", "--out", str(tmp_path / "b"), "--eval_n=0"]) == 2
+    assert "option 'eval_n' must be >= 1" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "b"), "--bogus=1"]) == 2
+    assert "unknown option 'bogus'" in capsys.readouterr().err
