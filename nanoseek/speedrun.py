@@ -64,16 +64,19 @@ class SpeedrunOptions:
     batch_size: int = 16
     lr: float = 3e-3
     fp8_steps: int = 150  # length of each run of the FP8-vs-BF16 comparison
-    cold_start_n: int = 500
-    sft_steps: int = 150
+    cold_start_n: int = 2000  # worked solutions of the cold-start SFT
+    sft_steps: int = 300
+    sft_lr: float = 1e-3  # cold start and rejection SFT
     grpo_steps: int = 80  # reasoning RL; the final RL runs half as many
     grpo_generations: int = 8  # G: samples per prompt
     max_new_tokens: int = 128  # completions of RL, rejection sampling and evaluation
-    rejection_prompts: int = 600
-    rejection_samples: int = 4
+    # a correct worked solution of an addition is unique, so duplicates leave about one sample per
+    # solved prompt: many prompts x few samples gives the rejection SFT enough data
+    rejection_prompts: int = 2400
+    rejection_samples: int = 2
     eval_n: int = 200  # held-out problems per evaluation
     eval_k: int = 4  # samples per problem (pass@1 = their mean, at R1's temperature 0.6)
-    distill_steps: int = 600
+    distill_steps: int = 400
     distill_examples: int = 4000  # worked solutions the student sees (and the teacher scores)
     student_layers: int = 2  # the student: the preset with this many layers
     spec_prompts: int = 8
@@ -207,21 +210,22 @@ def stage_r1(ctx: Context) -> dict:
     o = ctx.opts
     final_steps = max(1, o.grpo_steps // 2)
     overrides = [
-        # cold start: a few hundred worked solutions, ~5 epochs [R1 §2.3.1]
+        # cold start: thousands of worked solutions ("thousands of long CoT", R1 §2.3.1)
         f"--sft.max_steps={o.sft_steps}", "--sft.batch_size=8", f"--sft.seq_len={o.seq_len * 2}",
-        "--sft.lr=3e-4", f"--sft.eval_every={max(1, o.sft_steps // 3)}",
+        f"--sft.lr={o.sft_lr}", f"--sft.eval_every={max(1, o.sft_steps // 3)}",
         f"--sft.save_every={max(1, o.sft_steps // 3)}",
-        # GRPO: lr 1e-4 made a tiny model's accuracy collapse in our trials; 3e-5 was stable
+        # GRPO: lr >= 3e-4 made a tiny model's accuracy collapse in our trials (runs of
+        # experiments/grpo_addition.py); 1e-4 and below were stable
         f"--grpo.max_steps={o.grpo_steps}", f"--grpo.num_generations={o.grpo_generations}",
         "--grpo.prompts_per_step=8", f"--grpo.max_completion_length={o.max_new_tokens}",
         "--grpo.batch_size=32",
-        "--grpo.lr=3e-5", f"--grpo.eval_every={max(1, o.grpo_steps // 4)}",
+        "--grpo.lr=5e-5", f"--grpo.eval_every={max(1, o.grpo_steps // 4)}",
         f"--grpo.eval_n={min(100, o.eval_n)}", f"--grpo.save_every={max(1, o.grpo_steps // 4)}",
         f"--final_grpo.max_steps={final_steps}",
         f"--final_grpo.eval_every={max(1, final_steps // 2)}",
         f"--final_grpo.save_every={max(1, final_steps // 2)}",
         f"--rejection.n_prompts={o.rejection_prompts}",
-        f"--rejection.samples={o.rejection_samples}", "--rejection.temperature=0.7",
+        f"--rejection.samples={o.rejection_samples}", "--rejection.temperature=1.0",  # diverse samples: duplicates are dropped
         f"--rejection.max_new_tokens={o.max_new_tokens}",
         "--rejection_sft.epochs=2",  # R1's two epochs over the kept samples
     ]  # fmt: skip
@@ -238,6 +242,40 @@ def stage_r1(ctx: Context) -> dict:
             dataclasses.asdict(opts)}  # fmt: skip
 
 
+def student_from_base(base_dir: str, n_layers: int, out_dir: str) -> str:
+    """A smaller student initialised from the pre-trained base: its embedding, head, final norm,
+    MTP module and `n_layers` of its decoder layers, spread evenly from first to last (the
+    layer-selection initialisation of DistilBERT, Sanh et al. 2019). R1-Distill likewise starts
+    its students from pre-trained bases, never from scratch [R1 §2.4]."""
+    import re
+
+    from nanoseek.checkpoint.io import load, save
+    from nanoseek.model.transformer import CausalLM
+    from nanoseek.train.sft import TOKENIZER_FILES
+
+    base = load(base_dir, dtype=torch.float32)
+    cfg = base.config
+    L = cfg.num_hidden_layers
+    if n_layers > L:
+        raise ConfigError(f"option 'student_layers' ({n_layers}) exceeds the base's {L} layers")
+    picked = [round(i * (L - 1) / max(1, n_layers - 1)) for i in range(n_layers)]  # 4, 2: [0, 3]
+    dense = min(cfg.first_k_dense_replace, n_layers - 1)
+    if any((j < cfg.first_k_dense_replace) != (i < dense) for i, j in enumerate(picked)):
+        raise ConfigError(f"student layers {picked} do not keep the base's dense/MoE layout")
+    student = CausalLM(cfg.replace(num_hidden_layers=n_layers, first_k_dense_replace=dense))
+    state = {}
+    for key, value in base.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(1)) in picked:
+            state[f"model.layers.{picked.index(int(m.group(1)))}.{m.group(2)}"] = value
+    student.load_state_dict(state, strict=True)
+    save(student, out_dir, extra_files=[os.path.join(base_dir, f) for f in TOKENIZER_FILES
+                                        if os.path.isfile(os.path.join(base_dir, f))])  # fmt: skip
+    return out_dir
+
+
 def stage_distill(ctx: Context) -> dict:
     from nanoseek.analysis.plots import read_metrics
     from nanoseek.config import ModelConfig
@@ -246,19 +284,18 @@ def stage_distill(ctx: Context) -> dict:
 
     o = ctx.opts
     teacher = ctx.result("r1")["final_model"]
-    cfg = ModelConfig.from_preset(o.preset)
-    student_cfg = cfg.replace(
-        num_hidden_layers=o.student_layers,
-        first_k_dense_replace=min(cfg.first_k_dense_replace, o.student_layers - 1),
-    )
-    os.makedirs(ctx.dir("distill"), exist_ok=True)
-    student_json = ctx.dir("distill", "student_config.json")
-    _write_json(student_json, student_cfg.to_dict())
+    base = ctx.result("pretrain")["model"]
+    student_init = ctx.dir("distill", "student_init")
+    if not os.path.isfile(os.path.join(student_init, "config.json")):
+        student_from_base(base, o.student_layers, student_init)
+    init_eval = evaluate_checkpoint(student_init, o.task, n_problems=o.eval_n, k=o.eval_k,
+                                    template=CHAT, max_new_tokens=o.max_new_tokens, seed=o.seed,
+                                    level=o.level)  # fmt: skip
     opts = DistillOptions(
-        out=ctx.dir("distill"), teacher=teacher, student=student_json, loss="forward_kl",
+        out=ctx.dir("distill"), teacher=teacher, student=student_init, loss="forward_kl",
         task=o.task, task_level=o.level, task_n=o.distill_examples, seq_len=o.seq_len * 2,
-        batch_size=o.batch_size, max_steps=o.distill_steps, lr=2e-3, lr_schedule="wsd",
-        warmup_steps=min(20, max(1, o.distill_steps // 10)),
+        batch_size=max(1, o.batch_size // 2), max_steps=o.distill_steps, lr=1e-3,
+        lr_schedule="wsd", warmup_steps=min(20, max(1, o.distill_steps // 10)),
         eval_every=max(1, o.distill_steps // 4), save_every=max(1, o.distill_steps // 2),
         seed=o.seed,
     )  # fmt: skip
@@ -270,15 +307,17 @@ def stage_distill(ctx: Context) -> dict:
     val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     with open(ctx.dir("distill", "teacher_eval.json")) as f:
         teacher_val = json.load(f).get("teacher_val_loss")
+    keys = ("accuracy", "pass@k", "k", "format_rate", "mean_length")
     return {
         "model": model_dir,
         "teacher": teacher,
-        "student_params": sum(p.numel() for p in _meta_model(student_cfg).parameters()),
-        "teacher_params": sum(p.numel() for p in _meta_model(cfg).parameters()),
+        "student_params": _n_params(ModelConfig.from_pretrained(model_dir)),
+        "teacher_params": _n_params(ModelConfig.from_pretrained(teacher)),
         "student_layers": o.student_layers,
         "val_loss": val[-1] if val else None,
         "teacher_val_loss": teacher_val,
-        "eval": {k: ev[k] for k in ("accuracy", "pass@k", "k", "format_rate", "mean_length")},
+        "init_eval": {k: init_eval[k] for k in keys},
+        "eval": {k: ev[k] for k in keys},
         "options": dataclasses.asdict(opts),
     }
 
@@ -327,11 +366,11 @@ def stage_speculative(ctx: Context) -> dict:
     }
 
 
-def _meta_model(cfg):
+def _n_params(cfg) -> int:
     from nanoseek.model.transformer import CausalLM
 
     with torch.device("meta"):
-        return CausalLM(cfg)
+        return sum(p.numel() for p in CausalLM(cfg).parameters())
 
 
 RUNNERS: dict[str, Callable[[Context], dict]] = {
@@ -354,7 +393,7 @@ ESTIMATES: dict[str, Callable[[SpeedrunOptions], float]] = {
         + o.rejection_prompts * o.rejection_samples * 0.03
         + 5 * o.eval_n * o.eval_k * 0.02
     ),
-    "distill": lambda o: 15 + o.distill_steps * 0.25 + o.eval_n * o.eval_k * 0.02,
+    "distill": lambda o: 15 + o.distill_steps * 0.3 + o.eval_n * o.eval_k * 0.02,
     "speculative": lambda o: 5 + o.spec_prompts * o.spec_new_tokens * 0.02,
 }
 
@@ -415,7 +454,9 @@ def run_speedrun(opts: SpeedrunOptions, progress: bool = True) -> dict:
         _write_json(os.path.join(d, DONE), {"stage": name, "result": result, "wall_s": wall,
                                             "resumed": resumed})  # fmt: skip
         spent_est, spent_real = spent_est + est, spent_real + wall
-        scale = spent_real / spent_est
+        # how much faster or slower this machine is than the estimates, damped by a prior
+        # of two minutes at 1x so one short stage does not swing the whole ETA
+        scale = (spent_real + 120) / (spent_est + 120)
         write_report(opts, ctx.opts, stages, machine)
         _say(f"[{i}/{len(stages)}] {name}: finished in {_duration(wall)}")
     card = write_report(opts, ctx.opts, stages, machine)

@@ -84,8 +84,9 @@ def _headline(stage: str, r: dict) -> str:
         rows = r["summary"]["stages"]
         return f"held-out pass@1 {rows[0]['pass@1']:.1%} (base) -> {rows[-1]['pass@1']:.1%} (final)"
     if stage == "distill":
-        return (f"student ({r['student_params'] / 1e6:.1f}M params) pass@1 "
-                f"{r['eval']['accuracy']:.1%}")  # fmt: skip
+        before = f" (from {r['init_eval']['accuracy']:.1%})" if r.get("init_eval") else ""
+        return (f"student ({r['student_params'] / 1e6:.2f}M params) pass@1 "
+                f"{r['eval']['accuracy']:.1%}{before}")  # fmt: skip
     if stage == "speculative":
         return (f"MTP {r['speedup']:.2f}x plain greedy, acceptance "
                 f"{', '.join(f'{a:.0%}' for a in r['acceptance'])}, identical output: "
@@ -165,14 +166,17 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
         r = res["distill"]
         md += ["", "## Distillation", ""]
         tv = r["teacher_val_loss"]
+        ie = r.get("init_eval")
         md.append(
-            f"Student: the `{res.get('pretrain', {}).get('options', {}).get('model', 'preset')}` "
-            f"config with {r['student_layers']} layers ({r['student_params'] / 1e6:.2f}M "
-            f"parameters against the teacher's {r['teacher_params'] / 1e6:.2f}M), trained from "
-            f"scratch by forward-KL logit distillation from the final R1 model. Validation "
-            f"cross-entropy {r['val_loss']:.3f}" + (f" (teacher {tv:.3f})" if tv else "")
-            + f"; held-out pass@1 {r['eval']['accuracy']:.1%}, pass@{r['eval']['k']} "
-            f"{r['eval']['pass@k']:.1%}, format {r['eval']['format_rate']:.1%}."
+            f"Student: {r['student_layers']} of the pre-trained base's layers with its embedding, "
+            f"head and MTP module ({r['student_params'] / 1e6:.2f}M parameters against the "
+            f"teacher's {r['teacher_params'] / 1e6:.2f}M; DistilBERT's initialisation), then "
+            f"forward-KL logit distillation from the final R1 model on worked solutions. "
+            f"Validation cross-entropy {r['val_loss']:.3f}" + (f" (teacher {tv:.3f})" if tv else "")
+            + f"; held-out pass@1 {r['eval']['accuracy']:.1%}"
+            + (f" (before distillation {ie['accuracy']:.1%})" if ie else "")
+            + f", pass@{r['eval']['k']} {r['eval']['pass@k']:.1%}, format "
+            f"{r['eval']['format_rate']:.1%}."
         )  # fmt: skip
         md.append("")
         md += _img(plots, "distill_loss", "distillation loss")
