@@ -47,15 +47,23 @@ def main(argv=None) -> None:
         }
     print(f"\n{'strategy':<10} {'val loss':>9} {'MaxVio (global)':>16} {'MaxVio (per layer)':>19}")
     for name, r in results.items():
-        print(f"{name:<10} {r['val_loss']:>9.4f} {r['maxvio_global']:>16.3f} "
-              f"{r['maxvio_mean_layer']:>19.3f}")
+        print(
+            f"{name:<10} {r['val_loss']:>9.4f} {r['maxvio_global']:>16.3f} "
+            f"{r['maxvio_mean_layer']:>19.3f}"
+        )
     print("(MaxVio averaged over the last 10% of steps; per layer = mean over MoE layers)")
-    plot_curves({k: v["curve"] for k, v in results.items()},
-                os.path.join(args.out, "balance_maxvio.png"),
-                "MaxVio per step (mean over MoE layers)", "MaxVio")
+    plot_curves(
+        {k: v["curve"] for k, v in results.items()},
+        os.path.join(args.out, "balance_maxvio.png"),
+        "MaxVio per step (mean over MoE layers)",
+        "MaxVio",
+    )
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in results.items()},
-                  f, indent=2)
+        json.dump(
+            {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in results.items()},
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

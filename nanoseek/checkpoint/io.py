@@ -240,11 +240,14 @@ def save(
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {SAVE_DTYPES} (for FP8 use fp8=True), got {dtype}")
     directory = os.path.abspath(os.fspath(directory))
-    if os.path.isdir(directory) and os.listdir(directory) and not os.path.exists(
-        os.path.join(directory, "config.json")
+    if (
+        os.path.isdir(directory)
+        and os.listdir(directory)
+        and not os.path.exists(os.path.join(directory, "config.json"))
     ):  # replacing a checkpoint is fine; wiping an unrelated folder (`save(m, "~")`) is not
-        raise CheckpointError(f"{directory}: exists, is not empty and is not a checkpoint; "
-                              "not replacing it")
+        raise CheckpointError(
+            f"{directory}: exists, is not empty and is not a checkpoint; not replacing it"
+        )
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     # not tempfile.mkdtemp: its mode 0700 would become the checkpoint's; mkdir honours the umask
     tmp = _sibling(directory, "tmp")
