@@ -99,6 +99,8 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path, monke
     run_speedrun(SpeedrunOptions(out=out), progress=False)
     assert second.calls == ["r1", "distill", "speculative"]
     assert read_done(os.path.join(out, "r1"))["resumed"] is True  # its partial work was there
+    # the interrupted attempt's time counts in the stage's wall time
+    assert float(open(os.path.join(out, "r1", "partial_wall_s")).read()) >= 0
     assert read_done(os.path.join(out, "distill"))["resumed"] is False
 
 
