@@ -172,7 +172,7 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
             f"head and MTP module ({r['student_params'] / 1e6:.2f}M parameters against the "
             f"teacher's {r['teacher_params'] / 1e6:.2f}M; DistilBERT's initialisation), then "
             f"forward-KL logit distillation from the final R1 model on worked solutions. "
-            f"Validation cross-entropy {r['val_loss']:.3f}" + (f" (teacher {tv:.3f})" if tv else "")
+            f"Validation cross-entropy {r['val_loss']:.4f}" + (f" (teacher {tv:.4f})" if tv else "")
             + f"; held-out pass@1 {r['eval']['accuracy']:.1%}"
             + (f" (before distillation {ie['accuracy']:.1%})" if ie else "")
             + f", pass@{r['eval']['k']} {r['eval']['pass@k']:.1%}, format "
