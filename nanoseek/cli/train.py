@@ -35,6 +35,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     opts = build(PretrainOptions, args.config, args.overrides, out=args.out, data=args.data)
     last = run_pretrain(opts, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for all
+        return 0
     val = last.get("val_loss")
     print(
         f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
