@@ -57,8 +57,8 @@ class LoopOptions:
     beta2: float = 0.95
     grad_clip: float = 1.0
     bf16_moments: bool = False  # keep AdamW's moments in bf16 (V3 §3.3.2), halves their memory
-    # fp32 | bf16 (autocast, fp32 master weights) | fp8 (pretrain converts the projections and
-    # experts to FP8 GEMMs with fine-grained scaling, nanoseek/fp8; the rest runs as bf16)
+    # fp32 | bf16 (autocast, fp32 master weights) | fp8 (the projections and experts become FP8
+    # GEMMs with fine-grained scaling, nanoseek/fp8, for every method; the rest runs as bf16)
     precision: str = "bf16"
     seed: int = 1337
     eval_every: int = 100
@@ -104,6 +104,8 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.run_info = run_info or {}
         self.parallel = parallel or SingleProcess()
+        if opts.precision == "fp8":
+            convert_for_fp8(model, self.parallel.is_main)
         self.optimizer = make_optimizer(model, opts)
         self.step = 0
         self.metrics_path = os.path.join(opts.out, "metrics.jsonl")
@@ -268,6 +270,22 @@ class Trainer:
         if bar is not None:
             bar.close()
         return last
+
+
+def convert_for_fp8(model, verbose: bool = True) -> None:
+    """precision=fp8: swap the recipe's Linear layers for FP8 GEMMs [V3 §3.3] unless the method
+    already did (pretrain converts before sharding, so FSDP wraps the swapped layers). Every
+    method (SFT, distillation, GRPO) trains in FP8 this way; the parameters stay the same
+    objects, so checkpoints and rollouts are unchanged."""
+    import sys
+
+    from nanoseek.fp8 import convert_to_fp8
+    from nanoseek.fp8.linear import FP8Linear
+
+    if not any(isinstance(m, FP8Linear) for m in model.modules()):
+        report = convert_to_fp8(model)
+        if verbose:
+            print(report, file=sys.stderr)
 
 
 def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:

@@ -311,3 +311,25 @@ def test_cli_sft(tmp_path, tok_dir, capsys):
     assert "no data" in capsys.readouterr().err
     assert main(["sft", "--model", model_dir, "--task", "adition", "--out", str(out)]) == 2
     assert "valid tasks: addition" in capsys.readouterr().err
+
+
+def test_sft_in_fp8_converts_the_layers_and_saves_a_normal_checkpoint(tmp_path, tok_dir, capsys):
+    """precision=fp8 is not only pre-training's: the shared Trainer converts the model."""
+    from nanoseek.fp8.linear import FP8Linear
+    from nanoseek.train.loop import LoopOptions, Trainer
+
+    model_dir = make_model_dir(tmp_path / "base", tok_dir)
+    data = tmp_path / "chat.jsonl"
+    write_chat_jsonl(task_conversations("addition", 12, level=1), str(data))
+    opts = _sft_opts(tmp_path, model_dir, data, precision="fp8", max_steps=3, eval_every=3)
+    last = run_sft(opts, progress=False)
+    assert "FP8" in capsys.readouterr().err and last["loss"] == last["loss"]  # report, not NaN
+    out = load(os.path.join(opts.out, "model"))  # plain nn.Linear keys and full precision
+    assert not any(isinstance(m, FP8Linear) for m in out.modules())
+    assert set(out.state_dict()) == set(load(model_dir).state_dict())
+    # an already converted model (pre-training converts before sharding) is left as it is
+    model = load(model_dir)
+    Trainer(model, LoopOptions(out=str(tmp_path / "t"), precision="fp8"), None, [])
+    n = sum(isinstance(m, FP8Linear) for m in model.modules())
+    Trainer(model, LoopOptions(out=str(tmp_path / "t"), precision="fp8"), None, [])
+    assert n > 0 and sum(isinstance(m, FP8Linear) for m in model.modules()) == n
