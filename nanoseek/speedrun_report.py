@@ -203,11 +203,14 @@ def _hyperparameters(out: str, eff: SpeedrunOptions, res: dict, stages: list[str
     files = {"pretrain": "pretrain/options.json", "distill": "distill/options.json"}
     for s in ("cold_start", "reasoning_rl", "rejection_sft", "final_rl"):
         files[f"r1/{s}"] = f"r1/{s}/options.json"
+    files["r1/rejection sampling"] = "r1/rejection_sft/samples.json"  # its "options" entry
     for name, rel in files.items():
         path = os.path.join(out, rel)
         if os.path.isfile(path):
             with open(path) as f:
-                body = json.dumps(json.load(f), indent=1)
+                data = json.load(f)
+            body = json.dumps(data.get("options", data) if rel.endswith("samples.json") else data,
+                              indent=1)  # fmt: skip
             md += ["", f"<details><summary>{name} ({rel})</summary>", "", "```json", body,
                    "```", "</details>"]  # fmt: skip
     return md
