@@ -85,6 +85,7 @@ class SpeedrunOptions:
     threads: int = 0  # torch intra-op threads; 0: torch's default
 
     def validate(self) -> None:
+        from nanoseek.config import ModelConfig
         from nanoseek.presets import PRESETS
         from nanoseek.train.sft_data import resolve_task
 
@@ -97,9 +98,18 @@ class SpeedrunOptions:
                 f"{', '.join(map(str, task.levels))}"
             )
         for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, int) and not isinstance(value, bool) and name not in ("seed",):
-                if value < (0 if name == "threads" else 1):
-                    raise ConfigError(f"option '{name}' must be >= 1, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and name != "seed":
+                low = {"threads": 0, "grpo_generations": 2}.get(name, 1)  # GRPO needs a group
+                if value < low:
+                    raise ConfigError(f"option '{name}' must be >= {low}, got {value}")
+            if isinstance(value, float) and value <= 0:
+                raise ConfigError(f"option '{name}' must be > 0, got {value}")
+        layers = ModelConfig.from_preset(self.preset).num_hidden_layers
+        if self.student_layers > layers:  # checked now, not after the other stages ran
+            raise ConfigError(
+                f"option 'student_layers' ({self.student_layers}) exceeds the {self.preset!r} "
+                f"preset's {layers} layers"
+            )
 
     def effective(self) -> SpeedrunOptions:
         """The smoke mode's budgets replace the full ones (everything else stays)."""

@@ -121,6 +121,13 @@ def test_bad_options_name_the_field():
         SpeedrunOptions(level=99).validate()
     with pytest.raises(ConfigError, match="option 'grpo_steps' must be >= 1"):
         SpeedrunOptions(grpo_steps=0).validate()
+    with pytest.raises(ConfigError, match="option 'grpo_generations' must be >= 2"):
+        SpeedrunOptions(grpo_generations=1).validate()
+    with pytest.raises(ConfigError, match="option 'sft_lr' must be > 0"):
+        SpeedrunOptions(sft_lr=0.0).validate()
+    with pytest.raises(ConfigError, match="'student_layers' \\(9\\) exceeds the 'tiny' preset's 4"):
+        SpeedrunOptions(student_layers=9).validate()
+    SpeedrunOptions(threads=0).validate()  # torch's default
     with pytest.raises(TaskError, match="valid tasks: addition"):
         SpeedrunOptions(task="nope").validate()
 
