@@ -43,9 +43,9 @@ import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.eval.sampling import CHAT
+from nanoseek.train.pipeline import DONE, duration, read_done, write_json
 
 STAGES = ("tokenizer", "pretrain", "fp8_vs_bf16", "r1", "distill", "speculative")
-DONE = "DONE"
 
 
 @dataclass
@@ -420,7 +420,7 @@ def check_same_options(opts: SpeedrunOptions) -> None:
     """A re-run continues the run in OUT only with the options it started with."""
     path = os.path.join(opts.out, "speedrun.json")
     if not os.path.exists(path):
-        _write_json(path, {"options": dataclasses.asdict(opts)})
+        write_json(path, {"options": dataclasses.asdict(opts)})
         return
     with open(path) as f:
         before = json.load(f)["options"]
@@ -460,7 +460,7 @@ def run_speedrun(opts: SpeedrunOptions, progress: bool = True) -> dict:
         )
         est = ESTIMATES[name](ctx.opts)
         _say(f"[{i}/{len(stages)}] {name}: {'resuming' if resumed else 'starting'} "
-             f"(about {_duration(est * scale)}; all left: {_duration(remaining * scale)})")  # fmt: skip
+             f"(about {duration(est * scale)}; all left: {duration(remaining * scale)})")  # fmt: skip
         t0 = time.perf_counter()
         try:
             result = RUNNERS[name](ctx)
@@ -468,16 +468,16 @@ def run_speedrun(opts: SpeedrunOptions, progress: bool = True) -> dict:
             _add_partial_wall(d, time.perf_counter() - t0)
             raise
         wall = time.perf_counter() - t0 + _add_partial_wall(d, 0.0)
-        _write_json(os.path.join(d, DONE), {"stage": name, "result": result, "wall_s": wall,
+        write_json(os.path.join(d, DONE), {"stage": name, "result": result, "wall_s": wall,
                                             "resumed": resumed})  # fmt: skip
         spent_est, spent_real = spent_est + est, spent_real + wall
         # how much faster or slower this machine is than the estimates, damped by a prior
         # of two minutes at 1x so one short stage does not swing the whole ETA
         scale = (spent_real + 120) / (spent_est + 120)
         write_report(opts, ctx.opts, stages, machine)
-        _say(f"[{i}/{len(stages)}] {name}: finished in {_duration(wall)}")
+        _say(f"[{i}/{len(stages)}] {name}: finished in {duration(wall)}")
     card = write_report(opts, ctx.opts, stages, machine)
-    _say(f"all stages done ({_duration(time.perf_counter() - t_start)} this run); "
+    _say(f"all stages done ({duration(time.perf_counter() - t_start)} this run); "
          f"report card: {os.path.join(opts.out, 'report.md')}")  # fmt: skip
     return card
 
@@ -501,14 +501,6 @@ def machine_info() -> dict:
     }
 
 
-def read_done(stage_dir: str) -> dict | None:
-    path = os.path.join(stage_dir, DONE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def _add_partial_wall(stage_dir: str, seconds: float) -> float:
     """Wall time of a stage's interrupted attempts (OUT/<stage>/partial_wall_s), plus `seconds`."""
     path = os.path.join(stage_dir, "partial_wall_s")
@@ -517,20 +509,8 @@ def _add_partial_wall(stage_dir: str, seconds: float) -> float:
         with open(path) as f:
             before = float(f.read() or 0)
     if seconds:
-        _write_json(path, before + seconds)
+        write_json(path, before + seconds)
     return before + seconds
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)  # atomic: a DONE file is complete or absent
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _say(msg: str) -> None:

@@ -10,7 +10,8 @@ import dataclasses
 import json
 import os
 
-from nanoseek.speedrun import DONE, SpeedrunOptions, _duration, _write_json, read_done
+from nanoseek.speedrun import SpeedrunOptions
+from nanoseek.train.pipeline import duration, read_done, write_json
 
 
 def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
@@ -35,7 +36,7 @@ def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
         f"threads, torch {machine['torch']}, Python {machine['python']}"
         + (f", GPU {machine['cuda']}" if machine.get("cuda") else "") + ".",
         f"Stages finished: {len(done)} of {len(stages)}; wall time of the stages: "
-        f"{_duration(total)}.",
+        f"{duration(total)}.",
         "",
         "| stage | wall time | result |",
         "|---|---:|---|",
@@ -43,7 +44,7 @@ def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
     for s in stages:
         if s in done:
             resumed = " (resumed)" if done[s].get("resumed") else ""
-            md.append(f"| {s} | {_duration(done[s]['wall_s'])}{resumed} | {_headline(s, res[s])} |")
+            md.append(f"| {s} | {duration(done[s]['wall_s'])}{resumed} | {_headline(s, res[s])} |")
         else:
             md.append(f"| {s} | - | not run yet |")
     md += _sections(out, res, plots)
@@ -66,7 +67,7 @@ def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
     os.replace(tmp, os.path.join(out, "report.md"))
     card = {"options": dataclasses.asdict(opts), "machine": machine, "stages": done,
             "total_wall_s": total, "plots": plots}  # fmt: skip
-    _write_json(os.path.join(out, "report.json"), card)
+    write_json(os.path.join(out, "report.json"), card)
     return card
 
 
@@ -214,6 +215,3 @@ def _hyperparameters(out: str, eff: SpeedrunOptions, res: dict, stages: list[str
             md += ["", f"<details><summary>{name} ({rel})</summary>", "", "```json", body,
                    "```", "</details>"]  # fmt: skip
     return md
-
-
-__all__ = ["write_report", "DONE"]

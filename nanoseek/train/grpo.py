@@ -70,7 +70,7 @@ from nanoseek.train.grpo_rollouts import (  # noqa: F401  (re-exported: grpo's p
     request_seed,
     sampling,
 )
-from nanoseek.train.loop import LoopOptions, Trainer
+from nanoseek.train.loop import LoopOptions, Trainer, truncate_jsonl
 from nanoseek.train.options import to_dict
 
 IGNORE = -100
@@ -291,19 +291,14 @@ class Watch:
 def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> dict:
     """Train `opts.model` with GRPO, export OUT/model; returns the last step's metrics (plus
     `eval_accuracy_initial` when the run evaluated before its first step)."""
-    from nanoseek.checkpoint.io import load, save
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.train.sft import copy_tokenizer, tokenizer_dir
+    from nanoseek.checkpoint.io import save
+    from nanoseek.train.sft import copy_tokenizer, load_for_training
     from nanoseek.train.sft_data import resolve_task
 
     opts.validate()
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
-    tok_src = tokenizer_dir(opts.model, opts.tokenizer)
-    tokenizer = Tokenizer.load(tok_src)
-    model = load(opts.model, dtype=torch.float32)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"tokenizer in {tok_src} has more ids than the model's vocab_size")
+    tok_src, tokenizer, model = load_for_training(opts.model, opts.tokenizer)
     # beta = 0: no reference copy at all (memory of a second model saved)
     ref = frozen_copy(model) if opts.beta != 0 else None
     tasks = [resolve_task(t) for t in opts.task]
@@ -479,18 +474,8 @@ def _resume(out: str, model, trainer, sampler, watch) -> int:
     watch.load_state_dict(state["data"]["watch"])
     set_rng_state(state["rng"])
     for name in ("metrics.jsonl", "completions.jsonl"):  # lines written after the checkpoint
-        _truncate_jsonl(os.path.join(out, name), state["step"])
+        truncate_jsonl(os.path.join(out, name), state["step"])
     return state["step"]
-
-
-def _truncate_jsonl(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 def _bar(total: int, initial: int):

@@ -140,7 +140,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
         if par.is_main:
-            _truncate_metrics(self.metrics_path, self.step)
+            truncate_jsonl(self.metrics_path, self.step)
         return True
 
     def save(self) -> str:
@@ -323,8 +323,9 @@ def _n_input_tokens(batch) -> int:
     return batch.inputs.numel() if hasattr(batch, "inputs") else batch["input_ids"].numel()
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past `step` (written after the checkpoint we resume from)."""
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the lines of a per-step JSONL log (metrics, completions) past `step`: written after
+    the checkpoint a run resumes from."""
     if not os.path.exists(path):
         return
     with open(path) as f:

@@ -320,7 +320,7 @@ class Pipeline:
     def run(self, progress: bool = True) -> dict:
         """Run (or skip) every stage in order; returns the summary (also written to OUT)."""
         os.makedirs(self.opts.out, exist_ok=True)
-        _write_json(os.path.join(self.opts.out, "pipeline.json"),
+        write_json(os.path.join(self.opts.out, "pipeline.json"),
                     {"kind": self.kind, "options": dataclasses.asdict(self.opts)})  # fmt: skip
         for stage in self.stages:
             d = self.stage_dir(stage.name)
@@ -346,7 +346,7 @@ class Pipeline:
                 "wall_s": t2 - t0,
                 "resumed": resumed,
             }
-            _write_json(os.path.join(d, DONE), done)  # last: marks the stage complete
+            write_json(os.path.join(d, DONE), done)  # last: marks the stage complete
             _say(f"stage {stage.name}: held-out pass@1 {ev['accuracy']:.1%}, "
                  f"format {ev['format_rate']:.1%}, {t2 - t0:.0f} s")  # fmt: skip
         return self.summary()
@@ -380,7 +380,7 @@ class Pipeline:
             "stages": rows,
         }
         table = format_table(summary)
-        _write_json(os.path.join(o.out, "summary.json"), summary)
+        write_json(os.path.join(o.out, "summary.json"), summary)
         with open(os.path.join(o.out, "summary.md"), "w") as f:
             f.write(table + "\n")
         print(table)
@@ -402,7 +402,7 @@ def format_table(summary: dict) -> str:
         lines.append(
             f"| {r['stage']} | {r['template']} | {r['pass@1']:.1%} | {r[f'pass@{k}']:.1%} "
             f"| {r['format_rate']:.1%} "
-            f"| {r['mean_length']:.0f} | {r['truncated']:.0%} | {_duration(r['wall_s'])} |"
+            f"| {r['mean_length']:.0f} | {r['truncated']:.0%} | {duration(r['wall_s'])} |"
         )
     for r in summary["stages"]:
         if "rejection" in r:
@@ -429,14 +429,15 @@ def read_done(stage_dir: str) -> dict | None:
         return json.load(f)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+    """Atomically (temporary file, then rename): a DONE file is complete or absent."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
 

@@ -198,23 +198,32 @@ def steps_for_epochs(epochs: float, ds: SFTDataset, grad_accum: int) -> int:
 
 
 # ------------------------------------------------------------------------------ the run
+def load_for_training(model_dir: str, tokenizer: str | None = None):
+    """(tokenizer directory, Tokenizer, fp32 model) of a checkpoint to fine-tune (SFT, GRPO),
+    refusing a tokenizer with more ids than the model's vocabulary."""
+    from nanoseek.checkpoint.io import load
+    from nanoseek.data.tokenizer import Tokenizer
+
+    tok_src = tokenizer_dir(model_dir, tokenizer)
+    tok = Tokenizer.load(tok_src)
+    model = load(model_dir, dtype=torch.float32)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer in {tok_src} has {tok.vocab_size} ids, more than the model's "
+            f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
+        )
+    return tok_src, tok, model
+
+
 def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune `opts.model` on the data, export OUT/model; returns the final metrics."""
-    from nanoseek.checkpoint.io import load, save
-    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.checkpoint.io import save
 
     opts.validate()
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
-    tok_src = tokenizer_dir(opts.model, opts.tokenizer)
-    tokenizer = Tokenizer.load(tok_src)
-    model = load(opts.model, dtype=torch.float32)
+    tok_src, tokenizer, model = load_for_training(opts.model, opts.tokenizer)
     cfg = model.config
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(
-            f"tokenizer in {tok_src} has {tokenizer.vocab_size} ids, more than the model's "
-            f"vocab_size {cfg.vocab_size}: not this model's tokenizer"
-        )
     if opts.seq_len > cfg.max_position_embeddings:
         raise ConfigError(
             f"option 'seq_len' {opts.seq_len} exceeds the model's max_position_embeddings "
