@@ -3,6 +3,7 @@
     python bench/decode.py                          # fp32, batch 1 and 8, 256 new tokens
     python bench/decode.py --threads 1 --repeats 5  # pin threads, more repeats on a busy machine
     python bench/decode.py --model runs/tiny/model  # a trained checkpoint: + MTP speculative rows
+    python bench/decode.py --threads 1 --gemm-split # + where nanoseek's step time goes
 
 One random model with the model-core benchmark config (`bench/train_step.py: bench_config()`) is
 saved with `nanoseek.save`; the SAME directory is loaded by `transformers` and by `nanoseek.load`.
@@ -17,6 +18,12 @@ KV bytes per token: nanoseek's latent cache (kv_lora_rank + qk_rope_head_dim val
 REFERENCE §1.2); transformers' measured from the cache object `generate` returns. (transformers 5
 caches the compressed latent as well and decompresses all of it through kv_b_proj at every step;
 a full per-head K/V cache, printed for reference, is what older versions kept.)
+
+`--gemm-split` profiles one more nanoseek run per batch size (torch.profiler) and splits a step
+into GEMM time (mm, bmm, baddbmm, addmm: reading the weights and the cache) and everything else
+(norms, RoPE, routing, softmax, indexing, Python), then prints the ceiling: the tokens/s nanoseek
+would reach if everything but its GEMMs took no time. The profiler adds ~1 us per operator, so the
+"other" share is slightly inflated; the GEMMs (tens of us each) are not.
 
 Speculative rows (MTP drafting, batch 1) need a model whose MTP module was trained: on random
 weights the acceptance rate is meaningless (drafts are noise), so without `--model` they are
@@ -94,6 +101,21 @@ def nanoseek_runner(model, batch: int, max_seq_len: int, **engine_kwargs):
     return run, engine
 
 
+def gemm_split(run, ids: torch.Tensor, n: int) -> tuple[float, float]:
+    """(GEMM seconds, all-operator seconds) of one profiled run: self CPU time of the GEMM
+    operators against that of every operator."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        run(ids, n)
+    events = prof.key_averages()
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
+    return gemm, sum(e.self_cpu_time_total for e in events) / 1e6
+
+
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm")
+
+
 def time_runs(runners: dict, ids: torch.Tensor, n: int, repeats: int) -> dict:
     """Alternate the runners `repeats` times: wall and CPU seconds per run, outputs, KV bytes."""
     res = {name: {"times": [], "cpu": []} for name in runners}
@@ -123,6 +145,7 @@ def main(argv=None) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP rows on a random model too")
     p.add_argument("--num-draft", type=int, default=1, help="drafts per step for MTP rows")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--gemm-split", action="store_true", help="+ GEMM / other split of a step")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -163,7 +186,7 @@ def main(argv=None) -> None:
     )
 
     gen = torch.Generator().manual_seed(args.seed + 1)
-    rows = []
+    rows, splits = [], []
     for B in args.batch:
         ids = torch.randint(3, c.vocab_size, (B, args.prompt_len), generator=gen)
         if prompt is not None:
@@ -180,6 +203,9 @@ def main(argv=None) -> None:
             )
         res = time_runs(runners, ids, args.new_tokens, args.repeats)
         base = res.get("transformers")
+        if args.gemm_split:
+            gemm, total = gemm_split(runners["nanoseek"], ids, args.new_tokens)
+            splits.append((B, min(res["nanoseek"]["times"]), gemm, total, base))
         for name, r in res.items():
             best = min(r["times"])
             note = ""
@@ -225,6 +251,17 @@ def main(argv=None) -> None:
         f"(a cache of full per-head keys and values would take {full:,} B/token here; "
         "transformers >= 5 caches the MLA latent too and re-expands it every step)"
     )
+    for B, best, gemm, total, base in splits:
+        n = B * args.new_tokens
+        ceiling = f"{n / gemm:,.0f} tokens/s"
+        if base is not None:
+            ceiling += f" = {min(base['times']) / gemm:.2f}x transformers"
+        print(
+            f"nanoseek batch {B}: {best / args.new_tokens * 1e3:.2f} ms/step; profiled "
+            f"{total / args.new_tokens * 1e3:.2f} ms/step = GEMMs {gemm / args.new_tokens * 1e3:.2f}"
+            f" + other {(total - gemm) / args.new_tokens * 1e3:.2f}; ceiling with zero non-GEMM "
+            f"time: {ceiling}"
+        )
     if tmp is not None:
         tmp.cleanup()
 

@@ -67,12 +67,15 @@ class LatentCache:
         positions: torch.Tensor,
         c_kv: torch.Tensor,
         k_rope: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """Store the latents of new tokens of rows row0..row0+B-1 at their own positions.
 
-        positions [B,T] int64, c_kv [B,T,C], k_rope [B,T,R]."""
+        positions [B,T] int64, c_kv [B,T,C], k_rope [B,T,R]; rows [B,T] (row0 + b, optional:
+        a forward computes it once for all layers)."""
         B, T = positions.shape
-        rows = torch.arange(row0, row0 + B, device=positions.device)[:, None].expand(B, T)
+        if rows is None:
+            rows = torch.arange(row0, row0 + B, device=positions.device)[:, None].expand(B, T)
         entry = torch.cat((c_kv, k_rope), dim=-1)  # [B,T,C+R]
         self.kv[layer].index_put_((rows, positions), entry.to(self.kv.dtype))
 

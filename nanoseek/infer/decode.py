@@ -38,19 +38,23 @@ from nanoseek.model.norm import RMSNorm
 # ------------------------------------------------------------------------------ weight layout
 class DecodeWeights:
     """W^T copies ([..., in, out], contiguous) of weights [..., out, in], or W^T views when
-    `transpose` is off. `refresh()` re-copies the weights whose storage or version changed."""
+    `transpose` is off. A group of weights that multiply the same input (q_a and kv_a, gate and
+    up) is stored as one W^T of their concatenation along `out`: one GEMM instead of several
+    (always a copy). `refresh()` re-copies the entries whose weights' storage or version changed."""
 
     def __init__(self, transpose: bool):
         self.transpose = transpose
-        self._entries: dict[int, list] = {}  # id(weight) -> [weight, key, W^T]
+        self._entries: dict[tuple[int, ...], list] = {}  # ids -> [weights, key, W^T]
 
-    def t(self, weight: torch.Tensor) -> torch.Tensor:
-        """W^T of a weight registered with `add` (no checks: call `refresh` once per step)."""
-        return self._entries[id(weight)][2]
+    def t(self, *weights: torch.Tensor) -> torch.Tensor:
+        """W^T of weights registered together with `add` (no checks: call `refresh` once per
+        step)."""
+        return self._entries[tuple(map(id, weights))][2]
 
-    def add(self, weight: torch.Tensor) -> None:
-        if id(weight) not in self._entries:
-            self._entries[id(weight)] = entry = [weight, None, None]
+    def add(self, *weights: torch.Tensor) -> None:
+        ids = tuple(map(id, weights))
+        if ids not in self._entries:
+            self._entries[ids] = entry = [weights, None, None]
             self._update(entry)
 
     def refresh(self) -> None:
@@ -58,19 +62,21 @@ class DecodeWeights:
             self._update(entry)
 
     def _update(self, entry: list) -> None:
-        w = entry[0]
         # in-place updates (optimizer steps, load_state_dict) bump _version; weights created
         # under inference_mode have no version counter (and no optimizer to change them)
-        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in entry[0])
         if key != entry[1]:
-            w_t = w.detach().transpose(-1, -2)
+            ws = [w.detach() for w in entry[0]]
+            w_t = (ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)).transpose(-1, -2)
             entry[1], entry[2] = key, w_t.contiguous() if self.transpose else w_t
 
     def nbytes(self) -> int:
-        """Extra memory the copies take (0 when not transposing)."""
-        if not self.transpose:
-            return 0
-        return sum(e[2].numel() * e[2].element_size() for e in self._entries.values())
+        """Extra memory the copies take (W^T views cost nothing)."""
+        return sum(
+            e[2].numel() * e[2].element_size()
+            for e in self._entries.values()
+            if self.transpose or len(e[0]) > 1
+        )
 
 
 def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None):
@@ -121,21 +127,24 @@ def latent_attention(
 
 # ------------------------------------------------------------------------------ feed-forward
 def swiglu(ffn: SwiGLU, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
-    """SwiGLU.forward with W^T weights."""
-    h = F.silu(x @ dw.t(ffn.gate_proj.weight)).mul_(x @ dw.t(ffn.up_proj.weight))
-    return h @ dw.t(ffn.down_proj.weight)
+    """SwiGLU.forward with W^T weights, gate and up as one GEMM."""
+    gate, up = (x @ dw.t(ffn.gate_proj.weight, ffn.up_proj.weight)).chunk(2, dim=-1)
+    return F.silu(gate).mul_(up) @ dw.t(ffn.down_proj.weight)
 
 
 def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
     """MoE output for a handful of tokens (decode, verification); `MoE.forward` is the reference.
 
-    x [B,T,D] -> [B,T,D]. The model's grouped path sorts token-expert pairs and runs a grouped
-    GEMM, which on CPU in fp32 is a loop over all E experts reading transposed weights. Here each
-    chosen expert runs once on its own tokens from the W^T copies (one or two tokens: K GEMVs
-    per token, no gathers). Measured alternative, not kept: every expert on every token as two batched matmuls
-    with zero weights for the unchosen (10 kernels a layer) was no faster even at 8-16 tokens,
-    where the bytes of expert weights read, not the kernel count, decide. Costs one host sync for the indices (free on CPU, a stall on GPU: the engine takes this path
-    for at most `sparse_moe_max_tokens` tokens).
+    x [B,T,D] -> [B,T,D]. The model's grouped path pads every expert's row block (to keep bf16
+    GEMM shapes few and fp32 rounding batch-invariant, see moe.py) and reads all E experts' weights;
+    here only the chosen experts run, from the W^T copies, on exactly their rows:
+    - one or two tokens: K GEMVs per token, no gathers;
+    - more: the token-expert pairs sorted by expert (one sort, one gather, one scatter-add), one
+      GEMM pair per chosen expert on its contiguous rows, written into one output buffer.
+    Measured alternative, not kept: every expert on every token as two batched matmuls with
+    zero weights for the unchosen was no faster even at 8-16 tokens, where the bytes of expert
+    weights read, not the kernel count, decide. Costs one host sync for the indices (free on
+    CPU, a stall on GPU: the engine takes this path for at most `sparse_moe_max_tokens` tokens).
     """
     B, T, D = x.shape
     flat = x.reshape(-1, D)
@@ -152,20 +161,21 @@ def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
             for e, w in zip(es, ws):
                 gate, up = (xn @ gate_up_t[e]).chunk(2)
                 yn.add_(F.silu(gate).mul_(up) @ down_t[e], alpha=w)
-    else:
-        by_expert: dict[int, tuple[list[int], list[float]]] = {}
-        for n, (es, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
-            for e, w in zip(es, ws):
-                rows, row_w = by_expert.setdefault(e, ([], []))
-                rows.append(n)
-                row_w.append(w)
-        for e, (rows, row_w) in by_expert.items():
-            idx = torch.tensor(rows, device=x.device)
-            gate, up = (flat[idx] @ gate_up_t[e]).chunk(2, dim=-1)  # [n_e,F] each
-            out = F.silu(gate).mul_(up) @ down_t[e]  # [n_e,D]
-            out *= torch.tensor(row_w, dtype=out.dtype, device=x.device)[:, None]
-            y.index_add_(0, idx, out)
-    return y.view(B, T, D)
+        return y.view(B, T, D)
+    K = indices.shape[1]
+    expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
+    counts = torch.bincount(expert, minlength=moe.n_experts).tolist()
+    token = order // K  # [M]
+    xs = flat[token]  # [M,D]
+    out = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            gate, up = (xs[start : start + n] @ gate_up_t[e]).chunk(2, dim=-1)  # [n,F] each
+            torch.matmul(F.silu(gate).mul_(up), down_t[e], out=out[start : start + n])
+            start += n
+    out *= weights.reshape(-1)[order].to(out.dtype)[:, None]
+    return y.index_add_(0, token, out).view(B, T, D)
 
 
 # ------------------------------------------------------------------------------ the block
@@ -177,15 +187,19 @@ class DecodeLayer:
         self.attn = a = layer.self_attn
         self.w_uk, self.w_uv = a.absorbed_weights()  # [H,N_h,C], [H,V,C] views of kv_b_proj
         self.H, self.Nh, self.C = a.n_heads, a.nope_dim, a.kv_lora_rank
-        mats = [a.kv_a_proj_with_mqa, a.o_proj]
-        mats += [a.q_proj] if a.q_lora_rank is None else [a.q_a_proj, a.q_b_proj]
+        # the projections of the normed input, one GEMM: [q_a ; kv_a] (or [q ; kv_a])
+        self.first = a.q_proj if a.q_lora_rank is None else a.q_a_proj
+        dw.add(self.first.weight, a.kv_a_proj_with_mqa.weight)
+        self.first_dim = self.first.weight.shape[0]
+        mats = [a.o_proj] + ([] if a.q_lora_rank is None else [a.q_b_proj])
         mlp = layer.mlp
+        ffns = [mlp] if not isinstance(mlp, MoE) else [s for s in [mlp.shared_experts] if s]
         if isinstance(mlp, MoE):
-            mats += [] if mlp.shared_experts is None else _swiglu_mats(mlp.shared_experts)
             dw.add(mlp.experts.gate_up_proj)
             dw.add(mlp.experts.down_proj)
-        else:
-            mats += _swiglu_mats(mlp)
+        for ffn in ffns:
+            dw.add(ffn.gate_proj.weight, ffn.up_proj.weight)
+            mats.append(ffn.down_proj)
         for m in mats:
             dw.add(m.weight)
 
@@ -196,12 +210,15 @@ class DecodeLayer:
         """x [B,T,D] (normed) -> q_nope [B,T,H,N_h], q_rope [B,T,H,R], c_kv [B,T,C],
         k_rope [B,T,R]: `MLA.project_q` + `project_latent` with the complex RoPE."""
         a, (B, T, _) = self.attn, x.shape
-        if a.q_lora_rank is None:
-            q = self.lin(a.q_proj, x)
-        else:
-            q = self.lin(a.q_b_proj, rms_norm(a.q_a_layernorm, self.lin(a.q_a_proj, x)))
+        y = x @ self.dw.t(self.first.weight, a.kv_a_proj_with_mqa.weight)
+        q, kv = y.split([self.first_dim, y.shape[-1] - self.first_dim], dim=-1)
+        if self.first.bias is not None:
+            q = q + self.first.bias
+        if a.kv_a_proj_with_mqa.bias is not None:
+            kv = kv + a.kv_a_proj_with_mqa.bias  # [B,T,C+R]
+        if a.q_lora_rank is not None:
+            q = self.lin(a.q_b_proj, rms_norm(a.q_a_layernorm, q))
         q = q.view(B, T, self.H, -1)
-        kv = self.lin(a.kv_a_proj_with_mqa, x)  # [B,T,C+R]
         c_kv = rms_norm(a.kv_a_layernorm, kv[..., : self.C])
         k_rope = rope(kv[..., self.C :], freqs[:, :, 0])
         return q[..., : self.Nh], rope(q[..., self.Nh :], freqs), c_kv, k_rope
@@ -210,7 +227,7 @@ class DecodeLayer:
         """x [B,T,D] (normed) -> [B,T,D]; writes the new latents to cache layer i first."""
         B = x.shape[0]
         q_nope, q_rope, c_kv, k_rope = self.project(x, step.freqs)
-        cache.write(i, step.row0, step.positions, c_kv, k_rope)
+        cache.write(i, step.row0, step.positions, c_kv, k_rope, rows=step.rows)
         kv = cache.layer(i, step.row0, B, step.seq)  # [B,S,C+R]
         scale = self.attn.softmax_scale
         out = latent_attention(q_nope, q_rope, kv, self.w_uk, self.w_uv, scale, step.bias)
@@ -226,7 +243,3 @@ class DecodeLayer:
         if h.shape[0] * h.shape[1] <= sparse_max_tokens:
             return x + sparse_moe(layer.mlp, h, self.dw)
         return x + layer.mlp(h)[0]
-
-
-def _swiglu_mats(ffn: SwiGLU) -> list[nn.Linear]:
-    return [ffn.gate_proj, ffn.up_proj, ffn.down_proj]
