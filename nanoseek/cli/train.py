@@ -35,14 +35,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     opts = build(PretrainOptions, args.config, args.overrides, out=args.out, data=args.data)
     last = run_pretrain(opts, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for all
-        return 0
-    val = last.get("val_loss")
-    print(
-        f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
-        + (f", val loss {val:.4f}" if val is not None else "")
-        + f"; model in {os.path.join(opts.out, 'model')}"
-    )
+    _print_done(last, opts.out)
     return 0
 
 
@@ -140,6 +133,8 @@ def run_grpo(args: argparse.Namespace) -> int:
 
 
 def _print_done(last: dict, out: str) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for all
+        return
     val = last.get("val_loss")
     print(
         f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"

@@ -43,7 +43,7 @@ import torch
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.train.distill_losses import LOSSES, distill_loss
-from nanoseek.train.loop import LoopOptions, Trainer
+from nanoseek.train.loop import LoopOptions, Trainer, convert_for_fp8
 from nanoseek.train.options import to_dict
 from nanoseek.train.sft import (
     ChatDataOptions,
@@ -250,16 +250,17 @@ def build_student(spec: str, teacher_cfg: ModelConfig, tokenizer):
 
 
 @torch.no_grad()
-def mean_ce(model, batches: Sequence[SFTBatch] | None) -> float | None:
-    """Token-weighted cross-entropy of `model` over labelled targets (a reference number)."""
+def sum_ce(model, batches: Sequence[SFTBatch]) -> tuple[float, int]:
+    """(summed cross-entropy, labelled targets) of `model` over the batches (a reference
+    number: the teacher's loss on the validation data)."""
     total, count = 0.0, 0
-    for b in batches or []:
+    for b in batches:
         t = b.targets(0)
         n = int((t != IGNORE_INDEX).sum())
         if n:
             total += lm_loss(model(b.inputs, mtp=False).logits, t).item() * n
             count += n
-    return total / count if count else None
+    return total, count
 
 
 # ------------------------------------------------------------------------------ on-policy data
@@ -388,28 +389,62 @@ def run_distill(
     sample_fn: SampleFn | None = None,
 ) -> dict:
     """Distil `opts.teacher` into `opts.student`, export OUT/model; returns the final metrics.
-    `sample_fn` replaces the generator (default: the stand-in `naive_sample`)."""
+    `sample_fn` replaces the generator (default: the stand-in `naive_sample`).
+
+    Under torchrun every rank calls this, as in SFT: the student is sharded like a pre-training
+    model, every rank holds the whole (frozen) teacher and scores its own share of each batch;
+    in sequence mode rank 0 alone samples the teacher. The student's own on-policy samples
+    (onpolicy_frac > 0) are single-process only: ranks would run different numbers of
+    generation steps through the sharded student."""
+    from nanoseek.dist.parallel import launch
+
     opts.validate()
-    if opts.mode == "sequence":
-        return run_sequence_distill(opts, resume, progress, sample_fn)
-    from nanoseek.checkpoint.io import save
+    with launch(opts, student_experts(opts.student, opts.teacher)) as par:
+        if par.distributed and opts.mode == "logit" and opts.onpolicy_frac > 0:
+            raise ConfigError(
+                "option 'onpolicy_frac' > 0 (the student samples its own sequences) runs in "
+                "one process only: drop torchrun or set onpolicy_frac=0"
+            )
+        if opts.mode == "sequence":
+            return run_sequence_distill(opts, par, resume, progress, sample_fn)
+        return _run_logit_distill(opts, par, resume, progress, sample_fn)
+
+
+def student_experts(student: str, teacher: str) -> int | None:
+    """n_routed_experts of the student to be (expert parallelism must divide it)."""
+    from nanoseek.presets import PRESETS
+    from nanoseek.train.sft import routed_experts
+
+    if os.path.isdir(student):
+        return routed_experts(student)
+    if student in PRESETS:
+        return ModelConfig.from_preset(student).n_routed_experts
+    if os.path.isfile(student):
+        return ModelConfig.from_json_file(student).n_routed_experts
+    return routed_experts(teacher)  # not a student spec: build_student reports it
+
+
+def _run_logit_distill(opts: DistillOptions, par, resume, progress, sample_fn) -> dict:
     from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.dist.checkpoint import export_hf
 
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
     tok_src = tokenizer_dir(opts.teacher, opts.tokenizer)
     tokenizer = Tokenizer.load(tok_src)
-    teacher = load_teacher(opts.teacher)
+    teacher = load_teacher(opts.teacher).to(par.device)
     student = build_student(opts.student, teacher.config, tokenizer)
     for name, m in (("teacher", teacher), ("student", student)):
         if opts.seq_len > m.config.max_position_embeddings:
             raise ConfigError(
                 f"option 'seq_len' {opts.seq_len} exceeds the {name}'s max_position_embeddings"
             )
+    W = par.world_size
     train_ds, val_batches, stats = prepare_datasets(
-        opts, tokenizer, opts.seed, opts.batch_size, opts.eval_batches
+        opts, tokenizer, opts.seed, opts.batch_size // W, opts.eval_batches, par.rank, W
     )
-    print(f"distill data: {describe(stats, train_ds, val_batches)}", file=sys.stderr)
+    if par.is_main:
+        print(f"distill data: {describe(stats, train_ds, val_batches)}", file=sys.stderr)
     if opts.epochs > 0:
         opts = dataclasses.replace(
             opts, max_steps=steps_for_epochs(opts.epochs, train_ds, opts.grad_accum)
@@ -421,16 +456,25 @@ def run_distill(
         max_new_tokens=opts.max_new_tokens, temperature=opts.gen_temperature,
         batch_size=opts.batch_size, seq_len=opts.seq_len, pad_id=tokenizer.pad_id, seed=opts.seed,
     )  # fmt: skip
-    tok_files = copy_tokenizer(tok_src, opts.out)
-    with open(os.path.join(opts.out, "options.json"), "w") as f:
-        json.dump(to_dict(opts), f, indent=2)
-    teacher_val = mean_ce(teacher, val_batches)
-    with open(os.path.join(opts.out, "teacher_eval.json"), "w") as f:
-        json.dump({"teacher_val_loss": teacher_val, **stats.to_dict()}, f, indent=2)
-    if teacher_val is not None:
-        print(f"teacher val loss {teacher_val:.4f}", file=sys.stderr)
+    # the teacher's loss on every rank's validation rows, summed over the ranks
+    total, count = par.sum(list(sum_ce(teacher, [par.to_device(b) for b in val_batches or []])))
+    teacher_val = total / count if count else None
+
+    def write_run_files() -> list[str]:
+        files = copy_tokenizer(tok_src, opts.out)
+        with open(os.path.join(opts.out, "options.json"), "w") as f:
+            json.dump(to_dict(opts), f, indent=2)
+        with open(os.path.join(opts.out, "teacher_eval.json"), "w") as f:
+            json.dump({"teacher_val_loss": teacher_val, **stats.to_dict()}, f, indent=2)
+        if teacher_val is not None:
+            print(f"teacher val loss {teacher_val:.4f}", file=sys.stderr)
+        return files
+
+    tok_files = par.broadcast(par.on_main(write_run_files))
+    if opts.precision == "fp8":  # before sharding: FSDP wraps the swapped layers
+        convert_for_fp8(student, par.is_main)
     trainer = Trainer(
-        student,
+        par.parallelize(student, opts.precision),
         opts,
         make_loss_fn(teacher, opts, tokenizer.vocab_size),
         data,
@@ -438,12 +482,13 @@ def run_distill(
         extra_files=tok_files,
         after_step=(lambda step: data.stats()) if opts.onpolicy_frac > 0 else None,
         run_info=to_dict(opts),
+        parallel=par,
     )
-    if resume and trainer.resume():
+    if resume and trainer.resume() and par.is_main:
         print(f"resumed from step {trainer.step} in {opts.out}", file=sys.stderr)
     last = trainer.fit(progress=progress_bar("distill") if progress else None)
-    save(trainer.model, os.path.join(opts.out, "model"), extra_files=tok_files)
-    if opts.plot:
+    export_hf(trainer.model, os.path.join(opts.out, "model"), tok_files, par)
+    if opts.plot and par.is_main:
         write_plot(opts.out, f"distillation ({opts.loss}), student cross-entropy")
     return last
 
@@ -482,14 +527,30 @@ def teacher_samples(
 
 
 def run_sequence_distill(
-    opts: DistillOptions, resume: bool, progress: bool, sample_fn: SampleFn | None
+    opts: DistillOptions, par, resume: bool, progress: bool, sample_fn: SampleFn | None
 ) -> dict:
-    """Teacher samples -> verifier -> OUT/teacher_samples.jsonl -> SFT of the student."""
+    """Teacher samples -> verifier -> OUT/teacher_samples.jsonl -> SFT of the student. Rank 0
+    samples and writes the files (under torchrun the others wait), then every rank runs SFT."""
+    os.makedirs(opts.out, exist_ok=True)
+    tok_src = tokenizer_dir(opts.teacher, opts.tokenizer)
+    student_dir = par.broadcast(
+        par.on_main(lambda: _teacher_data(opts, tok_src, resume, sample_fn))
+    )
+    shared = {f.name for f in dataclasses.fields(SFTOptions)} & {
+        f.name for f in dataclasses.fields(DistillOptions)
+    }
+    values = {k: getattr(opts, k) for k in shared}
+    samples_path = os.path.join(opts.out, "teacher_samples.jsonl")
+    values.update(model=student_dir, data=[samples_path], task=None, tokenizer=tok_src)
+    return run_sft(SFTOptions(**values), resume=resume, progress=progress)
+
+
+def _teacher_data(opts: DistillOptions, tok_src: str, resume: bool, sample_fn) -> str:
+    """Sequence mode's data: the teacher's verified samples and the student's starting
+    checkpoint (written once, kept on resume); returns the student's directory."""
     from nanoseek.checkpoint.io import save
     from nanoseek.data.tokenizer import Tokenizer
 
-    os.makedirs(opts.out, exist_ok=True)
-    tok_src = tokenizer_dir(opts.teacher, opts.tokenizer)
     tokenizer = Tokenizer.load(tok_src)
     samples_path = os.path.join(opts.out, "teacher_samples.jsonl")
     stats_path = os.path.join(opts.out, "teacher_samples.json")
@@ -526,10 +587,4 @@ def run_sequence_distill(
             torch.manual_seed(opts.seed)
             student = build_student(opts.student, teacher_cfg, tokenizer)
             save(student, student_dir, extra_files=copy_tokenizer(tok_src, opts.out))
-    del teacher
-    shared = {f.name for f in dataclasses.fields(SFTOptions)} & {
-        f.name for f in dataclasses.fields(DistillOptions)
-    }
-    values = {k: getattr(opts, k) for k in shared}
-    values.update(model=student_dir, data=[samples_path], task=None, tokenizer=tok_src)
-    return run_sft(SFTOptions(**values), resume=resume, progress=progress)
+    return student_dir

@@ -31,14 +31,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.config import ConfigError
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
-from nanoseek.train.loop import LoopOptions, Trainer
+from nanoseek.train.loop import LoopOptions, Trainer, convert_for_fp8
 from nanoseek.train.options import to_dict
 from nanoseek.train.sft_data import (
     OVERLONG,
     DataStats,
     SFTBatch,
+    SFTDataError,
     SFTDataset,
     load_examples,
     resolve_task,
@@ -123,9 +124,18 @@ def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
 
 
 def prepare_datasets(
-    opts: ChatDataOptions, tokenizer, seed: int, batch_size: int, eval_batches: int
+    opts: ChatDataOptions,
+    tokenizer,
+    seed: int,
+    batch_size: int,
+    eval_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[SFTDataset, list[SFTBatch] | None, DataStats]:
-    """(train SFTDataset, fixed validation batches or None, stats) from the data options."""
+    """(train SFTDataset, fixed validation batches or None, stats) from the data options.
+    With several ranks, `batch_size` is each rank's share: rank r's batch i holds rows
+    (i*W + r)*b .. of the packed order, so the W ranks' batches i together are one process's
+    batch i of W*b rows."""
     convs = []
     if opts.task:
         convs = task_conversations(
@@ -142,11 +152,22 @@ def prepare_datasets(
         train = examples
     else:
         train, val = split_examples(examples, opts.val_fraction, seed)
-    kw = dict(seq_len=opts.seq_len, batch_size=batch_size, pad_id=tokenizer.pad_id, seed=seed)
+    kw = dict(seq_len=opts.seq_len, batch_size=batch_size, pad_id=tokenizer.pad_id, seed=seed,
+              rank=rank, world_size=world_size)  # fmt: skip
     train_ds = SFTDataset(train, **kw)
     val_batches = None  # None, not []: the loop then logs no validation loss at all
     if val and eval_batches > 0:
-        val_batches = SFTDataset(val, shuffle=False, **kw).fixed_batches(eval_batches)
+        try:
+            val_ds = SFTDataset(val, shuffle=False, **kw)
+        except SFTDataError:  # a small validation split over several ranks: 1 row per batch
+            try:
+                val_ds = SFTDataset(val, shuffle=False, **{**kw, "batch_size": 1})
+            except SFTDataError:
+                raise SFTDataError(
+                    f"validation data: {len(val)} examples pack into fewer rows than the "
+                    f"{world_size} ranks: raise val_fraction or give more val_data"
+                ) from None
+        val_batches = val_ds.fixed_batches(eval_batches)
     return train_ds, val_batches, stats
 
 
@@ -216,10 +237,31 @@ def load_for_training(model_dir: str, tokenizer: str | None = None):
 
 
 def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune `opts.model` on the data, export OUT/model; returns the final metrics."""
-    from nanoseek.checkpoint.io import save
+    """Fine-tune `opts.model` on the data, export OUT/model; returns the final metrics.
+
+    Under torchrun every rank calls this (nanoseek/dist/parallel.py decides from the
+    environment), as in pre-training: `batch_size` is the global number of sequences per
+    micro-batch, each rank trains on its share of every batch with the weights sharded (FSDP2,
+    expert parallelism), rank 0 writes the files and the consolidated model."""
+    from nanoseek.dist.parallel import launch
 
     opts.validate()
+    with launch(opts, routed_experts(opts.model)) as par:
+        return _run_sft(opts, par, resume, progress)
+
+
+def routed_experts(model_dir: str) -> int | None:
+    """n_routed_experts of a checkpoint (expert parallelism must divide it); None when the
+    directory has no readable config (the loader then reports what is wrong)."""
+    try:
+        return ModelConfig.from_pretrained(model_dir).n_routed_experts
+    except Exception:  # noqa: BLE001 - load_for_training raises the proper error
+        return None
+
+
+def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:
+    from nanoseek.dist.checkpoint import export_hf
+
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
     tok_src, tokenizer, model = load_for_training(opts.model, opts.tokenizer)
@@ -230,32 +272,42 @@ def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> di
             f"{cfg.max_position_embeddings}"
         )
     train_ds, val_batches, stats = prepare_datasets(
-        opts, tokenizer, opts.seed, opts.batch_size, opts.eval_batches
-    )
-    print(f"sft data: {describe(stats, train_ds, val_batches)}", file=sys.stderr)
+        opts, tokenizer, opts.seed, opts.batch_size // par.world_size, opts.eval_batches,
+        par.rank, par.world_size,
+    )  # fmt: skip
+    if par.is_main:
+        print(f"sft data: {describe(stats, train_ds, val_batches)}", file=sys.stderr)
     if opts.epochs > 0:
         opts = dataclasses.replace(
             opts, max_steps=steps_for_epochs(opts.epochs, train_ds, opts.grad_accum)
         )
-    tok_files = copy_tokenizer(tok_src, opts.out)
-    with open(os.path.join(opts.out, "options.json"), "w") as f:
-        json.dump(to_dict(opts), f, indent=2)
-    with open(os.path.join(opts.out, "data_stats.json"), "w") as f:
-        json.dump(stats.to_dict(), f, indent=2)
+
+    def write_run_files() -> list[str]:
+        files = copy_tokenizer(tok_src, opts.out)
+        with open(os.path.join(opts.out, "options.json"), "w") as f:
+            json.dump(to_dict(opts), f, indent=2)
+        with open(os.path.join(opts.out, "data_stats.json"), "w") as f:
+            json.dump(stats.to_dict(), f, indent=2)
+        return files
+
+    tok_files = par.broadcast(par.on_main(write_run_files))
+    if opts.precision == "fp8":  # before sharding: FSDP wraps the swapped layers
+        convert_for_fp8(model, par.is_main)
     trainer = Trainer(
-        model,
+        par.parallelize(model, opts.precision),
         opts,
         make_loss_fn(opts.mtp_lambda),
         train_ds,
         val_batches,
         extra_files=tok_files,
         run_info=to_dict(opts),
+        parallel=par,
     )
-    if resume and trainer.resume():
+    if resume and trainer.resume() and par.is_main:
         print(f"resumed from step {trainer.step} in {opts.out}", file=sys.stderr)
     last = trainer.fit(progress=progress_bar("sft") if progress else None)
-    save(trainer.model, os.path.join(opts.out, "model"), extra_files=tok_files)
-    if opts.plot:
+    export_hf(trainer.model, os.path.join(opts.out, "model"), tok_files, par)
+    if opts.plot and par.is_main:
         write_plot(opts.out, "SFT loss (assistant tokens)")
     return last
 
