@@ -155,12 +155,25 @@ def load_sharded(path: str, model, optimizer=None) -> None:
 
     import torch.distributed.checkpoint as dcp
 
+    checkpoint = os.path.join(path, SHARDS)
     if optimizer is not None:
         init_optimizer_state(optimizer)
     flat = sharded_state(model, optimizer)
+    if optimizer is not None:  # parameters that never had a gradient (MTP modules in GRPO, in
+        # SFT with mtp_lambda=0) have no moments in the checkpoint: none after loading either
+        saved = set(dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata)
+        stepped = set()  # keys: optim.{param}.{state}[.{expert}]
+        for k in saved:
+            if k.startswith("optim."):
+                stepped.update(k[len("optim.") :].rsplit(".", n)[0] for n in (1, 2))
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p in list(optimizer.state):
+            if names[id(p)] not in stepped:
+                del optimizer.state[p]
+        flat = {k: v for k, v in flat.items() if not k.startswith("optim.") or k in saved}
     with warnings.catch_warnings():  # one process: DCP notes it runs without a process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(flat, checkpoint_id=os.path.join(path, SHARDS))
+        dcp.load(flat, checkpoint_id=checkpoint)
     if optimizer is not None:
         _restore_objects(model, optimizer, flat)
 
@@ -209,10 +222,10 @@ def _copy_local(dest: torch.Tensor, full: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------ consolidated export
 @torch.no_grad()
-def full_state_dict(model, par) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict on rank 0 (CPU), None elsewhere: FSDP shards all-gathered,
-    expert slices gathered over their ep group. One tensor at a time, in the same order on every
-    rank (each gather is a collective)."""
+def full_state_dict(model, par, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 (CPU; on every rank with `everywhere`), None
+    elsewhere: FSDP shards all-gathered, expert slices gathered over their ep group. One tensor
+    at a time, in the same order on every rank (each gather is a collective)."""
     import torch.distributed as dist
 
     from nanoseek.dist.expert_parallel import ExpertParallelExperts
@@ -231,9 +244,9 @@ def full_state_dict(model, par) -> dict[str, torch.Tensor] | None:
             parts = [torch.empty_like(t) for _ in range(par.shape.ep)]
             dist.all_gather(parts, t.contiguous(), group=par.ep_group)
             t = torch.cat(parts)
-        if par.is_main:
+        if par.is_main or everywhere:
             out[name] = t.detach().cpu()
-    return out if par.is_main else None
+    return out if par.is_main or everywhere else None
 
 
 def export_hf(model, directory: str, extra_files, par) -> None:

@@ -38,9 +38,12 @@ checkpoints/step-N (exact resume: weights, optimizer, step, RNG, prompt position
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import io
 import json
+import math
 import os
 import sys
 import time
@@ -182,6 +185,25 @@ def make_batches(rows: list[dict], pad_id: int, batch_size: int, norm: dict) -> 
     return batches
 
 
+def rank_batches(rows: list[dict], pad_id: int, batch_size: int, norm: dict, par) -> list[dict]:
+    """This rank's micro-batches of the step's rows: rows rank, rank + W, ... in micro-batches of
+    batch_size / W. Every rank runs the same number of micro-batches (a sharded forward is a
+    collective), so a rank whose share is one row short gets a row with no targets: the loop
+    weights a micro-batch by its targets, so it adds nothing."""
+    W = par.world_size
+    if W == 1:
+        return make_batches(rows, pad_id, batch_size, norm)
+    b = batch_size // W
+    mine = rows[par.rank :: W]
+    batches = make_batches(mine, pad_id, b, norm) if mine else []
+    most = math.ceil(math.ceil(len(rows) / W) / b)  # micro-batches of the rank with most rows
+    while len(batches) < most:
+        idle = make_batches(rows[:1], pad_id, 1, norm)[0]
+        idle["labels"].fill_(IGNORE)
+        batches.append(idle)
+    return batches
+
+
 @torch.no_grad()
 def fill_logprobs(model, batches: list[dict], key: str, temperature: float, autocast) -> None:
     """batch[key] = the model's completion log-probs [b, L-1] (the reference's, or the old
@@ -290,42 +312,67 @@ class Watch:
 # ------------------------------------------------------------------------------ the run
 def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> dict:
     """Train `opts.model` with GRPO, export OUT/model; returns the last step's metrics (plus
-    `eval_accuracy_initial` when the run evaluated before its first step)."""
-    from nanoseek.checkpoint.io import save
+    `eval_accuracy_initial` when the run evaluated before its first step).
+
+    Under torchrun every rank calls this: the policy is sharded as in pre-training, every rank
+    keeps a full replica for generation (`Rollouts`) and a full frozen reference (beta > 0),
+    generates its share of the completions, scores all of them, and trains on its share of the
+    micro-batches (`batch_size` is then global); rank 0 writes logs and the model."""
+    from nanoseek.dist.parallel import launch
+    from nanoseek.train.sft import routed_experts
+
+    opts.validate()
+    with launch(opts, routed_experts(opts.model)) as par:
+        return _run_grpo(opts, par, resume, progress)
+
+
+def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
+    from nanoseek.dist.checkpoint import export_hf
+    from nanoseek.train.loop import convert_for_fp8
     from nanoseek.train.sft import copy_tokenizer, load_for_training
     from nanoseek.train.sft_data import resolve_task
 
-    opts.validate()
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
     tok_src, tokenizer, model = load_for_training(opts.model, opts.tokenizer)
     # beta = 0: no reference copy at all (memory of a second model saved)
-    ref = frozen_copy(model) if opts.beta != 0 else None
+    ref = frozen_copy(model).to(par.device) if opts.beta != 0 else None
+    replica = frozen_copy(model).to(par.device) if par.distributed else None
     tasks = [resolve_task(t) for t in opts.task]
     sampler = PromptSampler(tasks, opts.seed, opts.task_level)
     watch = Watch(opts.warn_after)
     level = opts.eval_level if opts.eval_level is not None else opts.task_level
     eval_problems = held_out(tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
-    tok_files = copy_tokenizer(tok_src, opts.out)
-    with open(os.path.join(opts.out, "options.json"), "w") as f:
-        json.dump(to_dict(opts), f, indent=2)
+
+    def write_run_files() -> list[str]:
+        files = copy_tokenizer(tok_src, opts.out)
+        with open(os.path.join(opts.out, "options.json"), "w") as f:
+            json.dump(to_dict(opts), f, indent=2)
+        return files
+
+    tok_files = par.broadcast(par.on_main(write_run_files))
     mu = opts.num_iterations
     # the loop's schedule counts optimizer steps: mu per GRPO step
     loop_opts = dataclasses.replace(
         opts, max_steps=opts.max_steps * mu, warmup_steps=opts.warmup_steps * mu
     )
-    trainer = Trainer(model, loop_opts, make_loss_fn(opts), None, run_info=to_dict(opts))
-    rollouts = Rollouts(model, tokenizer.eos_id, opts.prompts_per_step * opts.num_generations)
+    if opts.precision == "fp8":  # before sharding: FSDP wraps the swapped layers
+        convert_for_fp8(model, par.is_main)
+    model = par.parallelize(model, opts.precision)
+    trainer = Trainer(model, loop_opts, make_loss_fn(opts), None, run_info=to_dict(opts),
+                      parallel=par)  # fmt: skip
+    rows = opts.prompts_per_step * opts.num_generations
+    rollouts = Rollouts(replica or model, tokenizer.eos_id, rows, par)
     step = 0
     if resume:
         step = _resume(opts.out, model, trainer, sampler, watch)
-        if step:
+        rollouts.sync(model)
+        if step and par.is_main:
             print(f"resumed from step {step} in {opts.out}", file=sys.stderr)
-    metrics_path = os.path.join(opts.out, "metrics.jsonl")
-    samples_path = os.path.join(opts.out, "completions.jsonl")
+    main = par.is_main
     last: dict = {}
-    bar = _bar(opts.max_steps, step) if progress else None
-    with open(metrics_path, "a") as log, open(samples_path, "a") as samples_log:
+    bar = _bar(opts.max_steps, step) if progress and main else None
+    with _logs(opts.out, main) as (log, samples_log):
         if step == 0 and eval_problems:
             ev = evaluate(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
             last = {"step": 0, **{f"eval_{k}": v for k, v in ev.items()}}
@@ -333,13 +380,15 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
             log.flush()
         while step < opts.max_steps:
             m, shown = grpo_step(opts, step, model, ref, trainer, rollouts, tokenizer, sampler)
+            rollouts.sync(model)
             step += 1
             m["step"] = step
             if eval_problems and (step % opts.eval_every == 0 or step == opts.max_steps):
                 ev = evaluate(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
                 m.update({f"eval_{k}": v for k, v in ev.items()})
             for msg in watch.update(m, opts):
-                warnings.warn(f"grpo step {step}: {msg}", stacklevel=2)
+                if main:
+                    warnings.warn(f"grpo step {step}: {msg}", stacklevel=2)
                 m.setdefault("warnings", []).append(msg)
             log.write(json.dumps(m) + "\n")
             log.flush()
@@ -356,10 +405,21 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
                 _save(opts, step, model, trainer, sampler, watch, tok_files)
     if bar is not None:
         bar.close()
-    save(model, os.path.join(opts.out, "model"), extra_files=tok_files)
-    if opts.plot:
+    export_hf(model, os.path.join(opts.out, "model"), tok_files, par)
+    if opts.plot and main:
         write_plots(opts.out)
     return last
+
+
+@contextlib.contextmanager
+def _logs(out: str, main: bool):
+    """(metrics.jsonl, completions.jsonl) opened for appending on rank 0; elsewhere sinks."""
+    if not main:
+        yield io.StringIO(), io.StringIO()
+        return
+    with open(os.path.join(out, "metrics.jsonl"), "a") as log:
+        with open(os.path.join(out, "completions.jsonl"), "a") as samples_log:
+            yield log, samples_log
 
 
 def frozen_copy(model):
@@ -410,14 +470,14 @@ def grpo_step(opts, step, model, ref, trainer, rollouts, tokenizer, sampler) -> 
         "reward_errors": float(sum(stats.errors.values())),
         "completions_trained": len(keep),
     }
-    for line in stats.report():
+    for line in stats.report() if trainer.parallel.is_main else []:
         warnings.warn(f"grpo step {step + 1}: {line}", stacklevel=2)
 
     t1 = time.perf_counter()
     if keep:
         n_tok = sum(len(r["completion"]) for r in keep)
         norm = {"n_tokens": float(n_tok), "n_seqs": float(len(keep))}
-        batches = make_batches(keep, tokenizer.pad_id, opts.batch_size, norm)
+        batches = rank_batches(keep, tokenizer.pad_id, opts.batch_size, norm, trainer.parallel)
         if ref is not None:
             fill_logprobs(ref, batches, "ref_logp", opts.temperature, trainer.autocast)
         if opts.num_iterations > 1:  # pi_old: this policy, before the first of mu updates
@@ -449,32 +509,46 @@ def _save(opts, step, model, trainer, sampler, watch, tok_files) -> str:
     state = {
         "step": step,
         "optimizer_step": trainer.step,
-        "optimizer": trainer.optimizer.state_dict(),
         "data": {"sampler": sampler.state_dict(), "watch": watch.state_dict()},
         "rng": rng_state(),
         "options": to_dict(opts),
     }
+    par = trainer.parallel
+    if par.distributed:  # every rank writes its shards (optimizer included)
+        from nanoseek.dist.checkpoint import save_sharded
+
+        return save_sharded(
+            opts.out, step, model, trainer.optimizer, state, tok_files, opts.keep_last, par
+        )
+    state["optimizer"] = trainer.optimizer.state_dict()
     return save_checkpoint(opts.out, step, model, state, tok_files, opts.keep_last)
 
 
 def _resume(out: str, model, trainer, sampler, watch) -> int:
-    """Restore the latest checkpoint in `out`; returns its GRPO step (0: none). The frozen
-    reference stays the initial model (`opts.model`), not the checkpoint."""
+    """Restore the latest checkpoint in `out` (either format, any world size); returns its GRPO
+    step (0: none). The frozen reference stays the initial model (`opts.model`)."""
     from nanoseek.checkpoint.io import load
+    from nanoseek.dist.checkpoint import is_sharded, load_full, load_sharded
     from nanoseek.train.state import latest_checkpoint, load_state, set_rng_state
 
-    path = latest_checkpoint(out)
+    par = trainer.parallel
+    path = par.broadcast(latest_checkpoint(out) if par.is_main else None)
     if path is None:
         return 0
     state = load_state(path)
-    model.load_state_dict(load(path, dtype=torch.float32).state_dict())
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(path):
+        load_sharded(path, model, trainer.optimizer)
+    elif par.distributed:
+        load_full(path, model, trainer.optimizer, state["optimizer"])
+    else:
+        model.load_state_dict(load(path, dtype=torch.float32).state_dict())
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.step = state["optimizer_step"]
     sampler.load_state_dict(state["data"]["sampler"])
     watch.load_state_dict(state["data"]["watch"])
     set_rng_state(state["rng"])
-    for name in ("metrics.jsonl", "completions.jsonl"):  # lines written after the checkpoint
-        truncate_jsonl(os.path.join(out, name), state["step"])
+    for name in ("metrics.jsonl", "completions.jsonl") if par.is_main else ():
+        truncate_jsonl(os.path.join(out, name), state["step"])  # lines written after it
     return state["step"]
 
 

@@ -90,10 +90,19 @@ def request_seed(seed: int, step: int, index: int) -> int:
 
 # ------------------------------------------------------------------------------ generation
 class Rollouts:
-    """Owns the engine (built lazily, rebuilt when a longer prompt needs more cache)."""
+    """Owns the engine (built lazily, rebuilt when a longer prompt needs more cache).
 
-    def __init__(self, model, eos_id: int, rows: int):
-        self.model, self.eos_id, self.rows = model, eos_id, rows
+    One process: the engine runs on the policy itself (it reads the weights through views, so
+    optimizer steps reach it). Under torchrun (`par.distributed`) the policy is sharded, so
+    `model` is a full replica on every rank, refreshed from the policy by `sync` after each
+    update; every rank generates completions rank, rank + W, ... and all ranks receive all of
+    them in order. Each completion has its own seed, so the tokens do not depend on which rank
+    generated them."""
+
+    def __init__(self, model, eos_id: int, rows: int, par=None):
+        self.model, self.eos_id, self.par = model, eos_id, par
+        self.world = par.world_size if par is not None and par.distributed else 1
+        self.rows = -(-rows // self.world)
         self.engine = None
         self.limit = model.config.max_position_embeddings
 
@@ -112,7 +121,27 @@ class Rollouts:
             size = min(self.limit, need + need // 2)  # headroom for longer prompts
             self.engine = Engine(self.model, max_batch_size=self.rows, max_seq_len=size)
         self.model.eval()  # the engine switches to eval once; the trainer switches back
-        return self.engine.generate(prompts, params)
+        if self.world == 1:
+            return self.engine.generate(prompts, params)
+        import torch.distributed as dist
+
+        mine = range(self.par.rank, len(prompts), self.world)
+        done = (
+            self.engine.generate([prompts[i] for i in mine], [params[i] for i in mine])
+            if mine
+            else []
+        )
+        parts = [None] * self.world
+        dist.all_gather_object(parts, done)
+        return [parts[i % self.world][i // self.world] for i in range(len(prompts))]
+
+    def sync(self, policy) -> None:
+        """Copy the (sharded) policy's weights into the replica (a collective)."""
+        if self.world > 1:
+            from nanoseek.dist.checkpoint import full_state_dict
+
+            with torch.no_grad():
+                self.model.load_state_dict(full_state_dict(policy, self.par, everywhere=True))
 
 
 def completion_ids(tokens: list[int], eos_id: int) -> list[int]:
