@@ -15,6 +15,8 @@ import time
 from nanoseek.checkpoint.io import CheckpointError
 from nanoseek.cli.common import Command, positive_int
 
+QUANTIZE_HELP = "decode with weight-only int8 weights: faster on CPU, output not token-identical"
+
 
 # ------------------------------------------------------------------------------ generate
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -30,6 +32,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going after the eos token")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
+    p.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
@@ -92,6 +95,7 @@ def run_generate(args: argparse.Namespace) -> int:
         max_seq_len=len(prompt) + args.max_new_tokens + num_draft,
         speculative=args.speculative,
         num_draft=args.num_draft,
+        quantize=args.quantize,
     )
     print(opened, end="", flush=True)
     t0, n, reason = time.perf_counter(), 0, None
@@ -126,6 +130,7 @@ def _add_engine_options(p: argparse.ArgumentParser, max_batch: int | None) -> No
     )
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
+    p.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
     p.add_argument("--seed", type=int, default=None, help="for requests without their own")
 
 
@@ -136,6 +141,7 @@ def _engine_from_args(args: argparse.Namespace):
         args.model, args.tokenizer, dtype=args.dtype, device=args.device,
         max_batch_size=getattr(args, "max_batch", 1), max_seq_len=args.max_seq_len,
         speculative=args.speculative, num_draft=args.num_draft, seed=args.seed,
+        quantize=args.quantize,
     )  # fmt: skip
 
 

@@ -165,6 +165,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--quantize", choices=["int8"], help="decode with weight-only int8 weights")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -175,7 +176,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.model, task, args.tokenizer, args.device, n_problems=args.n, k=args.k,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        template=args.template, seed=args.seed, level=args.level,
+        template=args.template, seed=args.seed, level=args.level, quantize=args.quantize,
     )  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0

@@ -150,9 +150,16 @@ def evaluate(
     return result
 
 
-def evaluate_checkpoint(model_dir: str, task: str | Task, tokenizer_dir: str | None = None,
-                        device: str = "cpu", **kwargs) -> dict:  # fmt: skip
-    """`evaluate` on a checkpoint directory (its tokenizer beside it, or `tokenizer_dir`)."""
+def evaluate_checkpoint(
+    model_dir: str,
+    task: str | Task,
+    tokenizer_dir: str | None = None,
+    device: str = "cpu",
+    quantize: str | None = None,
+    **kwargs,
+) -> dict:
+    """`evaluate` on a checkpoint directory (its tokenizer beside it, or `tokenizer_dir`);
+    quantize="int8" samples with the weight-only int8 decode path."""
     import os
 
     import torch
@@ -173,6 +180,10 @@ def evaluate_checkpoint(model_dir: str, task: str | Task, tokenizer_dir: str | N
             f"tokenizer in {tok_dir} has {tokenizer.vocab_size} ids, more than the model's "
             f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
         )
+    if quantize is not None:
+        from nanoseek.eval.sampling import engine_sample_fn, stop_ids
+
+        kwargs["sample_fn"] = engine_sample_fn(stop_ids(tokenizer), quantize=quantize)
     return evaluate(model, tokenizer, t, **kwargs)
 
 

@@ -67,12 +67,17 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
 
 
 def engine_sample_fn(
-    stop_token_ids: Sequence[int] = (), *, batch_size: int = 64, top_p: float = 1.0
+    stop_token_ids: Sequence[int] = (),
+    *,
+    batch_size: int = 64,
+    top_p: float = 1.0,
+    quantize: str | None = None,
 ) -> SampleFn:
     """A SampleFn on the engine: all prompts go in at once and the engine batches them (up to
     `batch_size` rows decode together, continuous batching refills finished rows). Request i
     gets seed `seed + i`, so a sample does not depend on what else is in the batch. A request
-    whose prompt leaves fewer than max_new_tokens positions in the context gets the rest."""
+    whose prompt leaves fewer than max_new_tokens positions in the context gets the rest.
+    quantize="int8": decode with weight-only int8 weights (nanoseek/infer/quant.py)."""
     from nanoseek.infer import Engine, SamplingParams
 
     stops = tuple(int(t) for t in stop_token_ids)
@@ -101,6 +106,7 @@ def engine_sample_fn(
                 max_batch_size=min(batch_size, len(prompts)),
                 max_seq_len=min(ctx, longest + max_new_tokens),
                 seed=seed,
+                quantize=quantize,
             )
             return [c.token_ids for c in engine.generate([list(p) for p in prompts], params)]
         finally:

@@ -27,6 +27,7 @@ def generate(
     pad_token_id: int | None = None,
     return_logprobs: bool = False,
     engine: Engine | None = None,
+    quantize: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Generate continuations of a batch of prompts; returns the new tokens [B, N].
 
@@ -38,7 +39,8 @@ def generate(
     (`eos_token_id`, default the config's) or a stop token id, N is the longest row and shorter
     rows are padded with `pad_token_id` (default: the eos id). return_logprobs adds a float
     tensor [B, N] of each token's log-probability (NaN on padding). `engine` reuses an Engine
-    (its cache must fit the batch) instead of building one per call.
+    (its cache must fit the batch) instead of building one per call. quantize="int8" decodes
+    with weight-only int8 weights (faster on CPU, output not identical; see infer/quant.py).
     """
     prompts = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() != 2:
@@ -54,6 +56,7 @@ def generate(
             speculative=speculative,
             num_draft=num_draft,
             seed=seed,
+            quantize=quantize,
         )
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

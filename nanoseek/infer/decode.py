@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.infer.quant import QUANTIZE, Int8Weight, mm
 from nanoseek.model.block import DecoderLayer
 from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.moe import MoE
@@ -42,13 +43,15 @@ class DecodeWeights:
     up) is stored as one W^T of their concatenation along `out`: one GEMM instead of several
     (always a copy). `refresh()` re-copies the entries whose weights' storage or version changed."""
 
-    def __init__(self, transpose: bool):
-        self.transpose = transpose
+    def __init__(self, transpose: bool, quantize: str | None = None):
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        self.transpose, self.quantize = transpose, quantize
         self._entries: dict[tuple[int, ...], list] = {}  # ids -> [weights, key, W^T]
 
-    def t(self, *weights: torch.Tensor) -> torch.Tensor:
-        """W^T of weights registered together with `add` (no checks: call `refresh` once per
-        step)."""
+    def t(self, *weights: torch.Tensor) -> torch.Tensor | Int8Weight:
+        """W^T of weights registered together with `add`, or their `Int8Weight` when quantizing
+        (multiply with `quant.mm`; no checks: call `refresh` once per step)."""
         return self._entries[tuple(map(id, weights))][2]
 
     def add(self, *weights: torch.Tensor) -> None:
@@ -67,21 +70,25 @@ class DecodeWeights:
         key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in entry[0])
         if key != entry[1]:
             ws = [w.detach() for w in entry[0]]
-            w_t = (ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)).transpose(-1, -2)
+            w = ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)  # [..., out, in]
+            if self.quantize == "int8":
+                entry[1], entry[2] = key, Int8Weight.quantize(w)
+                return
+            w_t = w.transpose(-1, -2)
             entry[1], entry[2] = key, w_t.contiguous() if self.transpose else w_t
 
     def nbytes(self) -> int:
         """Extra memory the copies take (W^T views cost nothing)."""
         return sum(
-            e[2].numel() * e[2].element_size()
+            e[2].nbytes if isinstance(e[2], Int8Weight) else e[2].numel() * e[2].element_size()
             for e in self._entries.values()
-            if self.transpose or len(e[0]) > 1
+            if self.transpose or self.quantize or len(e[0]) > 1
         )
 
 
-def linear(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None):
-    """F.linear with the weight given as W^T [in, out]."""
-    y = x @ w_t
+def linear(x: torch.Tensor, w_t: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None):
+    """F.linear with the weight given as W^T [in, out] (or quantized)."""
+    y = mm(x, w_t)
     return y if bias is None else y + bias
 
 
@@ -128,8 +135,8 @@ def latent_attention(
 # ------------------------------------------------------------------------------ feed-forward
 def swiglu(ffn: SwiGLU, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
     """SwiGLU.forward with W^T weights, gate and up as one GEMM."""
-    gate, up = (x @ dw.t(ffn.gate_proj.weight, ffn.up_proj.weight)).chunk(2, dim=-1)
-    return F.silu(gate).mul_(up) @ dw.t(ffn.down_proj.weight)
+    gate, up = mm(x, dw.t(ffn.gate_proj.weight, ffn.up_proj.weight)).chunk(2, dim=-1)
+    return mm(F.silu(gate).mul_(up), dw.t(ffn.down_proj.weight))
 
 
 def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
@@ -159,8 +166,8 @@ def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
         for n, (es, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
             xn, yn = flat[n], y[n]
             for e, w in zip(es, ws):
-                gate, up = (xn @ gate_up_t[e]).chunk(2)
-                yn.add_(F.silu(gate).mul_(up) @ down_t[e], alpha=w)
+                gate, up = mm(xn, gate_up_t[e]).chunk(2)
+                yn.add_(mm(F.silu(gate).mul_(up), down_t[e]), alpha=w)
         return y.view(B, T, D)
     K = indices.shape[1]
     expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
@@ -171,8 +178,8 @@ def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
     start = 0
     for e, n in enumerate(counts):
         if n:
-            gate, up = (xs[start : start + n] @ gate_up_t[e]).chunk(2, dim=-1)  # [n,F] each
-            torch.matmul(F.silu(gate).mul_(up), down_t[e], out=out[start : start + n])
+            gate, up = mm(xs[start : start + n], gate_up_t[e]).chunk(2, dim=-1)  # [n,F] each
+            out[start : start + n] = mm(F.silu(gate).mul_(up), down_t[e])
             start += n
     out *= weights.reshape(-1)[order].to(out.dtype)[:, None]
     return y.index_add_(0, token, out).view(B, T, D)
@@ -210,7 +217,7 @@ class DecodeLayer:
         """x [B,T,D] (normed) -> q_nope [B,T,H,N_h], q_rope [B,T,H,R], c_kv [B,T,C],
         k_rope [B,T,R]: `MLA.project_q` + `project_latent` with the complex RoPE."""
         a, (B, T, _) = self.attn, x.shape
-        y = x @ self.dw.t(self.first.weight, a.kv_a_proj_with_mqa.weight)
+        y = mm(x, self.dw.t(self.first.weight, a.kv_a_proj_with_mqa.weight))
         q, kv = y.split([self.first_dim, y.shape[-1] - self.first_dim], dim=-1)
         if self.first.bias is not None:
             q = q + self.first.bias

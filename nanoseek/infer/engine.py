@@ -99,6 +99,7 @@ class Engine:
         speculative: str | None = None,
         num_draft: int = 1,
         seed: int | None = None,
+        quantize: str | None = None,
     ):
         """model: a CausalLM, used as it is (a trainer may keep updating it: GRPO rollouts;
         every step runs it in eval mode and restores its mode). tokenizer: optional; needed for
@@ -106,7 +107,9 @@ class Engine:
         (prompt + max_new_tokens + num_draft must fit), default min(max_position_embeddings,
         4096); the cache is allocated once for max_batch_size rows of it.
         speculative: None or "mtp" (draft num_draft tokens per step with the MTP module).
-        seed: the generator of requests without their own seed."""
+        seed: the generator of requests without their own seed. quantize: None (exact) or
+        "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
+        token-identical; nanoseek/infer/quant.py)."""
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
         if max_batch_size < 1:
@@ -116,7 +119,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
-        self.runner = ModelRunner(model, max_batch_size, self.max_seq_len, mtp=speculative == "mtp")
+        self.runner = ModelRunner(
+            model, max_batch_size, self.max_seq_len, mtp=speculative == "mtp", quantize=quantize
+        )
         self.speculator = MTPSpeculator(self.runner, num_draft) if speculative else None
         self.num_draft = num_draft if speculative else 0
         eos = self.config.eos_token_id

@@ -56,6 +56,7 @@ class ModelRunner:
         mtp: bool = False,
         sparse_moe_max_tokens: int = 64,
         transpose_weights: bool | None = None,
+        quantize: str | None = None,
     ):
         c = model.config
         if mtp and not len(model.mtp):
@@ -71,7 +72,7 @@ class ModelRunner:
             # decode-time weight layout (W^T copies on CPU, see decode.py); default: CPU only
             if transpose_weights is None:
                 transpose_weights = model.device.type == "cpu"
-            self.weights = DecodeWeights(transpose_weights)
+            self.weights = DecodeWeights(transpose_weights, quantize)
             self.weights.add(model.lm_head.weight)
             # kv_b_proj is split here, once, into W_UK / W_UV views
             self.decode_layers = [DecodeLayer(layer, self.weights) for layer in self.layers]

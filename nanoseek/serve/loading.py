@@ -24,6 +24,7 @@ def load_engine(
     speculative: str | None = None,
     num_draft: int = 1,
     seed: int | None = None,
+    quantize: str | None = None,
 ) -> tuple[Engine, Tokenizer]:
     """(engine, tokenizer) for a checkpoint directory holding tokenizer.json (or
     `tokenizer_dir`). Everything cheap is checked before the weights load; user errors raise
@@ -58,5 +59,6 @@ def load_engine(
         speculative=speculative,
         num_draft=num_draft,
         seed=seed,
+        quantize=quantize,
     )
     return engine, tokenizer

@@ -1,0 +1,64 @@
+"""Weight-only int8 for decoding (opt-in, `Engine(..., quantize="int8")`): a quarter of the bytes.
+
+Shape legend: N rows, K in features, O out features, E experts.
+
+Decoding a few tokens on CPU reads every weight it multiplies once per step, so its speed is the
+memory bandwidth divided by the bytes of the weights (bench/decode.py --gemm-split shows GEMMs
+taking most of a step). Storing the decode-time copies as int8 with one scale per output
+channel (symmetric, absmax / 127) reads 1 byte per weight instead of 4 (fp32) and runs on ATen's
+`_weight_int8pack_mm` CPU kernel, which dequantises inside the GEMM. Activations go through it in
+bf16 (the kernel's fast input type) and come back in the model dtype.
+
+This changes the numbers: ~0.7% relative error per matmul from the weights, plus bf16 rounding
+of the activations, so greedy output is NOT token-identical to the exact path (bench/decode.py
+prints the share of identical tokens; tests/infer/test_quant.py bounds the logit error). Prefill,
+training and every exact-path test stay in the model dtype; only what `DecodeWeights` would copy
+(the projections, the experts, the output head) is quantised, the absorbed attention weights
+W_UK / W_UV and the norms are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANTIZE = (None, "int8")
+
+
+@dataclass
+class Int8Weight:
+    """q [..., O, K] int8 and scale [..., O] (bf16): W ~= q * scale[..., None]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int8Weight:
+        """Per-output-channel symmetric int8 of w [..., O, K]."""
+        w = w.detach().float()
+        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # [..., O]
+        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.to(torch.bfloat16))
+
+    def __getitem__(self, e: int) -> Int8Weight:
+        """Expert e of a stacked [E, O, K] weight."""
+        return Int8Weight(self.q[e], self.scale[e])
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> x @ W^T [..., O] in x's dtype."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(flat, self.q, self.scale)  # [N,O] bf16
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[..., None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+
+def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """x @ W^T for a decode weight: a float W^T [K, O] tensor or an `Int8Weight`."""
+    return w.mm(x) if isinstance(w, Int8Weight) else x @ w
