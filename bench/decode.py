@@ -4,6 +4,7 @@
     python bench/decode.py --threads 1 --repeats 5  # pin threads, more repeats on a busy machine
     python bench/decode.py --model runs/tiny/model  # a trained checkpoint: + MTP speculative rows
     python bench/decode.py --threads 1 --gemm-split # + where nanoseek's step time goes
+    python bench/decode.py --threads 1 --quantize   # + rows for weight-only int8 decoding
 
 One random model with the model-core benchmark config (`bench/train_step.py: bench_config()`) is
 saved with `nanoseek.save`; the SAME directory is loaded by `transformers` and by `nanoseek.load`.
@@ -24,6 +25,12 @@ into GEMM time (mm, bmm, baddbmm, addmm: reading the weights and the cache) and 
 (norms, RoPE, routing, softmax, indexing, Python), then prints the ceiling: the tokens/s nanoseek
 would reach if everything but its GEMMs took no time. The profiler adds ~1 us per operator, so the
 "other" share is slightly inflated; the GEMMs (tens of us each) are not.
+
+`--quantize` adds "nanoseek int8" rows: the same engine with `quantize="int8"` (weight-only int8
+copies of the decode weights, nanoseek/infer/quant.py). Not the same numbers as the fp32
+checkpoint: the note gives the share of its tokens equal to nanoseek's exact output (on a random
+model, whose next-token distributions are nearly flat, greedy paths part early; on a trained
+model they stay together, see the README).
 
 Speculative rows (MTP drafting, batch 1) need a model whose MTP module was trained: on random
 weights the acceptance rate is meaningless (drafts are noise), so without `--model` they are
@@ -146,6 +153,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-draft", type=int, default=1, help="drafts per step for MTP rows")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--gemm-split", action="store_true", help="+ GEMM / other split of a step")
+    p.add_argument("--quantize", action="store_true", help="+ nanoseek with int8 weights")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -196,6 +204,8 @@ def main(argv=None) -> None:
         if not args.skip_transformers:
             runners["transformers"] = hf_runner(directory, dtype)
         runners["nanoseek"], _ = nanoseek_runner(model, B, max_len)
+        if args.quantize:
+            runners["nanoseek int8"], _ = nanoseek_runner(model, B, max_len, quantize="int8")
         spec_engine = None
         if spec and B == 1:
             runners[f"nanoseek mtp k={args.num_draft}"], spec_engine = nanoseek_runner(
@@ -212,6 +222,9 @@ def main(argv=None) -> None:
             if base is not None and name != "transformers":
                 same = (r["tokens"] == base["tokens"]).float().mean().item()
                 note = f"{same:.0%} tokens equal to transformers'"
+            if name == "nanoseek int8":
+                same = (r["tokens"] == res["nanoseek"]["tokens"]).float().mean().item()
+                note = f"{same:.0%} tokens equal to nanoseek's exact output"
             if name.startswith("nanoseek mtp"):
                 rates = spec_engine.speculator.acceptance_rates()
                 note = (
