@@ -47,17 +47,26 @@ class DecodeWeights:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         self.transpose, self.quantize = transpose, quantize
-        self._entries: dict[tuple[int, ...], list] = {}  # ids -> [weights, key, W^T]
+        self._entries: dict[tuple[int, ...], list] = {}  # ids -> [weights, key, W^T, experts]
 
     def t(self, *weights: torch.Tensor) -> torch.Tensor | Int8Weight:
         """W^T of weights registered together with `add`, or their `Int8Weight` when quantizing
         (multiply with `quant.mm`; no checks: call `refresh` once per step)."""
         return self._entries[tuple(map(id, weights))][2]
 
+    def experts(self, weight: torch.Tensor) -> list:
+        """`t(weight)` of a stacked [E, out, in] weight as a list of the E experts' W^T (split
+        once per refresh: indexing a tensor per expert per step is an operator call each)."""
+        entry = self._entries[(id(weight),)]
+        if entry[3] is None:
+            w = entry[2]
+            entry[3] = [w[e] for e in range(weight.shape[0])]
+        return entry[3]
+
     def add(self, *weights: torch.Tensor) -> None:
         ids = tuple(map(id, weights))
         if ids not in self._entries:
-            self._entries[ids] = entry = [weights, None, None]
+            self._entries[ids] = entry = [weights, None, None, None]
             self._update(entry)
 
     def refresh(self) -> None:
@@ -72,10 +81,10 @@ class DecodeWeights:
             ws = [w.detach() for w in entry[0]]
             w = ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)  # [..., out, in]
             if self.quantize == "int8":
-                entry[1], entry[2] = key, Int8Weight.quantize(w)
+                entry[1:] = key, Int8Weight.quantize(w), None
                 return
             w_t = w.transpose(-1, -2)
-            entry[1], entry[2] = key, w_t.contiguous() if self.transpose else w_t
+            entry[1:] = key, w_t.contiguous() if self.transpose else w_t, None
 
     def nbytes(self) -> int:
         """Extra memory the copies take (W^T views cost nothing)."""
@@ -156,32 +165,33 @@ def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
     B, T, D = x.shape
     flat = x.reshape(-1, D)
     weights, indices, _ = moe.gate(flat)  # [N,K] fp32, [N,K]
-    gate_up_t = dw.t(moe.experts.gate_up_proj)  # [E,D,2F]
-    down_t = dw.t(moe.experts.down_proj)  # [E,F,D]
+    gate_up = dw.experts(moe.experts.gate_up_proj)  # E x W^T [D,2F]
+    down = dw.experts(moe.experts.down_proj)  # E x W^T [F,D]
     if moe.shared_experts is not None:
         y = swiglu(moe.shared_experts, flat, dw)
     else:
         y = torch.zeros_like(flat)
+    # int8 experts take bf16 inputs: cast once here, not around every GEMM (outputs are bf16
+    # too and are accumulated into the fp32 y)
+    xe = flat.to(torch.bfloat16) if dw.quantize else flat
     if flat.shape[0] <= 2:  # decode / a 1-draft verification: K GEMVs per token, no gathers
         for n, (es, ws) in enumerate(zip(indices.tolist(), weights.tolist())):
-            xn, yn = flat[n], y[n]
+            xn, yn = xe[n], y[n]
             for e, w in zip(es, ws):
-                gate, up = mm(xn, gate_up_t[e]).chunk(2)
-                yn.add_(mm(F.silu(gate).mul_(up), down_t[e]), alpha=w)
+                gate, up = mm(xn, gate_up[e]).chunk(2)
+                yn.add_(mm(F.silu(gate).mul_(up), down[e]), alpha=w)
         return y.view(B, T, D)
     K = indices.shape[1]
     expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
     counts = torch.bincount(expert, minlength=moe.n_experts).tolist()
     token = order // K  # [M]
-    xs = flat[token]  # [M,D]
-    out = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            gate, up = mm(xs[start : start + n], gate_up_t[e]).chunk(2, dim=-1)  # [n,F] each
-            out[start : start + n] = mm(F.silu(gate).mul_(up), down_t[e])
-            start += n
-    out *= weights.reshape(-1)[order].to(out.dtype)[:, None]
+    xs = xe[token]  # [M,D]
+    outs = []
+    for e, rows in zip(range(len(counts)), xs.split(counts)):
+        if rows.shape[0]:
+            gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
+            outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
+    out = torch.cat(outs).to(y.dtype) * weights.reshape(-1)[order].to(y.dtype)[:, None]
     return y.index_add_(0, token, out).view(B, T, D)
 
 

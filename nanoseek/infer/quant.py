@@ -46,10 +46,11 @@ class Int8Weight:
         return Int8Weight(self.q[e], self.scale[e])
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> x @ W^T [..., O] in x's dtype."""
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.q, self.scale)  # [N,O] bf16
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        """x [..., K] -> x @ W^T [..., O] in x's dtype (bf16 in, bf16 out: no casts)."""
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale)  # [N,O]
+        y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], -1)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[..., None]
