@@ -134,7 +134,7 @@ class MLA(nn.Module):
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
 
 
-def causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
+def causal_attention_cpu(q, k, v, scale: float, blocks: int | None = None) -> torch.Tensor:
     """Causal softmax(q k^T * scale) v, queries at the last T of S positions. q [B,H,T,Dq],
     k [B,H,S,Dq], v [B,H,S,V] -> [B,H,T,V].
 
@@ -143,14 +143,27 @@ def causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
     that adds the causal mask as a bias while scaling, a softmax (fp32 inside) and one bmm are
     ~2.5x faster in bf16 and ~1.2x in fp32 (fwd + bwd, [8,4,256,96]). Like HF's eager path, the
     bf16 scores are rounded to bf16 before the softmax; `impl="eager"` keeps them in fp32.
+
+    The queries are split into `blocks` row blocks (2 from T = 128 on), each scored only against
+    the keys it may see: with 2, the upper right quarter of the [T,S] scores (all masked) is
+    never computed, ~10% (bf16) to ~14% (fp32) off the attention core, forward and backward.
+    The skipped keys had exp(-inf) = 0 weight, so the output is unchanged; in bf16 the key and
+    value gradients are summed over the blocks, one more rounding.
     """
     B, H, T, Dq = q.shape
     S = k.shape[2]
-    bias = torch.zeros(T, S, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~_mask_or_causal(None, T, S, q.device), float("-inf"))
-    q3, k3 = q.reshape(B * H, T, Dq), k.reshape(B * H, S, Dq)
-    scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)  # [B*H,T,S]
-    out = torch.bmm(scores.softmax(-1), v.reshape(B * H, S, -1))
+    if blocks is None:
+        blocks = 2 if T >= 128 and T % 2 == 0 else 1
+    q3, k3, v3 = q.reshape(B * H, T, Dq), k.reshape(B * H, S, Dq), v.reshape(B * H, S, -1)
+    outs, rows = [], T // blocks
+    for i in range(blocks):
+        t0, t1 = i * rows, T if i == blocks - 1 else (i + 1) * rows
+        keys = S - T + t1  # the last query of this block sees keys [0, keys)
+        bias = torch.zeros(t1 - t0, keys, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~_mask_or_causal(None, t1 - t0, keys, q.device), float("-inf"))
+        scores = torch.baddbmm(bias, q3[:, t0:t1], k3[:, :keys].transpose(1, 2), alpha=scale)
+        outs.append(torch.bmm(scores.softmax(-1), v3[:, :keys]))  # [B*H,t1-t0,V]
+    out = outs[0] if blocks == 1 else torch.cat(outs, dim=1)
     return out.view(B, H, T, -1)
 
 

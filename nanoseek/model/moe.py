@@ -6,8 +6,9 @@ K experts per token, M = N*K token-expert pairs.
 Two expert implementations that must agree (tests/model/test_moe.py):
 - `grouped` (fast): sort the M pairs by expert, run each SwiGLU GEMM once for all experts with
   `torch._grouped_mm` over the contiguous per-expert row blocks (one split-loop fallback where
-  grouped_mm does not apply), weight, and scatter-add back. No host sync on GPU; on CPU each
-  block is padded with zero rows to a multiple of `_row_granule` rows (see there why).
+  grouped_mm does not apply), weight, and scatter-add back. No host sync outside that fallback
+  and static shapes, so torch.compile traces the whole layer; on CPU each block is padded with
+  zero rows to a multiple of `_row_granule` rows (see there why) in a layout of fixed size.
 - `looped` (reference): for each expert, gather its tokens and run its SwiGLU, like the
   original DeepSeek inference code.
 No capacity limit and no token dropping.
@@ -64,8 +65,11 @@ def expert_rows(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, gr
     """Lay the N*K (token, expert) pairs out as per-expert row blocks.
 
     indices, weights [N,K] -> src [M'] (token of each row, N for a padding row), w [M'] (its
-    gate weight, 0 for padding), offs [E] int32 (end of each expert's block). Each block is
-    padded to a multiple of `granule` rows (M' = N*K when granule is 1).
+    gate weight, 0 for padding), offs [E] int32 (end of each expert's block). With granule 1,
+    M' = N*K and nothing is padded. Otherwise each block starts at a multiple of `granule` and
+    M' is a bound fixed by the shapes alone, N*K + E*(granule-1) rounded up to the granule,
+    whatever the routing: the last expert's block runs to M' over the slack (padding rows).
+    A data-independent M' needs no host sync, so torch.compile traces it without a graph break.
     """
     N, K = indices.shape
     flat = indices.reshape(-1)  # [M]
@@ -75,21 +79,18 @@ def expert_rows(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, gr
     token, w = order // K, weights.reshape(-1)[order]
     if granule == 1:
         return token, w, ends.to(torch.int32)
-    return _pad_blocks(expert, ends, token, w, N, granule)
-
-
-@torch.compiler.disable  # sizes the padded layout on the host: runs eagerly under torch.compile
-def _pad_blocks(expert, ends, token, w, N: int, granule: int):
-    """Moves each expert's rows down so every block starts at a multiple of `granule`."""
+    M = flat.numel()
+    rows = -(-(M + n_experts * (granule - 1)) // granule) * granule  # M' (static)
     counts = ends.diff(prepend=ends.new_zeros(1))
-    padded = (counts + granule - 1) // granule * granule
-    padded_ends = padded.cumsum(0)
-    shift = (padded_ends - padded) - (ends - counts)  # how far each expert's block moves down
-    row = torch.arange(expert.numel(), device=expert.device) + shift[expert]
-    rows = int(padded_ends[-1])  # a host sync: only used on CPU, where it costs nothing
-    src = torch.full((rows,), N, dtype=token.dtype, device=token.device).index_put_((row,), token)
-    w_pad = w.new_zeros(rows).index_put_((row,), w)
-    return src, w_pad, padded_ends.to(torch.int32)
+    padded_ends = ((counts + granule - 1) // granule * granule).cumsum(0)  # [E]
+    starts = torch.cat((padded_ends.new_zeros(1), padded_ends[:-1]))  # [E]
+    row = torch.arange(M, device=flat.device) + (starts - (ends - counts))[expert]  # [M]
+    src = token.new_full((rows,), N).scatter(0, row, token)
+    w_pad = w.new_zeros(rows).scatter(0, row, w)
+    # the slack goes to the last expert: zero rows, so the GEMM stays exact and every block
+    # (its block too) keeps a multiple of `granule` rows
+    offs = torch.cat((padded_ends[:-1], padded_ends.new_full((1,), rows)))
+    return src, w_pad, offs.to(torch.int32)
 
 
 def _row_granule(x: torch.Tensor) -> int:
@@ -98,15 +99,17 @@ def _row_granule(x: torch.Tensor) -> int:
 
     - bf16/fp16, speed: oneDNN builds and caches one kernel per GEMM shape, and the expert row
       counts change every step, so nearly every expert GEMM (forward and backward) would pay
-      ~0.5 ms of kernel creation, 2-4x the GEMM itself at these sizes. Multiples of 64 keep the
-      shapes few enough to stay cached, for ~6% extra (zero) rows: ~10% off a bf16 step.
+      ~0.5 ms of kernel creation, 2-4x the GEMM itself at these sizes. Multiples of 16 keep the
+      shapes few enough to stay cached after the first steps; the padded layout (see
+      `expert_rows`) then has E*(16-1)/2 ~ 1.5% extra zero rows for 8K routed rows. Multiples
+      of 64 (four times fewer shapes) cost ~4% more per step from the extra rows.
     - fp32, batch invariance: MKL uses another kernel for 1-3 rows, which rounds differently, so
       a token's output would depend on how many other tokens picked its experts (a prefix's
       logits would move by ~1e-6 when a later token changes). Multiples of 4 avoid it.
     """
     if x.device.type != "cpu":
         return 1
-    return 64 if x.dtype in (torch.bfloat16, torch.float16) else 4
+    return 16 if x.dtype in (torch.bfloat16, torch.float16) else 4
 
 
 class RoutedExperts(nn.Module):
@@ -132,7 +135,9 @@ class RoutedExperts(nn.Module):
         # row r of the expert-sorted layout holds token src[r]; src = N marks a padding row,
         # which reads (and writes) one extra all-zero row
         x_src = x if granule == 1 else F.pad(x, (0, 0, 0, 1))  # [N(+1),D]
-        h = self.linear_fn(x_src[src], self.gate_up_proj, offs)  # [M',2F]
+        # index_select, not x_src[src]: its backward is index_add_, ~4x faster on CPU than the
+        # accumulating index_put_ of advanced indexing
+        h = self.linear_fn(x_src.index_select(0, src), self.gate_up_proj, offs)  # [M',2F]
         gate, up = h.split(self.hidden, dim=-1)
         h = F.silu(gate) * up
         out = self.linear_fn(h, self.down_proj, offs) * w[:, None].to(x.dtype)  # [M',D]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.model.moe import MoE, RoutedExperts, max_violation
+from nanoseek.model.moe import MoE, RoutedExperts, expert_rows, max_violation
 from tests.helpers import tiny_config
 
 
@@ -105,3 +105,40 @@ def test_batch_wise_aux_loss_when_not_seq_aux():
     _, idx, s = moe.gate(x.view(-1, cfg.hidden_size))
     expected = moe.sequence_balance_loss(s.view(1, 15, -1), idx.view(1, 15, -1))
     assert aux.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("granule", [1, 4, 16])
+def test_expert_rows_layout(granule):
+    N, K, E = 37, 3, 8
+    torch.manual_seed(0)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    idx[idx == 2] = 3  # an expert without tokens
+    w = torch.rand(N, K)
+    src, w_rows, offs = expert_rows(idx, w, E, granule)
+    M = N * K
+    bound = M if granule == 1 else -(-(M + E * (granule - 1)) // granule) * granule
+    assert src.shape == w_rows.shape == (bound,) and offs.dtype == torch.int32
+    assert offs[-1] == bound  # the layout's size depends on the shapes only
+    starts = [0, *offs[:-1].tolist()]
+    for e in range(E):
+        s, t = starts[e], int(offs[e])
+        assert (t - s) % granule == 0
+        rows = src[s:t]
+        real = rows != N  # padding rows read the zero row N with weight 0
+        assert (w_rows[s:t][~real] == 0).all()
+        tok, slot = torch.where(idx == e)
+        assert torch.equal(rows[real], tok)  # the tokens of expert e, in order
+        assert torch.equal(w_rows[s:t][real], w[tok, slot])
+
+
+def test_moe_layer_traces_without_graph_break():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    moe = moe.to(torch.bfloat16).train()
+    x = torch.randn(2, 10, cfg.hidden_size, dtype=torch.bfloat16)
+    compiled = torch.compile(moe, backend="eager", fullgraph=True)  # raises on a graph break
+    y, _ = compiled(x)
+    assert torch.equal(y, moe(x)[0])
