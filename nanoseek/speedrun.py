@@ -2,7 +2,7 @@
 
     nanoseek speedrun --out runs/speedrun            # ~15-20 minutes on a 2-core CPU
     nanoseek speedrun --out runs/smoke --smoke       # the same code path, a handful of steps
-    nanoseek speedrun --out runs/sr --fp8 --pretrain_steps=1500 --grpo_steps=60
+    nanoseek speedrun --out runs/sr --fp8 --pretrain_steps=2000 --grpo_steps=60
 
 Stages (each in OUT/<stage>/, finished when OUT/<stage>/DONE exists):
     tokenizer    the built-in corpus (worked arithmetic solutions, data/corpus.py) written to a
@@ -59,7 +59,9 @@ class SpeedrunOptions:
     corpus_docs: int = 30000
     corpus_levels: list[int] = field(default_factory=lambda: [1, 2])
     vocab_size: int = 1024
-    pretrain_steps: int = 1000
+    # 1000 left the tiny base at the edge of learning the carries: its held-out accuracy swung
+    # from 31% to 97% with float rounding alone (README); 1500 gives the pipeline a steadier base
+    pretrain_steps: int = 1500
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 3e-3
