@@ -34,13 +34,14 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.eval.sampling import SampleFn, engine_sample_fn, stop_ids
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.train.distill_losses import LOSSES, distill_loss
 from nanoseek.train.loop import LoopOptions, Trainer, convert_for_fp8
@@ -63,91 +64,13 @@ from nanoseek.train.sft_data import Example, SFTBatch, collate, resolve_task, wr
 
 MODES = ("logit", "sequence")
 
+
 # ------------------------------------------------------------------------------ generation
-# A stand-in for the inference engine, which will expose `nanoseek.generate`: the engine is the
-# only place that should generate tokens (DESIGN.md). Everything here calls generation through an
-# injectable `SampleFn`, so switching to the engine is one line in `default_sample_fn`.
-# (model, prompt id lists, max new tokens, temperature, seed) -> generated id lists, each ending
-# in eos when the model stopped, cut at max_new_tokens otherwise.
-SampleFn = Callable[[torch.nn.Module, list[list[int]], int, float, int], list[list[int]]]
-
-
-def sample_token(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """logits [B,V] -> token ids [B]: argmax at temperature 0, else a sample from
-    softmax(logits / temperature) drawn as argmax(p / Exp(1)) (sync-free, gpt-fast style)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / noise).argmax(-1)
-
-
-@torch.no_grad()
-def naive_sample(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    *,
-    eos_id: int | None = None,
-    vocab_size: int | None = None,
-) -> list[list[int]]:
-    """Batched sampling without a KV cache: every step re-runs the whole right-padded batch and
-    reads each row's logits at its own last position (causal attention: the padding after a
-    row's end never affects it). O(steps x T^2): fine for tests and tiny models only.
-    TODO(engine): replace by the engine's `nanoseek.generate`.
-
-    `vocab_size` masks ids at or above it (a model's vocabulary is rounded up past the
-    tokenizer's); `eos_id` defaults to the model config's.
-    """
-    if not prompts:
-        return []
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    eos = model.config.eos_token_id if eos_id is None else eos_id
-    limit = model.config.max_position_embeddings
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    B = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts])  # [B] current length of each row
-    steps = max(0, min(max_new_tokens, limit - int(lens.max())))
-    tokens = torch.full((B, int(lens.max()) + steps), eos, dtype=torch.long)  # [B,T]
-    for r, p in enumerate(prompts):
-        tokens[r, : len(p)] = torch.tensor(list(p))
-    done = torch.zeros(B, dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in range(B)]
-    try:
-        for _ in range(steps):
-            T = int(lens.max())
-            logits = model(tokens[:, :T].to(model.device), mtp=False).logits  # [B,T,V]
-            last = logits[torch.arange(B), (lens - 1).to(logits.device)]  # [B,V]
-            if vocab_size is not None:
-                last[:, vocab_size:] = float("-inf")
-            nxt = sample_token(last, temperature, gen).cpu()  # [B]
-            for r in torch.nonzero(~done).flatten().tolist():
-                tokens[r, lens[r]] = nxt[r]
-                out[r].append(int(nxt[r]))
-                lens[r] += 1
-                done[r] = int(nxt[r]) == eos
-            if bool(done.all()):
-                break
-    finally:
-        model.train(was_training)
-    return out
-
-
-def default_sample_fn(tokenizer) -> SampleFn:
-    def sample_fn(model, prompts, max_new_tokens, temperature, seed):
-        return naive_sample(
-            model, prompts, max_new_tokens, temperature, seed,
-            eos_id=tokenizer.eos_id, vocab_size=tokenizer.vocab_size,
-        )  # fmt: skip
-
-    return sample_fn
+def default_sample_fn(tokenizer, batch_size: int = 64) -> SampleFn:
+    """The inference engine (continuous batching over the latent cache), stopping at eos: what
+    samples the teacher (sequence mode) and the student (on-policy batches). Runs and tests
+    inject scripted ones instead (`run_distill(..., sample_fn=...)`)."""
+    return engine_sample_fn(stop_ids(tokenizer), batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------ options
@@ -389,7 +312,7 @@ def run_distill(
     sample_fn: SampleFn | None = None,
 ) -> dict:
     """Distil `opts.teacher` into `opts.student`, export OUT/model; returns the final metrics.
-    `sample_fn` replaces the generator (default: the stand-in `naive_sample`).
+    `sample_fn` replaces the generator (default: the engine, `default_sample_fn`).
 
     Under torchrun every rank calls this, as in SFT: the student is sharded like a pre-training
     model, every rank holds the whole (frozen) teacher and scores its own share of each batch;
@@ -452,7 +375,7 @@ def _run_logit_distill(opts: DistillOptions, par, resume, progress, sample_fn) -
     prompts = [ex.ids[: ex.prompt_len] for ex in train_ds.examples if ex.prompt_len > 1]
     data = OnPolicyData(
         train_ds, prompts, student, opts.onpolicy_frac,
-        sample_fn or default_sample_fn(tokenizer),
+        sample_fn or default_sample_fn(tokenizer, opts.batch_size),
         max_new_tokens=opts.max_new_tokens, temperature=opts.gen_temperature,
         batch_size=opts.batch_size, seq_len=opts.seq_len, pad_id=tokenizer.pad_id, seed=opts.seed,
     )  # fmt: skip

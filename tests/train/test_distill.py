@@ -1,4 +1,4 @@
-"""Distillation runs (logit, on-policy, sequence-level) and the stand-in sampler."""
+"""Distillation runs (logit, on-policy, sequence-level) and the engine as their sampler."""
 
 import json
 import os
@@ -10,14 +10,14 @@ from nanoseek import load
 from nanoseek.cli import main
 from nanoseek.config import ConfigError
 from nanoseek.data.tokenizer import EOS, Tokenizer
+from nanoseek.eval.sampling import stop_ids
 from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.tasks import format_completion, get_task
 from nanoseek.train.distill import (
     DistillOptions,
     OnPolicyData,
-    naive_sample,
+    default_sample_fn,
     run_distill,
-    sample_token,
 )
 from nanoseek.train.sft_data import (
     SFTDataset,
@@ -65,42 +65,20 @@ def _metrics(out):
 
 
 # ------------------------------------------------------------------------------ sampler
-def test_sample_token_greedy_and_distribution():
-    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
-    assert sample_token(logits, 0.0).tolist() == [2]
-    g = torch.Generator().manual_seed(0)
-    draws = sample_token(logits.expand(20000, 4), 1.0, g)
-    freq = torch.bincount(draws, minlength=4).float() / 20000
-    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
-    # a high temperature flattens, a low one sharpens
-    hot = torch.bincount(sample_token(logits.expand(20000, 4), 50.0, g), minlength=4)
-    assert hot.min() > 4000
-    assert (sample_token(logits.expand(1000, 4), 0.05, g) == 2).all()
-
-
-def test_naive_sample_batched_equals_one_by_one():
-    model = random_model(tiny_config(max_position_embeddings=64), seed=0)
+def test_default_sampler_is_the_engine(tok):  # noqa: F811
+    """Teacher and on-policy samples come from the inference engine: greedy equals a plain
+    greedy loop over full forwards, a row ends at the tokenizer's stop ids, seeds reproduce."""
+    model = random_model(tiny_config(vocab_size=512, max_position_embeddings=64), seed=0)
     prompts = [[5, 6, 7, 8, 9], [3], [10, 11, 12]]
-    batched = naive_sample(model, prompts, 6, temperature=0.0, eos_id=96)
-    for p, got in zip(prompts, batched):
-        assert got == naive_sample(model, [p], 6, temperature=0.0, eos_id=96)[0]
-        # a plain greedy loop, written out
+    sample = default_sample_fn(tok)
+    got = sample(model, prompts, 6, 0.0, 0)
+    for p, g in zip(prompts, got):
         ids = list(p)
-        for _ in range(6):
+        for _ in range(len(g)):
             ids.append(int(model(torch.tensor([ids]), mtp=False).logits[0, -1].argmax()))
-        assert got == ids[len(p) :]
-    # seeded sampling reproduces; eos stops a row and is kept; vocab_size masks ids
-    a = naive_sample(model, prompts, 5, 1.0, seed=3)
-    assert a == naive_sample(model, prompts, 5, 1.0, seed=3)
-    r, k = next(
-        (r, k) for r, row in enumerate(batched) for k in range(1, 6) if row[k] not in row[:k]
-    )  # a token first produced at step k > 0 of row r, used as eos
-    stopped = naive_sample(model, [prompts[r]], 6, temperature=0.0, eos_id=batched[r][k])[0]
-    assert stopped == batched[r][: k + 1]
-    assert max(max(g) for g in naive_sample(model, prompts, 8, 1.0, vocab_size=10)) < 10
-    assert model.training is False
-    # never past the context
-    assert len(naive_sample(model, [[1] * 60], 10, 0.0, eos_id=96)[0]) == 4
+        assert g == ids[len(p) :]
+        assert len(g) == 6 or g[-1] in stop_ids(tok)
+    assert sample(model, prompts, 5, 1.0, 3) == sample(model, prompts, 5, 1.0, 3)
 
 
 # ------------------------------------------------------------------------------ logit mode
