@@ -123,24 +123,23 @@ def run_grpo(args: argparse.Namespace) -> int:
         GRPOOptions, args.config, args.overrides, model=args.model, out=args.out, task=args.task
     )
     last = run_grpo(opts, resume=args.resume)
-    acc = last.get("eval_accuracy")
-    print(
-        f"done: step {last.get('step')}, reward {last.get('reward', float('nan')):.3f}"
-        + (f", held-out pass@1 {acc:.3f}" if acc is not None else "")
-        + f"; model in {os.path.join(opts.out, 'model')}"
-    )
+    summary = f"reward {last.get('reward', float('nan')):.3f}"
+    if last.get("eval_accuracy") is not None:
+        summary += f", held-out pass@1 {last['eval_accuracy']:.3f}"
+    _print_done(last, opts.out, summary)
     return 0
 
 
-def _print_done(last: dict, out: str) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for all
+def _print_done(last: dict, out: str, summary: str | None = None) -> None:
+    """The closing line of a training command (under torchrun rank 0 speaks for all); the
+    default summary is the loop's loss and validation loss."""
+    if int(os.environ.get("RANK", "0")) != 0:
         return
-    val = last.get("val_loss")
-    print(
-        f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
-        + (f", val loss {val:.4f}" if val is not None else "")
-        + f"; model in {os.path.join(out, 'model')}"
-    )
+    if summary is None:
+        val = last.get("val_loss")
+        summary = f"loss {last.get('loss', float('nan')):.4f}"
+        summary += f", val loss {val:.4f}" if val is not None else ""
+    print(f"done: step {last.get('step')}, {summary}; model in {os.path.join(out, 'model')}")
 
 
 # ------------------------------------------------------------------------------ eval
