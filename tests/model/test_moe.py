@@ -46,12 +46,18 @@ def test_grouped_fallback_for_odd_sizes():
     assert torch.allclose(ex(x, idx, w, "grouped"), ex(x, idx, w, "looped"), atol=1e-5)
 
 
-def test_moe_layer_shared_plus_routed_and_load_counts():
-    cfg = tiny_config()
+def _wide_moe(cfg) -> MoE:
+    """An MoE layer with weights wider than the default init (routing bugs show)."""
     torch.manual_seed(0)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.2)
+    return moe
+
+
+def test_moe_layer_shared_plus_routed_and_load_counts():
+    cfg = tiny_config()
+    moe = _wide_moe(cfg)
     x = torch.randn(2, 10, cfg.hidden_size)
     y, aux = moe.eval()(x)
     assert aux is None  # the balance loss is a training-time term
@@ -133,11 +139,7 @@ def test_expert_rows_layout(granule):
 
 def test_moe_layer_traces_without_graph_break():
     cfg = tiny_config()
-    torch.manual_seed(0)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, 0, 0.2)
-    moe = moe.to(torch.bfloat16).train()
+    moe = _wide_moe(cfg).to(torch.bfloat16).train()
     x = torch.randn(2, 10, cfg.hidden_size, dtype=torch.bfloat16)
     compiled = torch.compile(moe, backend="eager", fullgraph=True)  # raises on a graph break
     y, _ = compiled(x)
