@@ -34,6 +34,8 @@ class SingleProcess:
         self.device = device or torch.device("cpu")
 
     def parallelize(self, model, precision: str):
+        """The model this rank trains: FP8 layers swapped in for precision=fp8, on the device."""
+        _convert_for(precision, model, self.is_main)
         return model.to(self.device)
 
     def to_device(self, batch):
@@ -91,6 +93,7 @@ class Distributed(SingleProcess):
         from nanoseek.dist.expert_parallel import shard_experts
         from nanoseek.dist.fsdp import apply_fsdp
 
+        _convert_for(precision, model, self.is_main)  # before sharding: FSDP wraps FP8 layers
         model.to(self.device)
         experts = shard_experts(model, self.ep_group) if self.shape.ep > 1 else []
         if self.fsdp:
@@ -167,6 +170,13 @@ class Distributed(SingleProcess):
         if isinstance(p, DTensor):
             return 1
         return self.shape.dp if id(p) in self.expert_params else self.world_size
+
+
+def _convert_for(precision: str, model, verbose: bool) -> None:
+    if precision == "fp8":  # [V3 §3.3]
+        from nanoseek.fp8 import convert_for_fp8
+
+        convert_for_fp8(model, verbose)
 
 
 def _to(batch, device: torch.device):

@@ -17,7 +17,7 @@ from nanoseek.fp8.backends import (
     get_backend,
     rowwise_scaled_mm,
 )
-from nanoseek.fp8.convert import FP8Report, convert_to_fp8, fp8_experts_hook
+from nanoseek.fp8.convert import FP8Report, convert_for_fp8, convert_to_fp8, fp8_experts_hook
 from nanoseek.fp8.grouped import fp8_grouped_linear, make_fp8_grouped_linear
 from nanoseek.fp8.linear import FP8Linear, check_fp8_weight, fp8_linear
 from nanoseek.fp8.quant import (
@@ -34,6 +34,7 @@ from nanoseek.fp8.quant import (
 __all__ = [
     "BACKENDS",
     "BLOCK",
+    "convert_for_fp8",
     "FP8_DTYPE",
     "FP8_MAX",
     "AutoBackend",

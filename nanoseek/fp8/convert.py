@@ -18,6 +18,7 @@ the official FP8 export can write them. Convert before wrapping with FSDP or tor
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -163,3 +164,14 @@ def convert_to_fp8(
             if isinstance(m, RoutedExperts):
                 report.kept.append((name, "experts=False"))
     return report
+
+
+def convert_for_fp8(model, verbose: bool = True) -> None:
+    """precision=fp8: swap the recipe's Linear layers for FP8 GEMMs [V3 §3.3] unless the method
+    already did (`parallelize` converts before sharding, so FSDP wraps the swapped layers).
+    Every method (pre-training, SFT, distillation, GRPO) trains in FP8 this way; the parameters stay the same
+    objects, so checkpoints and rollouts are unchanged."""
+    if not any(isinstance(m, FP8Linear) for m in model.modules()):
+        report = convert_to_fp8(model)
+        if verbose:
+            print(report, file=sys.stderr)

@@ -67,15 +67,12 @@ class LatentCache:
         positions: torch.Tensor,
         c_kv: torch.Tensor,
         k_rope: torch.Tensor,
-        rows: torch.Tensor | None = None,
     ) -> None:
         """Store the latents of new tokens of rows row0..row0+B-1 at their own positions.
 
-        positions [B,T] int64, c_kv [B,T,C], k_rope [B,T,R]; rows [B,T] (row0 + b, optional:
-        a forward computes it once for all layers)."""
+        positions [B,T] int64, c_kv [B,T,C], k_rope [B,T,R]."""
         B, T = positions.shape
-        if rows is None:
-            rows = torch.arange(row0, row0 + B, device=positions.device)[:, None].expand(B, T)
+        rows = torch.arange(row0, row0 + B, device=positions.device)[:, None].expand(B, T)
         entry = torch.cat((c_kv, k_rope), dim=-1)  # [B,T,C+R]
         self.kv[layer].index_put_((rows, positions), entry.to(self.kv.dtype))
 

@@ -187,7 +187,7 @@ def sparse_moe(moe: MoE, x: torch.Tensor, dw: DecodeWeights) -> torch.Tensor:
     token = order // K  # [M]
     xs = xe[token]  # [M,D]
     outs = []
-    for e, rows in zip(range(len(counts)), xs.split(counts)):
+    for e, rows in enumerate(xs.split(counts)):
         if rows.shape[0]:
             gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
             outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
@@ -244,7 +244,7 @@ class DecodeLayer:
         """x [B,T,D] (normed) -> [B,T,D]; writes the new latents to cache layer i first."""
         B = x.shape[0]
         q_nope, q_rope, c_kv, k_rope = self.project(x, step.freqs)
-        cache.write(i, step.row0, step.positions, c_kv, k_rope, rows=step.rows)
+        cache.write(i, step.row0, step.positions, c_kv, k_rope)
         kv = cache.layer(i, step.row0, B, step.seq)  # [B,S,C+R]
         scale = self.attn.softmax_scale
         out = latent_attention(q_nope, q_rope, kv, self.w_uk, self.w_uv, scale, step.bias)

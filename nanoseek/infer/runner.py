@@ -42,7 +42,6 @@ class Step:
     prefill: bool  # all rows start at 0: plain attention over the fresh latents
     freqs: torch.Tensor | None = None  # decode: cos + i sin [B,T,1,R/2] complex64
     bias: torch.Tensor | None = None  # decode: [B,T*H|1,S] additive mask, 0 or -inf
-    rows: torch.Tensor | None = None  # decode: [B,T] cache row of every new token
 
 
 class ModelRunner:
@@ -102,7 +101,6 @@ class ModelRunner:
         self.weights.refresh()  # pick up weights changed since the last forward (training)
         if not prefill:
             step.freqs = torch.complex(cos, sin)
-            step.rows = torch.arange(row0, row0 + B, device=dev)[:, None].expand(B, T)
             keys = torch.arange(seq, device=dev)
             allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
             bias = torch.zeros(B, T, seq, dtype=self.model.dtype, device=dev)

@@ -44,7 +44,7 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.eval.sampling import SampleFn, engine_sample_fn, stop_ids
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.train.distill_losses import LOSSES, distill_loss
-from nanoseek.train.loop import LoopOptions, Trainer, convert_for_fp8
+from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
 from nanoseek.train.sft import (
     ChatDataOptions,
@@ -58,6 +58,7 @@ from nanoseek.train.sft import (
     steps_for_epochs,
     tokenizer_dir,
     write_plot,
+    write_run_files,
 )
 from nanoseek.train.sft import make_loss_fn as sft_loss_fn
 from nanoseek.train.sft_data import Example, SFTBatch, collate, resolve_task, write_chat_jsonl
@@ -383,19 +384,10 @@ def _run_logit_distill(opts: DistillOptions, par, resume, progress, sample_fn) -
     total, count = par.sum(list(sum_ce(teacher, [par.to_device(b) for b in val_batches or []])))
     teacher_val = total / count if count else None
 
-    def write_run_files() -> list[str]:
-        files = copy_tokenizer(tok_src, opts.out)
-        with open(os.path.join(opts.out, "options.json"), "w") as f:
-            json.dump(to_dict(opts), f, indent=2)
-        with open(os.path.join(opts.out, "teacher_eval.json"), "w") as f:
-            json.dump({"teacher_val_loss": teacher_val, **stats.to_dict()}, f, indent=2)
-        if teacher_val is not None:
-            print(f"teacher val loss {teacher_val:.4f}", file=sys.stderr)
-        return files
-
-    tok_files = par.broadcast(par.on_main(write_run_files))
-    if opts.precision == "fp8":  # before sharding: FSDP wraps the swapped layers
-        convert_for_fp8(student, par.is_main)
+    teacher_eval = {"teacher_val_loss": teacher_val, **stats.to_dict()}
+    tok_files = write_run_files(par, opts, tok_src, teacher_eval=teacher_eval)
+    if teacher_val is not None and par.is_main:
+        print(f"teacher val loss {teacher_val:.4f}", file=sys.stderr)
     trainer = Trainer(
         par.parallelize(student, opts.precision),
         opts,

@@ -328,8 +328,7 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
 
 def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     from nanoseek.dist.checkpoint import export_hf
-    from nanoseek.train.loop import convert_for_fp8
-    from nanoseek.train.sft import copy_tokenizer, load_for_training
+    from nanoseek.train.sft import load_for_training, write_run_files
     from nanoseek.train.sft_data import resolve_task
 
     os.makedirs(opts.out, exist_ok=True)
@@ -344,28 +343,20 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     level = opts.eval_level if opts.eval_level is not None else opts.task_level
     eval_problems = held_out(tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
 
-    def write_run_files() -> list[str]:
-        files = copy_tokenizer(tok_src, opts.out)
-        with open(os.path.join(opts.out, "options.json"), "w") as f:
-            json.dump(to_dict(opts), f, indent=2)
-        return files
-
-    tok_files = par.broadcast(par.on_main(write_run_files))
+    tok_files = write_run_files(par, opts, tok_src)
     mu = opts.num_iterations
     # the loop's schedule counts optimizer steps: mu per GRPO step
     loop_opts = dataclasses.replace(
         opts, max_steps=opts.max_steps * mu, warmup_steps=opts.warmup_steps * mu
     )
-    if opts.precision == "fp8":  # before sharding: FSDP wraps the swapped layers
-        convert_for_fp8(model, par.is_main)
     model = par.parallelize(model, opts.precision)
-    trainer = Trainer(model, loop_opts, make_loss_fn(opts), None, run_info=to_dict(opts),
-                      parallel=par)  # fmt: skip
+    trainer = Trainer(model, loop_opts, make_loss_fn(opts), None, extra_files=tok_files,
+                      run_info=to_dict(opts), parallel=par)  # fmt: skip
     rows = opts.prompts_per_step * opts.num_generations
     rollouts = Rollouts(replica or model, tokenizer.eos_id, rows, par)
     step = 0
     if resume:
-        step = _resume(opts.out, model, trainer, sampler, watch)
+        step = _resume(opts.out, trainer, sampler, watch)
         rollouts.sync(model)
         if step and par.is_main:
             print(f"resumed from step {step} in {opts.out}", file=sys.stderr)
@@ -402,7 +393,7 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
                     reward=f"{m['reward']:.3f}", len=f"{m['completions/mean_length']:.0f}"
                 )
             if step % opts.save_every == 0 or step == opts.max_steps:
-                _save(opts, step, model, trainer, sampler, watch, tok_files)
+                _save(opts, step, trainer, sampler, watch)
     if bar is not None:
         bar.close()
     export_hf(model, os.path.join(opts.out, "model"), tok_files, par)
@@ -503,8 +494,8 @@ def _spread(n: int, G: int, k: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def _save(opts, step, model, trainer, sampler, watch, tok_files) -> str:
-    from nanoseek.train.state import rng_state, save_checkpoint
+def _save(opts, step, trainer, sampler, watch) -> str:
+    from nanoseek.train.state import rng_state
 
     state = {
         "step": step,
@@ -513,41 +504,22 @@ def _save(opts, step, model, trainer, sampler, watch, tok_files) -> str:
         "rng": rng_state(),
         "options": to_dict(opts),
     }
-    par = trainer.parallel
-    if par.distributed:  # every rank writes its shards (optimizer included)
-        from nanoseek.dist.checkpoint import save_sharded
-
-        return save_sharded(
-            opts.out, step, model, trainer.optimizer, state, tok_files, opts.keep_last, par
-        )
-    state["optimizer"] = trainer.optimizer.state_dict()
-    return save_checkpoint(opts.out, step, model, state, tok_files, opts.keep_last)
+    return trainer.save_state(step, state)
 
 
-def _resume(out: str, model, trainer, sampler, watch) -> int:
-    """Restore the latest checkpoint in `out` (either format, any world size); returns its GRPO
-    step (0: none). The frozen reference stays the initial model (`opts.model`)."""
-    from nanoseek.checkpoint.io import load
-    from nanoseek.dist.checkpoint import is_sharded, load_full, load_sharded
-    from nanoseek.train.state import latest_checkpoint, load_state, set_rng_state
+def _resume(out: str, trainer, sampler, watch) -> int:
+    """Restore the latest checkpoint in `out`; returns its GRPO step (0: none). The frozen
+    reference stays the initial model (`opts.model`), not the checkpoint."""
+    from nanoseek.train.state import set_rng_state
 
-    par = trainer.parallel
-    path = par.broadcast(latest_checkpoint(out) if par.is_main else None)
-    if path is None:
+    state = trainer.load_latest()
+    if state is None:
         return 0
-    state = load_state(path)
-    if is_sharded(path):
-        load_sharded(path, model, trainer.optimizer)
-    elif par.distributed:
-        load_full(path, model, trainer.optimizer, state["optimizer"])
-    else:
-        model.load_state_dict(load(path, dtype=torch.float32).state_dict())
-        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.step = state["optimizer_step"]
     sampler.load_state_dict(state["data"]["sampler"])
     watch.load_state_dict(state["data"]["watch"])
     set_rng_state(state["rng"])
-    for name in ("metrics.jsonl", "completions.jsonl") if par.is_main else ():
+    for name in ("metrics.jsonl", "completions.jsonl") if trainer.parallel.is_main else ():
         truncate_jsonl(os.path.join(out, name), state["step"])  # lines written after it
     return state["step"]
 

@@ -105,6 +105,8 @@ class Trainer:
         self.run_info = run_info or {}
         self.parallel = parallel or SingleProcess()
         if opts.precision == "fp8":
+            from nanoseek.fp8 import convert_for_fp8
+
             convert_for_fp8(model, self.parallel.is_main)
         self.optimizer = make_optimizer(model, opts)
         self.step = 0
@@ -113,14 +115,39 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
         """Restore the latest checkpoint in `out` if there is one (weights, optimizer, data
-        position, RNG); returns whether it did. Either format (one-process HF directory or
-        sharded), written at any world size."""
-        from nanoseek.dist.checkpoint import adapt_data_state, is_sharded
+        position, RNG); returns whether it did."""
+        from nanoseek.dist.checkpoint import adapt_data_state
+
+        state = self.load_latest()
+        if state is None:
+            return False
+        self.train_data.load_state_dict(adapt_data_state(state["data"], self.train_data))
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.parallel.is_main:
+            truncate_jsonl(self.metrics_path, self.step)
+        return True
+
+    def save(self) -> str:
+        state = {
+            "step": self.step,
+            "data": self.train_data.state_dict(),
+            "rng": rng_state(),
+            "options": self.run_info,
+        }
+        return self.save_state(self.step, state)
+
+    def load_latest(self) -> dict | None:
+        """Weights and optimizer from the latest checkpoint in `out`, in either format
+        (one-process HF directory or sharded) and written at any world size; returns the
+        checkpoint's trainer state (None: no checkpoint). Methods with their own loop (GRPO)
+        restore the rest themselves."""
+        from nanoseek.dist.checkpoint import is_sharded
 
         par = self.parallel
         path = par.broadcast(latest_checkpoint(self.opts.out) if par.is_main else None)
         if path is None:
-            return False
+            return None
         state = load_state(path)
         if is_sharded(path):
             from nanoseek.dist.checkpoint import load_sharded
@@ -136,30 +163,21 @@ class Trainer:
             loaded = load(path, dtype=torch.float32, device=self.model.device)
             self.model.load_state_dict(loaded.state_dict())
             self.optimizer.load_state_dict(state["optimizer"])
-        self.train_data.load_state_dict(adapt_data_state(state["data"], self.train_data))
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        if par.is_main:
-            truncate_jsonl(self.metrics_path, self.step)
-        return True
+        return state
 
-    def save(self) -> str:
-        state = {
-            "step": self.step,
-            "data": self.train_data.state_dict(),
-            "rng": rng_state(),
-            "options": self.run_info,
-        }
-        if self.parallel.distributed:  # every rank writes its shards (optimizer included)
+    def save_state(self, step: int, state: dict) -> str:
+        """OUT/checkpoints/step-N: weights, optimizer and `state` (sharded under torchrun:
+        every rank writes its shards)."""
+        if self.parallel.distributed:
             from nanoseek.dist.checkpoint import save_sharded
 
             return save_sharded(
-                self.opts.out, self.step, self.model, self.optimizer, state,
+                self.opts.out, step, self.model, self.optimizer, state,
                 self.extra_files, self.opts.keep_last, self.parallel,
             )  # fmt: skip
-        state["optimizer"] = self.optimizer.state_dict()
+        state = {**state, "optimizer": self.optimizer.state_dict()}
         return save_checkpoint(
-            self.opts.out, self.step, self.model, state, self.extra_files, self.opts.keep_last
+            self.opts.out, step, self.model, state, self.extra_files, self.opts.keep_last
         )
 
     # ------------------------------------------------------------------ one step
@@ -270,22 +288,6 @@ class Trainer:
         if bar is not None:
             bar.close()
         return last
-
-
-def convert_for_fp8(model, verbose: bool = True) -> None:
-    """precision=fp8: swap the recipe's Linear layers for FP8 GEMMs [V3 §3.3] unless the method
-    already did (pretrain converts before sharding, so FSDP wraps the swapped layers). Every
-    method (SFT, distillation, GRPO) trains in FP8 this way; the parameters stay the same
-    objects, so checkpoints and rollouts are unchanged."""
-    import sys
-
-    from nanoseek.fp8 import convert_to_fp8
-    from nanoseek.fp8.linear import FP8Linear
-
-    if not any(isinstance(m, FP8Linear) for m in model.modules()):
-        report = convert_to_fp8(model)
-        if verbose:
-            print(report, file=sys.stderr)
 
 
 def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:

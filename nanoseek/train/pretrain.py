@@ -244,12 +244,6 @@ def _run(opts: PretrainOptions, par, resume: bool, progress) -> dict:
     tok_files = [
         os.path.join(opts.out, "tokenizer", f) for f in ("tokenizer.json", "tokenizer_config.json")
     ]
-    if opts.precision == "fp8":  # [V3 §3.3] before sharding: FSDP wraps the swapped layers
-        from nanoseek.fp8 import convert_to_fp8
-
-        report = convert_to_fp8(model)
-        if par.is_main:
-            print(report, file=sys.stderr)
     acct = account(model.config, seq_len=opts.seq_len)
     peak = None
     if par.is_main:  # measured once; the run's peak is W times one rank's

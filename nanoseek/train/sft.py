@@ -33,7 +33,7 @@ import torch
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
-from nanoseek.train.loop import LoopOptions, Trainer, convert_for_fp8
+from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
 from nanoseek.train.sft_data import (
     OVERLONG,
@@ -121,6 +121,20 @@ def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
             shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
             files.append(os.path.join(dst, name))
     return files
+
+
+def write_run_files(par, opts, tok_src: str, **json_files: dict) -> list[str]:
+    """OUT/tokenizer (copied from `tok_src`), OUT/options.json and OUT/<name>.json for each
+    keyword, written by rank 0; returns the tokenizer files' paths on every rank."""
+
+    def write() -> list[str]:
+        files = copy_tokenizer(tok_src, opts.out)
+        for name, obj in {"options": to_dict(opts), **json_files}.items():
+            with open(os.path.join(opts.out, f"{name}.json"), "w") as f:
+                json.dump(obj, f, indent=2)
+        return files
+
+    return par.broadcast(par.on_main(write))
 
 
 def prepare_datasets(
@@ -282,17 +296,7 @@ def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:
             opts, max_steps=steps_for_epochs(opts.epochs, train_ds, opts.grad_accum)
         )
 
-    def write_run_files() -> list[str]:
-        files = copy_tokenizer(tok_src, opts.out)
-        with open(os.path.join(opts.out, "options.json"), "w") as f:
-            json.dump(to_dict(opts), f, indent=2)
-        with open(os.path.join(opts.out, "data_stats.json"), "w") as f:
-            json.dump(stats.to_dict(), f, indent=2)
-        return files
-
-    tok_files = par.broadcast(par.on_main(write_run_files))
-    if opts.precision == "fp8":  # before sharding: FSDP wraps the swapped layers
-        convert_for_fp8(model, par.is_main)
+    tok_files = write_run_files(par, opts, tok_src, data_stats=stats.to_dict())
     trainer = Trainer(
         par.parallelize(model, opts.precision),
         opts,
