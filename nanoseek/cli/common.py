@@ -35,6 +35,9 @@ class Command:
     overrides: bool = False  # accepts free --key=value options for its options dataclass
 
 
+QUANTIZE_HELP = "decode with weight-only int8 weights: faster on CPU, output not token-identical"
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

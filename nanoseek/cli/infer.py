@@ -13,9 +13,7 @@ import sys
 import time
 
 from nanoseek.checkpoint.io import CheckpointError
-from nanoseek.cli.common import Command, positive_int
-
-QUANTIZE_HELP = "decode with weight-only int8 weights: faster on CPU, output not token-identical"
+from nanoseek.cli.common import QUANTIZE_HELP, Command, positive_int
 
 
 # ------------------------------------------------------------------------------ generate

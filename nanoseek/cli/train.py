@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 
-from nanoseek.cli.common import Command, positive_int
+from nanoseek.cli.common import QUANTIZE_HELP, Command, positive_int
 
 
 # ------------------------------------------------------------------------------ pretrain
@@ -164,7 +164,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--quantize", choices=["int8"], help="decode with weight-only int8 weights")
+    p.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
 
 
 def run_eval(args: argparse.Namespace) -> int:
