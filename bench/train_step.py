@@ -8,7 +8,14 @@ One random nanoseek model is saved with `nanoseek.save`; the SAME directory is l
 (next-token cross-entropy on random tokens, each API's own `labels`), backward and
 `AdamW(lr=1e-4).step()`, in train mode. Every step is timed with `time.perf_counter`; the table
 reports the median step as ms/step and tokens/s. The implementations are timed round-robin, one
-step each per round, so other jobs on a shared machine slow them alike.
+step each per round, so other jobs on a shared machine slow them alike. The optimizer is
+`AdamW(lr=1e-4, fused=True)` for both: what nanoseek's trainer and transformers' `Trainer`
+(`optim="adamw_torch_fused"`, its default with torch >= 2.8) build.
+
+`--malloc keep` first calls `nanoseek.keep_freed_memory()` (what the `nanoseek` CLI does): the
+process keeps freed memory instead of page-faulting its big buffers afresh every step. It is a
+process setting, so both implementations run under it; without it (`system`, the default)
+transformers, with more big fp32 buffers, loses more time to page faults than nanoseek.
 
 MFU = achieved model FLOP/s over the measured matmul peak of this machine in that dtype (best of a
 few large square matmuls, measured here). Model FLOPs per token = 6 x active matmul parameters
@@ -125,7 +132,7 @@ def load_nanoseek(directory: str, dtype: torch.dtype, compile: bool):
 
 def make_step(model, ids: torch.Tensor, nanoseek_api: bool):
     """One training step: forward with labels, backward, AdamW, zero_grad."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     kwargs = {"mtp": False} if nanoseek_api else {}
 
     def step() -> float:
@@ -187,7 +194,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true", help="time nanoseek only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--malloc",
+        choices=["system", "keep"],
+        default="system",
+        help="keep: nanoseek.keep_freed_memory() first, for both implementations",
+    )
     args = p.parse_args(argv)
+    if args.malloc == "keep" and not nanoseek.keep_freed_memory():
+        p.error("--malloc keep: not applied (not glibc, or the allocator is configured already)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -208,7 +223,8 @@ def main(argv=None) -> None:
     print(
         f"batch {B} x {T} tokens; {active_matmul_params(c) / 1e6:.2f}M active matmul params, "
         f"{fpt / 1e6:.1f} MFLOP/token; torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads; AdamW(lr=1e-4); {args.warmup} warm-up + {args.steps} timed steps each, "
+        f"threads; AdamW(lr=1e-4, fused=True); malloc {args.malloc}; {args.warmup} warm-up + "
+        f"{args.steps} timed steps each, "
         "round-robin, median"
     )
     load0 = os.getloadavg()[0]

@@ -3,6 +3,7 @@
 from nanoseek.checkpoint import CheckpointError, load, save
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.infer import Engine, SamplingParams, generate
+from nanoseek.malloc import keep_freed_memory
 from nanoseek.model import CausalLM, CausalLMOutput
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "SamplingParams",
     "generate",
+    "keep_freed_memory",
     "load",
     "save",
 ]

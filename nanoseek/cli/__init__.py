@@ -44,6 +44,7 @@ from nanoseek.cli.common import (
     one_line_warning,
 )
 from nanoseek.cli.model import format_accounting, human, human_bytes, human_flops, resolve_config
+from nanoseek.malloc import keep_freed_memory
 
 __all__ = [
     "COMMANDS",
@@ -109,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+    keep_freed_memory()  # this process is ours: big buffers reuse pages (nanoseek/malloc.py)
     with warnings.catch_warnings():  # restores the global hook on exit
         warnings.showwarning = one_line_warning
         try:

@@ -304,12 +304,15 @@ def load_examples(
 def split_examples(
     examples: Sequence[Example], val_fraction: float, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
-    """(train, val) by a hash of (seed, where, index): stable whatever the batch settings."""
+    """(train, val) by a hash of (seed, the example's tokens): stable whatever the batch
+    settings, the order of the examples or where their file lives, and identical examples
+    always land on the same side (no copy of a validation example is trained on)."""
     if not 0 <= val_fraction < 1:
         raise SFTDataError(f"option 'val_fraction' must be in [0, 1), got {val_fraction}")
     train, val = [], []
-    for i, ex in enumerate(examples):
-        digest = hashlib.blake2b(f"{seed}|{ex.where}|{i}".encode(), digest_size=8).digest()
+    for ex in examples:
+        key = f"{seed}|{','.join(map(str, ex.ids))}|{','.join(map(str, ex.labels))}"
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         (val if int.from_bytes(digest, "big") / 2**64 < val_fraction else train).append(ex)
     if not train:
         raise SFTDataError("val_fraction leaves no training examples")

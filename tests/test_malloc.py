@@ -1,0 +1,35 @@
+"""nanoseek/malloc.py: freed memory stays in the process, unless the user chose otherwise."""
+
+import resource
+import sys
+
+import pytest
+import torch
+
+from nanoseek.malloc import keep_freed_memory, user_chose_allocator
+
+
+def test_user_choices_are_left_alone():
+    assert not user_chose_allocator({})
+    assert not user_chose_allocator({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2", "LD_PRELOAD": ""})
+    assert user_chose_allocator({"NANOSEEK_MALLOC": "system"})
+    assert user_chose_allocator({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
+    assert user_chose_allocator({"MALLOC_ARENA_MAX_": "2"})
+    assert user_chose_allocator({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_a_big_buffer_allocated_again_does_not_fault_its_pages_again(monkeypatch):
+    for key in ("NANOSEEK_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(key, raising=False)
+    if not keep_freed_memory():
+        pytest.skip("not glibc")
+    n = 64 << 20  # 64 MiB: glibc would mmap it (threshold <= 32 MiB) and unmap it on free
+    torch.ones(n, dtype=torch.uint8).sum()  # the heap grows once
+    before = _minor_faults()
+    torch.ones(n, dtype=torch.uint8).sum()  # freed above; reused now
+    assert _minor_faults() - before < (n >> 12) // 8  # a fresh mapping: 16,384 4-KiB pages
