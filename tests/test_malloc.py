@@ -29,7 +29,12 @@ def test_a_big_buffer_allocated_again_does_not_fault_its_pages_again(monkeypatch
     if not keep_freed_memory():
         pytest.skip("not glibc")
     n = 64 << 20  # 64 MiB: glibc would mmap it (threshold <= 32 MiB) and unmap it on free
-    torch.ones(n, dtype=torch.uint8).sum()  # the heap grows once
-    before = _minor_faults()
-    torch.ones(n, dtype=torch.uint8).sum()  # freed above; reused now
-    assert _minor_faults() - before < (n >> 12) // 8  # a fresh mapping: 16,384 4-KiB pages
+    faults = []
+    for _ in range(6):
+        before = _minor_faults()
+        torch.ones(n, dtype=torch.uint8).sum()
+        faults.append(_minor_faults() - before)
+    # with glibc's defaults every round maps 16,384 fresh 4-KiB pages; kept, a round reuses
+    # freed pages (a round may still touch heap pages never used before, in a long-lived
+    # process whose heap has grown and fragmented: hence the best round, not every round)
+    assert min(faults[2:]) < (n >> 12) // 8, faults
