@@ -75,7 +75,10 @@ class DecodeWeights:
 
     def _update(self, entry: list) -> None:
         # in-place updates (optimizer steps, load_state_dict) bump _version; weights created
-        # under inference_mode have no version counter (and no optimizer to change them)
+        # under inference_mode have no version counter (and no optimizer to change them).
+        # Footgun: fused optimizer kernels (torch.optim.AdamW(fused=True)) do not bump it;
+        # after such a step call torch.autograd.graph.increment_version(params), as
+        # nanoseek's trainer does (train/loop.py: make_optimizer), or the cache goes stale
         key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in entry[0])
         if key != entry[1]:
             ws = [w.detach() for w in entry[0]]
