@@ -16,6 +16,7 @@ from nanoseek.tasks import format_chat, get_task
 from nanoseek.train.sft import SFTOptions, run_sft
 from nanoseek.train.sft_data import (
     DataStats,
+    Example,
     SFTDataError,
     SFTDataset,
     encode_chat,
@@ -23,6 +24,7 @@ from nanoseek.train.sft_data import (
     load_examples,
     pack_rows,
     read_chat_jsonl,
+    split_examples,
     task_conversations,
     write_chat_jsonl,
 )
@@ -216,6 +218,26 @@ def test_pack_rows_first_fit():
     assert pack_rows([5, 5, 3, 2, 10], range(5), 10) == [[0, 1], [4], [2, 3]]
     rows = pack_rows([3] * 7, range(7), 10)
     assert rows == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_validation_split_follows_the_content():
+    """Where a file lives and the order of its lines do not move the split; a duplicate lands
+    beside its twin; the seed does move it."""
+    exs = [
+        Example([i, i + 1, i + 2], [IGNORE_INDEX, i + 1, i + 2], f"/a/x.jsonl:{i}")
+        for i in range(400)
+    ]
+    moved = [Example(e.ids, e.labels, f"/elsewhere/y.jsonl:{k}") for k, e in enumerate(exs[::-1])]
+    train, val = split_examples(exs, 0.25, seed=0)
+    assert 60 < len(val) < 140 and len(train) + len(val) == 400
+    key = lambda part: sorted(tuple(e.ids) for e in part)
+    assert key(split_examples(moved, 0.25, seed=0)[1]) == key(val)
+    assert key(split_examples(exs, 0.25, seed=1)[1]) != key(val)
+    twin = Example(list(val[0].ids), list(val[0].labels), "other.jsonl:1")
+    val2 = split_examples([*exs, twin], 0.25, seed=0)[1]
+    assert [e.ids for e in val2].count(twin.ids) == 2
+    with pytest.raises(SFTDataError, match="val_fraction"):
+        split_examples(exs, 1.0)
 
 
 def test_shuffle_is_deterministic_and_resumes(tok):
