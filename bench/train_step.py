@@ -6,7 +6,7 @@
 One random nanoseek model is saved with `nanoseek.save`; the SAME directory is loaded by
 `transformers.DeepseekV3ForCausalLM.from_pretrained` and by `nanoseek.load`. A step is forward
 (next-token cross-entropy on random tokens, each API's own `labels`), backward and
-`AdamW(lr=1e-4).step()`, in train mode. Every step is timed with `time.perf_counter`; the table
+`AdamW.step()`, in train mode. Every step is timed with `time.perf_counter`; the table
 reports the median step as ms/step and tokens/s. The implementations are timed round-robin, one
 step each per round, so other jobs on a shared machine slow them alike. The optimizer is
 `AdamW(lr=1e-4, fused=True)` for both: what nanoseek's trainer and transformers' `Trainer`

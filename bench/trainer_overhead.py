@@ -38,7 +38,9 @@ def bare_steps(config, batch: int, seq: int, steps: int, warmup: int, seed: int)
 
     torch.manual_seed(seed)
     model = nanoseek.CausalLM(config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+    )
     ids = torch.randint(0, config.vocab_size, (batch, seq + 1))
     times = []
     for i in range(warmup + steps):
