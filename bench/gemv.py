@@ -1,0 +1,90 @@
+"""How fast can one decode step read its weights? GEMV bandwidth of every CPU kernel PyTorch has.
+
+    python bench/gemv.py                 # one thread, fp32, the bench model's decode shapes
+    python bench/gemv.py --threads 2
+
+At batch 1 a decode step multiplies one activation row by every weight it touches, so its GEMMs
+are matrix-vector products bound by how fast the weights stream in. The routed experts rotate
+from token to token, so their weights come from DRAM, not cache. This script times
+[1, K] x [K, N] for the decode shapes of the model-core benchmark model (bench/train_step.py:
+expert gate+up 256 -> 512, expert down 256 -> 256, the head 256 -> 8192), cycling through
+enough different matrices (more than the L3 cache holds) that each one is read from memory, with
+each kernel PyTorch offers on CPU:
+    F.linear      x @ W^T with W in nn.Linear's [out, in] layout
+    x @ W^T       the transposed copy [in, out] contiguous (what nanoseek's decode path keeps)
+    mv            torch.mv(W, x)
+    mkl packed    MKL's packed sgemm (torch.ops.mkl._mkl_linear, what inductor uses for fp32)
+    onednn packed oneDNN's linear on a reordered weight (torch.ops.mkldnn._linear_pointwise)
+and prints microseconds per call and GB/s of weights read. bench/decode.py --gemm-split turns
+these rates into the ceiling of a decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"expert gate+up": (256, 512), "expert down": (256, 256), "head": (256, 8192)}
+
+
+def kernels(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
+    """name -> f(i) computing x @ ws[i]^T; kernels this build lacks are left out."""
+    wts = [w.t().contiguous() for w in ws]
+    out = {
+        "F.linear": lambda i: F.linear(x, ws[i]),
+        "x @ W^T": lambda i: x @ wts[i],
+        "mv": lambda i: torch.mv(ws[i], x[0]),
+    }
+    try:
+        mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, 1) for w in ws]
+        out["mkl packed"] = lambda i: torch.ops.mkl._mkl_linear(x, mkl[i], ws[i], None, 1)
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        dnn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+        out["onednn packed"] = lambda i: torch.ops.mkldnn._linear_pointwise(
+            x, dnn[i], None, "none", [], ""
+        )
+    except (AttributeError, RuntimeError):
+        pass
+    return out
+
+
+def per_call(fn, n: int, reps: int) -> float:
+    """Best over `reps` passes of the mean seconds per call over the n matrices."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pool-mb", type=int, default=128, help="weights cycled through per shape")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"fp32, {args.threads} thread(s), {args.pool_mb} MB of weights cycled per shape")
+    for name, (k, n) in SHAPES.items():
+        nbytes = k * n * 4
+        count = max(2, args.pool_mb * 2**20 // nbytes)
+        ws = [torch.randn(n, k) for _ in range(count)]
+        x = torch.randn(1, k)
+        cells = []
+        for kname, fn in kernels(x, ws).items():
+            fn(0)  # warm-up
+            s = per_call(fn, count, args.reps)
+            cells.append(f"{kname} {s * 1e6:.0f} us ({nbytes / s / 1e9:.1f} GB/s)")
+        print(f"{name:15s} [1,{k}] x [{k},{n}] ({nbytes / 1e6:.2f} MB): " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
