@@ -40,11 +40,23 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape[-1] * size) % 16 == 0 and (b.shape[-1] * size) % 16 == 0
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x runs in: autocast's when it is on for x's device, else x's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert x_e @ w_e^T for row blocks of x sorted by expert.
 
-    x [M,in] (rows of expert e in [offs[e-1], offs[e])), w [E,out,in] -> [M,out].
+    x [M,in] (rows of expert e in [offs[e-1], offs[e])), w [E,out,in] -> [M,out], in autocast's
+    dtype when it is on: autocast lowers F.linear and matmul but knows nothing of
+    _grouped_mm, which would otherwise run the routed experts (most of an MoE layer's FLOPs)
+    in fp32 under bf16 autocast while every other projection runs in bf16.
     """
+    dt = compute_dtype(x)
+    x, w = x.to(dt), w.to(dt)
     w_t = w.transpose(1, 2)  # [E,in,out], a view
     if _grouped_mm_ok(x, w_t):
         if x.dtype == torch.float32:
@@ -109,7 +121,7 @@ def _row_granule(x: torch.Tensor) -> int:
     """
     if x.device.type != "cpu":
         return 1
-    return 16 if x.dtype in (torch.bfloat16, torch.float16) else 4
+    return 16 if compute_dtype(x) in (torch.bfloat16, torch.float16) else 4
 
 
 class RoutedExperts(nn.Module):
@@ -140,8 +152,10 @@ class RoutedExperts(nn.Module):
         h = self.linear_fn(x_src.index_select(0, src), self.gate_up_proj, offs)  # [M',2F]
         gate, up = h.split(self.hidden, dim=-1)
         h = F.silu(gate) * up
-        out = self.linear_fn(h, self.down_proj, offs) * w[:, None].to(x.dtype)  # [M',D]
-        return torch.zeros_like(x_src).index_add_(0, src, out)[:N]
+        out = self.linear_fn(h, self.down_proj, offs)  # [M',D], autocast's dtype if on
+        out = out * w[:, None].to(out.dtype)
+        # the K expert outputs of a token are summed in x's dtype (fp32 under autocast)
+        return torch.zeros_like(x_src).index_add_(0, src, out.to(x.dtype))[:N]
 
     def _looped(self, x, indices, weights):
         y = torch.zeros_like(x)
@@ -151,7 +165,7 @@ class RoutedExperts(nn.Module):
                 continue
             gate, up = F.linear(x[token], self.gate_up_proj[e]).split(self.hidden, dim=-1)
             h = F.linear(F.silu(gate) * up, self.down_proj[e])
-            y.index_add_(0, token, h * weights[token, slot, None].to(h.dtype))
+            y.index_add_(0, token, (h * weights[token, slot, None].to(h.dtype)).to(y.dtype))
         return y
 
 

@@ -37,6 +37,34 @@ def test_grouped_matches_looped_forward_and_backward(dtype, tol):
     assert grads[0][1][5].abs().sum() == 0  # the idle expert gets no gradient
 
 
+def test_grouped_runs_in_autocast_dtype_like_the_looped_reference():
+    """Under bf16 autocast with fp32 weights the grouped GEMMs run in bf16 (autocast does not
+    know _grouped_mm), as the looped reference's F.linear does: same output and gradients up
+    to bf16 rounding, and far from the all-fp32 result the grouped path used to give."""
+    ex = _experts()
+    N, K = 64, 3
+    x = torch.randn(N, 64, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:K] for _ in range(N)])
+    w = torch.rand(N, K)
+    outs, grads = {}, {}
+    for impl in ("grouped", "looped"):
+        ex.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ex(x, idx, w, impl=impl)
+        assert y.dtype == torch.float32  # the K outputs are summed in the residual's dtype
+        y.backward(torch.ones_like(y))
+        outs[impl] = y.detach()
+        grads[impl] = [x.grad.clone(), ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone()]
+    exact = ex(x, idx, w, impl="grouped").detach()  # fp32 throughout
+    bf16_err = (outs["grouped"] - exact).abs().max()
+    assert bf16_err > 1e-3  # bf16 GEMMs, not fp32 ones
+    assert (outs["grouped"] - outs["looped"]).abs().max() < 0.25 * bf16_err
+    for a, b in zip(grads["grouped"], grads["looped"]):
+        assert torch.allclose(a, b, atol=3e-2, rtol=3e-2)
+        assert a.dtype == torch.float32  # master weights keep fp32 gradients
+
+
 def test_grouped_fallback_for_odd_sizes():
     # D=30 in fp32 is 120 bytes per row: not a multiple of 16, so the split-loop fallback runs
     ex = _experts(E=4, D=30, F=7)
