@@ -22,8 +22,8 @@ from functools import partial
 import torch
 
 from nanoseek.fp8.backends import FP8Backend, get_backend
-from nanoseek.fp8.linear import output_dtype
 from nanoseek.fp8.quant import BLOCK, Quantized, quantize_1x128, quantize_128x128
+from nanoseek.model.moe import compute_dtype
 
 
 def _bounds(sizes: list[int]):
@@ -84,7 +84,7 @@ def fp8_grouped_linear(
     """Drop-in FP8 `grouped_linear`: x [M,K] sorted by expert, w [E,N,K], offs [E] (end row of
     each expert's block) -> [M,N]."""
     counts = offs.diff(prepend=offs.new_zeros(1))
-    return _FP8GroupedFn.apply(x, w, counts, get_backend(backend), pow2_scales, output_dtype(x))
+    return _FP8GroupedFn.apply(x, w, counts, get_backend(backend), pow2_scales, compute_dtype(x))
 
 
 def make_fp8_grouped_linear(backend: str | FP8Backend = "auto", pow2_scales: bool = False):

@@ -30,14 +30,7 @@ from torch import nn
 
 from nanoseek.fp8.backends import FP8Backend, get_backend
 from nanoseek.fp8.quant import BLOCK, Quantized, quantize_1x128, quantize_128x128
-
-
-def output_dtype(x: torch.Tensor) -> torch.dtype:
-    """What an nn.Linear would return for x: the autocast dtype inside autocast, else x's."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+from nanoseek.model.moe import compute_dtype
 
 
 class _FP8LinearFn(torch.autograd.Function):
@@ -85,7 +78,7 @@ def fp8_linear(
     pow2_scales: bool = False,
 ) -> torch.Tensor:
     """F.linear with FP8 Fprop, Dgrad and Wgrad: x [..., K], weight [N,K] -> [..., N]."""
-    return _FP8LinearFn.apply(x, weight, bias, get_backend(backend), pow2_scales, output_dtype(x))
+    return _FP8LinearFn.apply(x, weight, bias, get_backend(backend), pow2_scales, compute_dtype(x))
 
 
 def check_fp8_weight(name: str, weight: torch.Tensor, ndim: int = 2) -> None:
@@ -158,7 +151,7 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FP8LinearFn.apply(
-            x, self.weight, self.bias, self.backend, self.pow2_scales, output_dtype(x)
+            x, self.weight, self.bias, self.backend, self.pow2_scales, compute_dtype(x)
         )
 
     def extra_repr(self) -> str:
