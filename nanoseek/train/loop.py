@@ -310,8 +310,9 @@ def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:
     kinds = {(type(p), getattr(p, "device_mesh", None)) for p in params}
     if len(kinds) <= 1 and all(p.device.type in ("cpu", "cuda") for p in params):
         # plain parameters, or FSDP shards of one mesh: the update fused into one kernel per
-        # tensor list, on CPU 5x faster than the default per-tensor loop for fp32 (bench model: 8 vs 22 ms a step; the foreach "fast" path
-        # is slower still there, 44 ms), 2x for bf16, whose update it computes in fp32
+        # tensor list, on CPU 5x faster than the default per-tensor loop for fp32 (bench
+        # model: 8 vs 22 ms a step; the foreach "fast" path is slower still there, 44 ms),
+        # 2x for bf16, whose update it computes in fp32
         opt = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2), fused=True)
         # footgun: the fused kernel leaves the parameters' version counters alone, and the
         # decode caches (nanoseek/infer/decode.py: GRPO rollouts, in-training evaluation) see
