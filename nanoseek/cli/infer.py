@@ -150,7 +150,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get("NANOSEEK_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $NANOSEEK_API_KEY)",
     )
     p.add_argument("--model-name", help="the model id clients send (default: MODEL's base name)")
     p.add_argument(
@@ -163,6 +164,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         help="most sequences running + queued; more requests get 429",
     )
     p.add_argument(
+        "--max-request-bytes",
+        type=positive_int,
+        default=None,  # 1 MiB, from guards.py (which imports FastAPI: not at parse time)
+        help="largest request body; larger ones get 413 (default: 1 MiB)",
+    )
+    p.add_argument(
         "--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info"
     )
 
@@ -170,6 +177,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     try:
         from nanoseek.serve.app import create_app, served_name
+        from nanoseek.serve.guards import DEFAULT_MAX_REQUEST_BYTES, exposure_warning
         from nanoseek.serve.server import bind, serve
     except ImportError as e:  # an environment problem: one line, like a missing file
         raise OSError(
@@ -177,11 +185,15 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from None
 
     sock = bind(args.host, args.port)  # a port in use fails here, before the model loads
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:  # before the model loads, so it is the first thing the operator sees
+        print(warning, file=sys.stderr)
     engine, tokenizer = _engine_from_args(args)
     name = served_name(args.model, args.model_name)
     app = create_app(
         engine, tokenizer, name, api_key=args.api_key, max_tokens=args.max_tokens,
         max_pending=args.max_pending,
+        max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
     )  # fmt: skip
     print(
         f"serving {name!r} at http://{args.host}:{args.port}/v1 (batch {engine.max_batch_size}, "

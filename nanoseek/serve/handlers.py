@@ -6,7 +6,8 @@ fit the context (the engine's max_seq_len less the MTP drafts), max_tokens must 
 server's cap, and the sequences in flight must not exceed `max_pending` (429). A request with
 `n` choices is `n` engine requests; choice i samples with seed + i, so the choices differ and a
 seeded request still reproduces. Responses are non-streamed JSON, or SSE streams built from the
-engine's deltas as they come (generators all the way, STYLE 9).
+engine's deltas as they come. Templating and tokenising run in a worker thread: a long
+conversation takes a while to render, and the event loop must keep serving everyone else.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ class OpenAIServer:
             max_new_tokens=max_new_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
-            top_k=max(req.top_k, 0),  # vLLM spells "off" -1
+            # vLLM spells "off" -1; a k of the vocabulary or more is off too (and a huge one
+            # would overflow the engine's int64 tensor, failing every request in the batch)
+            top_k=req.top_k if 0 < req.top_k < self.engine.config.vocab_size else 0,
             # n choices from one seed must differ, and still reproduce: choice i uses seed + i
             seed=None if req.seed is None else req.seed + choice,
             stop=tuple(req.stop_list()),
@@ -179,9 +182,8 @@ class OpenAIServer:
             self.loop.abort(group)  # no-op once every request has finished
 
     # ------------------------------------------------------------------ chat
-    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(req.model)
-        req.unsupported()
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], bool]:
+        """(prompt ids, whether the output starts inside <think>). Blocks: run it in a thread."""
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
             for i, m in enumerate(req.messages)
@@ -193,7 +195,12 @@ class OpenAIServer:
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(f"messages: {e}", param="messages") from None
         prompt = self.tokenizer.encode(text)  # the rendered template starts with bos already
-        opened = prompt_opens_think(text)  # R1: the output starts inside <think>
+        return prompt, prompt_opens_think(text)  # R1: the output starts inside <think>
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        req.unsupported()
+        prompt, opened = await asyncio.to_thread(self.chat_prompt, req)
         n_new = self.new_tokens(req.requested_max_tokens(), len(prompt), "messages")
         params = [self.params(req, n_new, i) for i in range(req.n)]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -259,17 +266,30 @@ class OpenAIServer:
             self.loop.abort(group)
 
     # ------------------------------------------------------------------ completions
-    async def complete(self, req: CompletionRequest, request: Request) -> Response:
-        self.check_model(req.model)
-        req.unsupported()
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """The prompts as token ids (text gets bos). Blocks: run it in a thread."""
+        texts = req.prompts()
+        # a 1 MiB body holds 250k one-token prompts: refuse what can never run before any work
+        if len(texts) * req.n > self.loop.max_pending:
+            raise APIError(
+                f"the request needs {len(texts) * req.n} sequences ({len(texts)} prompts x "
+                f"n={req.n}); this server holds at most {self.loop.max_pending}",
+                param="prompt",
+            )
         prompts = []
-        for p in req.prompts():
+        for p in texts:
             if isinstance(p, str):
                 prompts.append(self.tokenizer.encode(p, add_bos=True))
             elif not p:
                 raise APIError("prompt is empty", param="prompt")
             else:
                 prompts.append(list(p))
+        return prompts
+
+    async def complete(self, req: CompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        req.unsupported()
+        prompts = await asyncio.to_thread(self.completion_prompts, req)
         requested = req.requested_max_tokens()
         all_prompts, params = [], []
         for p in prompts:  # choice index = prompt index * n + j, as OpenAI numbers them

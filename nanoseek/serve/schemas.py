@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM any number)
+INT64 = 2**63  # seeds are signed 64-bit integers, as in OpenAI's API
 
 
 class APIError(Exception):
@@ -39,6 +40,20 @@ class APIError(Exception):
         )
 
 
+def valid_text(text: str, where: str, param: str) -> str:
+    """`text` if it is valid Unicode. JSON can spell a lone surrogate ("\\ud800"), which no
+    encoding (nor the tokenizer) accepts: refuse it here, naming where it was."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            f"{where}: lone surrogate {text[e.start]!r} at character {e.start}; text must be "
+            "valid Unicode",
+            param=param,
+        ) from None
+    return text
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -51,7 +66,9 @@ class ErrorResponse(BaseModel):
 
     @classmethod
     def of(cls, e: APIError) -> ErrorResponse:
-        return cls(error=ErrorInfo(message=e.message, type=e.type, code=e.code, param=e.param))
+        # a message may quote the request; a lone surrogate in it would fail the JSON encoding
+        message = e.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return cls(error=ErrorInfo(message=message, type=e.type, code=e.code, param=e.param))
 
 
 # ------------------------------------------------------------------------------ requests
@@ -79,15 +96,16 @@ class ChatMessage(_Request):
             if self.role == "assistant":
                 return ""
             raise APIError(f"messages[{index}].content is missing", param="messages")
+        where = f"messages[{index}].content"
         if isinstance(self.content, str):
-            return self.content
+            return valid_text(self.content, where, "messages")
         bad = [p.type for p in self.content if p.type != "text" or p.text is None]
         if bad:
             raise APIError(
                 f"messages[{index}].content: only text parts are supported, got {bad[0]!r}",
                 param="messages",
             )
-        return "".join(p.text for p in self.content)
+        return valid_text("".join(p.text for p in self.content), where, "messages")
 
 
 class _Sampling(_Request):
@@ -97,7 +115,7 @@ class _Sampling(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1: off
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -111,7 +129,7 @@ class _Sampling(_Request):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError("stop strings must be non-empty", param="stop")
-        return stop
+        return [valid_text(s, "stop", "stop") for s in stop]
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -155,12 +173,15 @@ class CompletionRequest(_Sampling):
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str):
-            return [p]
+            return [valid_text(p, "prompt", "prompt")]
         if not p:
             raise APIError("prompt is empty", param="prompt")
         if all(isinstance(x, int) for x in p):
             return [list(p)]
-        return list(p)
+        return [
+            valid_text(x, f"prompt[{i}]", "prompt") if isinstance(x, str) else x
+            for i, x in enumerate(p)
+        ]
 
     def unsupported(self) -> None:
         super().unsupported()
