@@ -24,16 +24,33 @@ def _add_pretrain(p: argparse.ArgumentParser) -> None:
         nargs="+",
         help="training files (.txt/.jsonl/.parquet); default: the built-in reasoning corpus",
     )
+    _add_resume(p)
+
+
+def _add_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out holding a previous run, deleting its checkpoints and logs",
+    )
+
+
+def _overwrite(args: argparse.Namespace) -> bool | None:
+    """--overwrite as a keyword for `build`: None leaves the config file's value."""
+    return True if args.overwrite else None
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from nanoseek.train.options import build
     from nanoseek.train.pretrain import PretrainOptions, run_pretrain
 
-    opts = build(PretrainOptions, args.config, args.overrides, out=args.out, data=args.data)
+    opts = build(
+        PretrainOptions, args.config, args.overrides, out=args.out, data=args.data,
+        overwrite=_overwrite(args),
+    )  # fmt: skip
     last = run_pretrain(opts, resume=args.resume)
     _print_done(last, opts.out)
     return 0
@@ -47,9 +64,7 @@ def _add_chat_data(p: argparse.ArgumentParser, task_help: str) -> None:
         "--data", nargs="+", help="chat JSONL ({messages} or {prompt, completion}) or text files"
     )
     p.add_argument("--task", help=task_help)
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
-    )
+    _add_resume(p)
 
 
 def _add_sft(p: argparse.ArgumentParser) -> None:
@@ -68,6 +83,7 @@ def run_sft(args: argparse.Namespace) -> int:
     opts = build(
         SFTOptions, args.config, args.overrides,
         model=args.model, out=args.out, data=args.data, task=args.task,
+        overwrite=_overwrite(args),
     )  # fmt: skip
     last = run_sft(opts, resume=args.resume)
     _print_done(last, opts.out)
@@ -92,6 +108,7 @@ def run_distill(args: argparse.Namespace) -> int:
     opts = build(
         DistillOptions, args.config, args.overrides,
         teacher=args.teacher, student=args.student, out=args.out, data=args.data, task=args.task,
+        overwrite=_overwrite(args),
     )  # fmt: skip
     last = run_distill(opts, resume=args.resume)
     _print_done(last, opts.out)
@@ -104,9 +121,7 @@ def _add_grpo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task name(s), comma-separated, or a task JSONL file")
     p.add_argument("--config", help="TOML/JSON file of options (--key=value overrides it)")
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, reward.png, model/)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
-    )
+    _add_resume(p)
     p.epilog = (
         "Any field of GRPOOptions (nanoseek/train/grpo.py) as --key=value, e.g. "
         "--num_generations=8 --prompts_per_step=8 --max_completion_length=256 --beta=0.001 "
@@ -120,8 +135,9 @@ def run_grpo(args: argparse.Namespace) -> int:
     from nanoseek.train.options import build
 
     opts = build(
-        GRPOOptions, args.config, args.overrides, model=args.model, out=args.out, task=args.task
-    )
+        GRPOOptions, args.config, args.overrides, model=args.model, out=args.out, task=args.task,
+        overwrite=_overwrite(args),
+    )  # fmt: skip
     last = run_grpo(opts, resume=args.resume)
     summary = f"reward {last.get('reward', float('nan')):.3f}"
     if last.get("eval_accuracy") is not None:

@@ -1,8 +1,8 @@
 """Checkpoints of a sharded run: torch.distributed.checkpoint (DCP) shards, resumable at any world
 size, plus the consolidated Hugging Face export gathered to rank 0.
 
-    OUT/checkpoints/step-000200/  dcp/ (.metadata, __<rank>_0.distcp), trainer_state.pt,
-                                  config.json, tokenizer files
+    OUT/checkpoints/step-000200/  dcp/ (.metadata, __<rank>_0.distcp), trainer_state.json and
+                                  .tensors, config.json, tokenizer files
 
 Layout of the sharded state (one flat dict, the same keys whatever the mesh):
 - `model.<name>`: every persistent tensor; FSDP shards are DTensors, which DCP re-slices for any
@@ -12,10 +12,12 @@ Layout of the sharded state (one flat dict, the same keys whatever the mesh):
   own and M ranks - or one process - read the rows they need;
 - `optim.<param name>.<state>` likewise (AdamW moments per expert; `step` once per parameter).
 
-Checkpoints written by one process (the HF directory + trainer_state.pt of
+Checkpoints written by one process (the HF directory + trainer state of
 nanoseek/train/state.py) resume on M ranks too (`load_full`), and a sharded one on one process
 (`load_sharded` without a process group): a run saved with N processes resumes with M.
 Footgun: on several nodes OUT must be a shared filesystem (each rank writes its own shard file).
+Reading goes through nanoseek/dist/safe_dcp.py: DCP's own reader would unpickle the index and
+non-tensor values, running whatever code a crafted checkpoint holds.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from nanoseek.train.state import STATE_NAME, checkpoint_dirs
+from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.train.state import prune, write_state
 
 SHARDS = "dcp"
 
@@ -119,7 +122,7 @@ def save_sharded(
     out_dir: str, step: int, model, optimizer, state: dict, extra_files, keep_last: int, par
 ) -> str:
     """Write OUT/checkpoints/step-N from every rank: shards under a temporary name, then rank 0
-    adds trainer_state.pt (what marks a checkpoint complete), config and tokenizer, and renames."""
+    adds the trainer state (what marks a checkpoint complete), config and tokenizer, and renames."""
     import torch.distributed.checkpoint as dcp
 
     root = os.path.join(out_dir, "checkpoints")
@@ -134,15 +137,14 @@ def save_sharded(
     dcp.save(sharded_state(model, optimizer), checkpoint_id=os.path.join(staging, SHARDS))
 
     def finish():
-        torch.save(state, os.path.join(staging, STATE_NAME))
+        write_state(state, staging)
         model.config.save_pretrained(staging)
         for path in extra_files:
             shutil.copy(path, staging)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(staging, final)
-        for _, old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(out_dir, keep_last)
 
     par.on_main(finish)
     return final
@@ -154,6 +156,9 @@ def load_sharded(path: str, model, optimizer=None) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from nanoseek.dist.safe_dcp import SafePlanner, SafeReader, read_metadata
 
     checkpoint = os.path.join(path, SHARDS)
     if optimizer is not None:
@@ -161,7 +166,7 @@ def load_sharded(path: str, model, optimizer=None) -> None:
     flat = sharded_state(model, optimizer)
     if optimizer is not None:  # parameters that never had a gradient (MTP modules in GRPO, in
         # SFT with mtp_lambda=0) have no moments in the checkpoint: none after loading either
-        saved = set(dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata)
+        saved = set(read_metadata(checkpoint).state_dict_metadata)
         stepped = set()  # keys: optim.{param}.{state}[.{expert}]
         for k in saved:
             if k.startswith("optim."):
@@ -173,7 +178,14 @@ def load_sharded(path: str, model, optimizer=None) -> None:
         flat = {k: v for k, v in flat.items() if not k.startswith("optim.") or k in saved}
     with warnings.catch_warnings():  # one process: DCP notes it runs without a process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(flat, checkpoint_id=checkpoint)
+        try:
+            dcp.load(flat, storage_reader=SafeReader(checkpoint), planner=SafePlanner())
+        except CheckpointException as e:  # DCP wraps each rank's error: show ours in one line
+            errors = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+            if not errors:
+                raise
+            msg = str(errors[0])
+            raise CheckpointError(msg if checkpoint in msg else f"{checkpoint}: {msg}") from None
     if optimizer is not None:
         _restore_objects(model, optimizer, flat)
 

@@ -351,6 +351,7 @@ def student_experts(student: str, teacher: str) -> int | None:
 def _run_logit_distill(opts: DistillOptions, par, resume, progress, sample_fn) -> dict:
     from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.dist.checkpoint import export_hf
+    from nanoseek.train.run_dir import claim_out_dir
 
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -385,6 +386,8 @@ def _run_logit_distill(opts: DistillOptions, par, resume, progress, sample_fn) -
     teacher_val = total / count if count else None
 
     teacher_eval = {"teacher_val_loss": teacher_val, **stats.to_dict()}
+    # after the checks of models and data: a failing new run leaves the previous one in place
+    claim_out_dir(opts.out, resume, opts.overwrite, par)
     tok_files = write_run_files(par, opts, tok_src, teacher_eval=teacher_eval)
     if teacher_val is not None and par.is_main:
         print(f"teacher val loss {teacher_val:.4f}", file=sys.stderr)
@@ -446,6 +449,9 @@ def run_sequence_distill(
 ) -> dict:
     """Teacher samples -> verifier -> OUT/teacher_samples.jsonl -> SFT of the student. Rank 0
     samples and writes the files (under torchrun the others wait), then every rank runs SFT."""
+    from nanoseek.train.run_dir import claim_out_dir
+
+    claim_out_dir(opts.out, resume, opts.overwrite, par)  # before the teacher data is written
     os.makedirs(opts.out, exist_ok=True)
     tok_src = tokenizer_dir(opts.teacher, opts.tokenizer)
     student_dir = par.broadcast(
@@ -456,7 +462,9 @@ def run_sequence_distill(
     }
     values = {k: getattr(opts, k) for k in shared}
     samples_path = os.path.join(opts.out, "teacher_samples.jsonl")
-    values.update(model=student_dir, data=[samples_path], task=None, tokenizer=tok_src)
+    # overwrite: done above; SFT must not delete the teacher data and student just written
+    values.update(model=student_dir, data=[samples_path], task=None, tokenizer=tok_src,
+                  overwrite=False)  # fmt: skip
     return run_sft(SFTOptions(**values), resume=resume, progress=progress)
 
 

@@ -328,6 +328,7 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
 
 def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     from nanoseek.dist.checkpoint import export_hf
+    from nanoseek.train.run_dir import claim_out_dir
     from nanoseek.train.sft import load_for_training, write_run_files
     from nanoseek.train.sft_data import resolve_task
 
@@ -343,6 +344,8 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     level = opts.eval_level if opts.eval_level is not None else opts.task_level
     eval_problems = held_out(tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
 
+    # after the checks of model and tasks: a failing new run leaves the previous one in place
+    claim_out_dir(opts.out, resume, opts.overwrite, par)
     tok_files = write_run_files(par, opts, tok_src)
     mu = opts.num_iterations
     # the loop's schedule counts optimizer steps: mu per GRPO step
@@ -510,17 +513,23 @@ def _save(opts, step, trainer, sampler, watch) -> str:
 def _resume(out: str, trainer, sampler, watch) -> int:
     """Restore the latest checkpoint in `out`; returns its GRPO step (0: none). The frozen
     reference stays the initial model (`opts.model`), not the checkpoint."""
+    from nanoseek.checkpoint.io import CheckpointError
     from nanoseek.train.state import set_rng_state
 
     state = trainer.load_latest()
+    # lines written after the checkpoint are redone; without one, all of them (the step-0
+    # evaluation included)
+    for name in ("metrics.jsonl", "completions.jsonl") if trainer.parallel.is_main else ():
+        truncate_jsonl(os.path.join(out, name), state["step"] if state else -1)
     if state is None:
         return 0
-    trainer.step = state["optimizer_step"]
-    sampler.load_state_dict(state["data"]["sampler"])
-    watch.load_state_dict(state["data"]["watch"])
+    try:
+        trainer.step = state["optimizer_step"]
+        sampler.load_state_dict(state["data"]["sampler"])
+        watch.load_state_dict(state["data"]["watch"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state['_path']}: GRPO trainer state is malformed ({e})") from None
     set_rng_state(state["rng"])
-    for name in ("metrics.jsonl", "completions.jsonl") if trainer.parallel.is_main else ():
-        truncate_jsonl(os.path.join(out, name), state["step"])  # lines written after it
     return state["step"]
 
 

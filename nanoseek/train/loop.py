@@ -27,15 +27,19 @@ from typing import Any
 import torch
 from torch.autograd.graph import increment_version
 
+from nanoseek.checkpoint.io import CheckpointError
 from nanoseek.dist.parallel import SingleProcess
+from nanoseek.train.run_dir import truncate_jsonl
 from nanoseek.train.schedule import lr_at
 from nanoseek.train.state import (
-    latest_checkpoint,
     load_state,
+    resumable_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+
+__all__ = ["LoopOptions", "Trainer", "TrainingDiverged", "make_optimizer", "truncate_jsonl"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,6 +70,9 @@ class LoopOptions:
     eval_batches: int = 8
     save_every: int = 200
     keep_last: int = 2
+    # start afresh in an `out` that holds a previous run, deleting its checkpoints and logs
+    # (without it, and without resume, such an `out` is an error: nanoseek/train/run_dir.py)
+    overwrite: bool = False
     plot: bool = True
     # scale-out, used under torchrun (docs/distributed.md); batch_size is then the GLOBAL number
     # of sequences per micro-batch, split over the ranks
@@ -120,13 +127,16 @@ class Trainer:
         from nanoseek.dist.checkpoint import adapt_data_state
 
         state = self.load_latest()
+        if self.parallel.is_main:  # rows past the checkpoint (all rows, without one) are redone
+            truncate_jsonl(self.metrics_path, state["step"] if state else 0)
         if state is None:
             return False
-        self.train_data.load_state_dict(adapt_data_state(state["data"], self.train_data))
+        try:
+            self.train_data.load_state_dict(adapt_data_state(state["data"], self.train_data))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{state['_path']}: field 'data' is malformed ({e})") from None
         set_rng_state(state["rng"])
         self.step = state["step"]
-        if self.parallel.is_main:
-            truncate_jsonl(self.metrics_path, self.step)
         return True
 
     def save(self) -> str:
@@ -146,24 +156,33 @@ class Trainer:
         from nanoseek.dist.checkpoint import is_sharded
 
         par = self.parallel
-        path = par.broadcast(latest_checkpoint(self.opts.out) if par.is_main else None)
+        # rank 0 picks the newest intact checkpoint (setting broken ones aside), all load it
+        found = par.on_main(lambda: resumable_checkpoint(self.opts.out))
+        path = par.broadcast(found[0] if found else None)
         if path is None:
             return None
-        state = load_state(path)
+        state = found[1] if found else load_state(path)
+        state["_path"] = path  # for error messages; never saved (save() builds a fresh dict)
         if is_sharded(path):
             from nanoseek.dist.checkpoint import load_sharded
 
             load_sharded(path, self.model, self.optimizer)
-        elif par.distributed:
-            from nanoseek.dist.checkpoint import load_full
+            return state
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path}: the trainer state has no field 'optimizer'")
+        try:
+            if par.distributed:
+                from nanoseek.dist.checkpoint import load_full
 
-            load_full(path, self.model, self.optimizer, state["optimizer"])
-        else:
-            from nanoseek.checkpoint.io import load
+                load_full(path, self.model, self.optimizer, state["optimizer"])
+            else:
+                from nanoseek.checkpoint.io import load
 
-            loaded = load(path, dtype=torch.float32, device=self.model.device)
-            self.model.load_state_dict(loaded.state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
+                loaded = load(path, dtype=torch.float32, device=self.model.device)
+                self.model.load_state_dict(loaded.state_dict())
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # a state of another model
+            raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from None
         return state
 
     def save_state(self, step: int, state: dict) -> str:
@@ -335,15 +354,3 @@ def _n_targets(batch) -> int:
 
 def _n_input_tokens(batch) -> int:
     return batch.inputs.numel() if hasattr(batch, "inputs") else batch["input_ids"].numel()
-
-
-def truncate_jsonl(path: str, step: int) -> None:
-    """Drop the lines of a per-step JSONL log (metrics, completions) past `step`: written after
-    the checkpoint a run resumes from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)

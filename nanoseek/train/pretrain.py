@@ -216,7 +216,9 @@ def _run(opts: PretrainOptions, par, resume: bool, progress) -> dict:
     from nanoseek.checkpoint.io import load
     from nanoseek.dist.checkpoint import export_hf
     from nanoseek.train.mfu import matmul_peak_flops
+    from nanoseek.train.run_dir import claim_out_dir
 
+    claim_out_dir(opts.out, resume, opts.overwrite, par)  # before anything is written there
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)  # data preparation draws nothing from torch: every rank, and
     # every world size, initialises the same full model below and keeps its part of it

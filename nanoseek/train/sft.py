@@ -275,6 +275,7 @@ def routed_experts(model_dir: str) -> int | None:
 
 def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:
     from nanoseek.dist.checkpoint import export_hf
+    from nanoseek.train.run_dir import claim_out_dir
 
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -296,6 +297,8 @@ def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:
             opts, max_steps=steps_for_epochs(opts.epochs, train_ds, opts.grad_accum)
         )
 
+    # after the checks of model and data: a failing new run leaves the previous one in place
+    claim_out_dir(opts.out, resume, opts.overwrite, par)
     tok_files = write_run_files(par, opts, tok_src, data_stats=stats.to_dict())
     trainer = Trainer(
         par.parallelize(model, opts.precision),
