@@ -103,7 +103,7 @@ def test_fsdp_ep_and_both_match_one_process(tmp_path):
     ref_history = _train(model, str(tmp_path / "ref"), [[0], [1], [2], [3]])
     ref_state = model.state_dict()
     spawn(_worker, 2, str(tmp_path), timeout=150)
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
     lr = PretrainOptions().lr
     bf16, _ = results.pop("bf16")
     torch.testing.assert_close(bf16[0], ref_history[0], rtol=2e-2, atol=0)  # first step

@@ -120,7 +120,12 @@ def test_resume_is_exact(model_dir, tmp_path):
     with mock.patch.object(grpo, "grpo_step", crash_on_third), pytest.raises(KeyboardInterrupt):
         run_grpo(part, progress=False)
     assert [s for s, _ in checkpoint_dirs(part.out)] == [2]
-    run_grpo(part, resume=True, progress=False)
+    # a later kill of a resumed attempt: rows past the checkpoint, the last one torn mid-write
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        with open(os.path.join(part.out, name), "a") as f:
+            f.write('{"step": 3, "reward": 9.0}\n{"step": 4, "rew')
+    with pytest.warns(UserWarning, match="completions.jsonl: dropped a torn last line"):
+        run_grpo(part, resume=True, progress=False)
     a, b = _records(full.out), _records(part.out)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for ra, rb in zip(a, b):
