@@ -243,7 +243,7 @@ def resumable_checkpoint(out_dir: str) -> tuple[str, dict[str, Any]] | None:
         reasons = "; ".join(why for _, why in skipped)
         raise CheckpointError(
             f"{os.path.join(out_dir, 'checkpoints')}: no intact checkpoint to resume from "
-            f"({reasons}); start afresh with --overwrite"
+            f"({reasons}); move them away, or start afresh with --overwrite"
         )
     return None
 
