@@ -19,6 +19,23 @@ class ConfigError(ValueError):
     """A config value that cannot describe a model; the message names the field."""
 
 
+# what `torch_dtype` may name (getattr(torch, name) of each is a float dtype)
+TORCH_DTYPES = (
+    "float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2", "float", "half",
+    "auto",
+)  # fmt: skip
+_ROPE_FLOATS = ("factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow", "attention_factor")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that is finite (JSON's NaN and Infinity are not)."""
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 129280
@@ -132,6 +149,38 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 bad(name, "must be a positive integer")
+        for name in ("num_nextn_predict_layers", "first_k_dense_replace", "moe_layer_freq"):
+            if not _is_int(getattr(self, name)):
+                bad(name, "must be an integer")
+        for name in ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+                     "topk_group", "num_key_value_heads"):  # fmt: skip
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                bad(name, "must be an integer or null")
+        for name in ("attention_bias", "norm_topk_prob", "seq_aux", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        # a string ("1e-6"), NaN or inf here would only show up as NaN logits much later
+        for name, low in (
+            ("rope_theta", "> 0"), ("rms_norm_eps", "> 0"), ("routed_scaling_factor", "> 0"),
+            ("initializer_range", ">= 0"), ("aux_loss_alpha", ">= 0"),
+            ("mtp_loss_weight", ">= 0"), ("attention_dropout", ">= 0"),
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not _is_number(value):
+                bad(name, "must be a finite number")
+            if value < 0 or (low == "> 0" and value == 0):
+                bad(name, f"must be {low}")
+        if self.torch_dtype is not None and (
+            not isinstance(self.torch_dtype, str)
+            or self.torch_dtype.removeprefix("torch.") not in TORCH_DTYPES
+        ):
+            bad("torch_dtype", f"must be one of {', '.join(TORCH_DTYPES)} or null")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            for i in ids:
+                if i is not None and not (_is_int(i) and 0 <= i < self.vocab_size):
+                    bad(name, f"must be a token id in [0, vocab_size={self.vocab_size}) or null")
         if self.q_lora_rank is not None and (
             not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0
         ):
@@ -149,8 +198,6 @@ class ModelConfig:
             bad("moe_layer_freq", "must be >= 1")
         if self.hidden_act != "silu":
             bad("hidden_act", "only 'silu' (SwiGLU) is supported")
-        if self.rms_norm_eps <= 0:
-            bad("rms_norm_eps", "must be > 0")
         if self.scoring_func not in ("sigmoid", "softmax"):
             bad("scoring_func", "must be 'sigmoid' or 'softmax'")
         if self.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
@@ -175,8 +222,6 @@ class ModelConfig:
                 )
             if self.topk_method == "noaux_tc" and groups > 1 and e // groups < 2:
                 bad("n_group", "noaux_tc scores a group by its top-2 experts: groups need >= 2")
-            if self.routed_scaling_factor <= 0:
-                bad("routed_scaling_factor", "must be > 0")
         if self.n_shared_experts is not None and self.n_shared_experts < 0:
             bad("n_shared_experts", "must be >= 0")
         if self.rope_scaling is not None:
@@ -185,7 +230,13 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type", "default"))
             if kind not in ("yarn", "default", None):
                 bad("rope_scaling", f"type {kind!r} is not supported (use 'yarn' or null)")
+            for key in _ROPE_FLOATS:
+                if key in self.rope_scaling and not _is_number(self.rope_scaling[key]):
+                    bad("rope_scaling", f"'{key}' must be a finite number")
             if kind == "yarn":
+                orig = self.rope_scaling.get("original_max_position_embeddings", 0)
+                if not _is_int(orig):
+                    bad("rope_scaling", "'original_max_position_embeddings' must be an integer")
                 if float(self.rope_scaling.get("factor", 0)) < 1:
                     bad("rope_scaling", "yarn 'factor' must be >= 1")
                 if int(self.rope_scaling.get("original_max_position_embeddings", 0)) <= 0:
@@ -225,11 +276,13 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError; nesting too deep
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")

@@ -43,15 +43,13 @@ from nanoseek.checkpoint.fp8_format import (
 from nanoseek.checkpoint.io import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
-    _fsync_files,
     _open,
     _read,
     _ShardWriter,
-    _sibling,
-    _swap_into_place,
     weight_map,
 )
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.fsio import atomic_dir
 
 # storage dtype of the tensors that are neither quantised nor the router bias
 TARGET_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
@@ -101,21 +99,13 @@ def convert_checkpoint(
     wm = weight_map(src)
     headers = _scan(wm)  # every file opened and every scale found before anything is written
 
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = _sibling(dst, "tmp")  # mkdir honours the umask (tempfile.mkdtemp would make it 0700)
-    os.mkdir(tmp)
-    try:
+    with atomic_dir(dst) as tmp:  # temp sibling, renamed into place once complete
         config.replace(
             torch_dtype=str(TARGET_DTYPES[dtype]).removeprefix("torch."),  # fp8: bfloat16
             quantization_config=dict(QUANTIZATION_CONFIG) if dtype == "fp8" else None,
         ).save_pretrained(tmp)
         stats = _convert_tensors(wm, headers, tmp, dtype, max_shard_bytes, progress)
         copied = _copy_other_files(src, tmp)
-        _fsync_files(tmp)
-        _swap_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     stats.update(
         src_dir=src, dst_dir=dst, dtype=dtype, copied_files=copied,
         seconds=time.perf_counter() - t0,

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterable
 
@@ -30,12 +29,15 @@ from nanoseek.checkpoint.fp8_format import (
 )
 from nanoseek.checkpoint.keys import hf_state_items, hf_to_ours, split_expert_key
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.fsio import WRITE_ERRNOS, WriteError, atomic_dir, naming, write_error, write_json
 from nanoseek.model.transformer import CausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# load() scans weights up to this size for NaN/inf by default (1-3 s per GiB on one CPU core)
+FINITE_SCAN_BYTES = 1024**3
 
 
 class CheckpointError(RuntimeError):
@@ -44,18 +46,27 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------- load
 def load(
-    directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"
+    directory: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    check_finite: bool | None = None,
 ) -> CausalLM:
     """Read a HF DeepseekV3 directory (bf16/fp32/FP8) into a CausalLM of `dtype` on `device`.
 
     The router's `e_score_correction_bias` stays fp32 whatever `dtype`. A checkpoint without the
     MTP layers (transformers drops them) loads with a warning and `num_nextn_predict_layers=0`.
+    Every weight must be of a float dtype; check_finite: also scan every value for NaN/inf
+    (None: only when the weights total at most FINITE_SCAN_BYTES, where the scan costs little
+    next to reading them; `nanoseek info DIR --scan` scans any size).
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     config = _read_config(directory)
     wm = weight_map(directory)
+    if check_finite is None:
+        size = sum(os.path.getsize(p) for p in set(wm.values()) if os.path.isfile(p))
+        check_finite = size <= FINITE_SCAN_BYTES  # (a missing file is named when it is opened)
     L = config.num_hidden_layers
     if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in wm):
         warnings.warn(
@@ -89,6 +100,7 @@ def load(
                 t = _read(f, path, key)
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     t = _dequantize(key, t, f, path, wm)
+                _check_values(path, key, t, check_finite)
                 if tuple(t.shape) != tuple(target.shape):
                     raise CheckpointError(
                         f"{path}: tensor '{key}' has shape {tuple(t.shape)}, the config "
@@ -109,6 +121,38 @@ def load(
     return model.eval()
 
 
+def _check_values(path: str, key: str, t: torch.Tensor, finite: bool) -> None:
+    """Weights are floats (an integer tensor would be cast silently) and, when asked, finite."""
+    if not t.is_floating_point():
+        raise CheckpointError(f"{path}: tensor '{key}' has dtype {t.dtype}, not a float dtype")
+    if finite and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{path}: tensor '{key}' holds {n} NaN or infinite values")
+
+
+def scan(directory: str | os.PathLike) -> dict[str, int]:
+    """Check every tensor of a checkpoint directory without building the model: a float dtype
+    and finite values (FP8 weights checked as stored: their scales are tensors too). Raises
+    CheckpointError naming the first bad file and tensor; returns {"tensors", "values"}."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    _read_config(directory)
+    by_file: dict[str, list[str]] = {}
+    for key, path in weight_map(directory).items():
+        by_file.setdefault(path, []).append(key)
+    tensors = values = 0
+    for path, keys in sorted(by_file.items()):
+        with _open(path) as f:
+            for key in keys:
+                t = _read(f, path, key)
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    t = t.float()  # fp8 e4m3 has a NaN but no inf: the float copy shows both
+                _check_values(path, key, t, True)
+                tensors, values = tensors + 1, values + t.numel()
+    return {"tensors": tensors, "values": values}
+
+
 def _read_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     try:
@@ -122,12 +166,14 @@ def weight_map(directory: str) -> dict[str, str]:
     index = os.path.join(directory, INDEX_NAME)
     if os.path.exists(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 wm = json.load(f)["weight_map"]
             if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
                 raise TypeError("'weight_map' must map tensor names to file names")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # + UnicodeDecodeError
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        for key, name in wm.items():
+            _check_inside(directory, index, key, name)
         return {k: os.path.join(directory, v) for k, v in wm.items()}
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
@@ -138,6 +184,22 @@ def weight_map(directory: str) -> dict[str, str]:
         with _open(path) as f:
             out.update(dict.fromkeys(f.keys(), path))
     return out
+
+
+def _check_inside(directory: str, index: str, key: str, name: str) -> None:
+    """An index names files in its own directory: '../../etc/passwd', an absolute path or a
+    symlink out of the directory would make loading read files it has no business reading."""
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(directory, name))
+    if (
+        not name
+        or os.path.isabs(name)
+        or ".." in name.replace("\\", "/").split("/")
+        or os.path.commonpath([root, target]) != root
+    ):
+        raise CheckpointError(
+            f"{index}: weight_map entry '{key}' names {name!r}, outside the model directory"
+        )
 
 
 @contextlib.contextmanager
@@ -240,6 +302,8 @@ def save(
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {SAVE_DTYPES} (for FP8 use fp8=True), got {dtype}")
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(directory) and (not os.path.isdir(directory) or os.path.islink(directory)):
+        raise CheckpointError(f"{directory}: exists and is not a directory; not replacing it")
     if (
         os.path.isdir(directory)
         and os.listdir(directory)
@@ -248,29 +312,26 @@ def save(
         raise CheckpointError(
             f"{directory}: exists, is not empty and is not a checkpoint; not replacing it"
         )
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    # not tempfile.mkdtemp: its mode 0700 would become the checkpoint's; mkdir honours the umask
-    tmp = _sibling(directory, "tmp")
-    os.mkdir(tmp)
     try:
-        config = model.config.replace(
-            torch_dtype=str(dtype or model.dtype).removeprefix("torch."),
-            quantization_config=dict(QUANTIZATION_CONFIG) if fp8 else None,
-        )
-        config.save_pretrained(tmp)
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        for key, t in hf_state_items(model):
-            for k, v in _encode(key, t, dtype, fp8):
-                writer.add(k, v)
-        writer.close()
-        for path in extra_files:
-            if os.path.exists(os.path.join(tmp, os.path.basename(path))):
-                raise ValueError(f"{path}: would overwrite a checkpoint file of the same name")
-            shutil.copy(path, tmp)
-        _fsync_files(tmp)
-        _swap_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(directory) as tmp:
+            config = model.config.replace(
+                torch_dtype=str(dtype or model.dtype).removeprefix("torch."),
+                quantization_config=dict(QUANTIZATION_CONFIG) if fp8 else None,
+            )
+            config.save_pretrained(tmp)
+            writer = _ShardWriter(tmp, max_shard_bytes)
+            for key, t in hf_state_items(model):
+                for k, v in _encode(key, t, dtype, fp8):
+                    writer.add(k, v)
+            writer.close()
+            for path in extra_files:
+                if os.path.exists(os.path.join(tmp, os.path.basename(path))):
+                    raise ValueError(f"{path}: would overwrite a checkpoint file of the same name")
+                shutil.copy(path, tmp)
+    except OSError as e:  # full disk, read-only folder: the previous checkpoint is still there
+        if isinstance(e, WriteError) or e.errno in WRITE_ERRNOS:
+            then = "; nothing saved there before was changed"
+            raise write_error(directory, e, "cannot save the checkpoint", then) from None
         raise
 
 
@@ -319,7 +380,8 @@ class _ShardWriter:
     def _flush(self) -> None:
         name = f"part-{len(self.files) + 1:05d}.safetensors"
         path = os.path.join(self.directory, name)
-        save_file(self.pending, path, metadata={"format": "pt"})
+        with naming(path):  # safetensors' own error would not say which file
+            save_file(self.pending, path, metadata={"format": "pt"})
         os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates 0600; other files follow the umask
         self.file_of.update(dict.fromkeys(self.pending, len(self.files)))
         self.files.append(name)
@@ -340,39 +402,4 @@ class _ShardWriter:
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {k: final[i] for k, i in self.file_of.items()},
             }
-            with open(os.path.join(self.directory, INDEX_NAME), "w") as f:
-                json.dump(index, f, indent=2)
-
-
-def _fsync_files(directory: str) -> None:
-    """Data on disk before the rename makes it visible (else a power cut can publish zeros)."""
-    for name in os.listdir(directory):
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _sibling(directory: str, kind: str) -> str:
-    """A fresh name beside `directory`: `<directory>.<kind>-<pid>-<random>`."""
-    return f"{directory}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _swap_into_place(tmp: str, directory: str) -> None:
-    """rename(tmp -> directory). An existing directory is renamed aside first and deleted after;
-    if the second rename fails it is put back. (POSIX cannot swap two directories atomically:
-    a crash between the renames leaves the previous checkpoint at `<directory>.old-*`.)"""
-    if not os.path.lexists(directory):
-        os.rename(tmp, directory)
-        return
-    if not os.path.isdir(directory) or os.path.islink(directory):
-        raise CheckpointError(f"{directory}: exists and is not a directory; not replacing it")
-    old = _sibling(directory, "old")
-    os.rename(directory, old)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+            write_json(os.path.join(self.directory, INDEX_NAME), index)

@@ -138,11 +138,25 @@ def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seq-len", type=positive_int, default=4096, help="context for the attention FLOPs"
     )
+    p.add_argument(
+        "--scan",
+        action="store_true",
+        help="read every weight of a checkpoint directory: float dtype, no NaN or inf",
+    )
 
 
 def run_info(args: argparse.Namespace) -> int:
     config, where = resolve_config(args.source)
     a = account(config, seq_len=args.seq_len)
+    if args.scan:
+        if not os.path.isdir(args.source):
+            raise ValueError(f"--scan reads a checkpoint directory; {args.source!r} is not one")
+        from nanoseek.checkpoint.io import scan
+
+        s = scan(args.source)  # CheckpointError naming the file and tensor
+        print(
+            f"scanned {s['tensors']:,} tensors, {s['values']:,} values: all finite", file=sys.stderr
+        )
     if args.json:
         print(json.dumps({"source": where, **a.to_dict()}, indent=2))
     else:

@@ -23,6 +23,7 @@ Shape legend: B batch, T sequence length (inputs), L = T + 1 tokens per window.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.fsio import fsync_path, naming
 
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # same as nanoseek.model.transformer.IGNORE_INDEX and torch's cross_entropy
@@ -80,7 +82,8 @@ class ShardWriter:
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
         self.dtype = token_dtype(vocab_size)
         self.meta = {"tokenizer_hash": tokenizer_hash, **(extra_meta or {})}
-        self._bin = open(self._tmp(".bin"), "wb")
+        with naming(self._tmp(".bin")):
+            self._bin = open(self._tmp(".bin"), "wb")
         self._starts: list[np.ndarray] = []
         self.n_tokens = self.n_docs = 0
         self.max_token_id = -1
@@ -109,7 +112,8 @@ class ShardWriter:
         body[starts] = body[ends - 1] = False
         out[starts], out[ends - 1] = self.bos_id, self.eos_id
         out[body] = flat
-        out.tofile(self._bin)
+        with naming(self._tmp(".bin")):  # a full disk: one error naming the file
+            out.tofile(self._bin)
         self._starts.append(starts + self.n_tokens)
         self.n_tokens += out.size
         self.n_docs += len(docs)
@@ -117,7 +121,18 @@ class ShardWriter:
         self.max_token_id = max(self.max_token_id, top)
 
     def close(self) -> dict:
-        """Write the index and metadata, rename into place, return the metadata."""
+        """Write the index and metadata, rename into place, return the metadata. A failure
+        (a full disk) drops the temp files and leaves any previous shard of this name whole."""
+        try:
+            with naming(self.prefix.with_name(self.prefix.name + ".bin")):
+                return self._publish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _publish(self) -> dict:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         starts = np.concatenate(self._starts + [np.array([self.n_tokens], dtype=np.int64)])
         starts.astype(np.int64).tofile(self._tmp(".idx"))
@@ -134,6 +149,8 @@ class ShardWriter:
         }
         with open(self._tmp(".json"), "w") as f:
             json.dump(meta, f, indent=2)
+        for ext in (".idx", ".json"):  # data on disk before a rename can publish it
+            fsync_path(str(self._tmp(ext)))
         # an old shard's .json goes first and the new one comes last: a .json is only ever
         # present beside the .bin and .idx it describes, even if we crash in between
         self.prefix.with_name(self.prefix.name + ".json").unlink(missing_ok=True)
@@ -143,7 +160,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        self._bin.close()
+        with contextlib.suppress(OSError):  # closing flushes: a full disk fails again here
+            self._bin.close()
         for ext in (".bin", ".idx", ".json"):
             self._tmp(ext).unlink(missing_ok=True)
 

@@ -37,6 +37,10 @@ from tokenizers import Tokenizer as Backend
 
 from nanoseek.data.sources import read_documents
 
+# what a tokenizer folder may hold (ours, or transformers' save_pretrained of one)
+TOKENIZER_FILES = frozenset(
+    ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+)
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -185,10 +189,15 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ files
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write `tokenizer.json` and `tokenizer_config.json` (loadable by AutoTokenizer)."""
+        """Write `tokenizer.json` and `tokenizer_config.json` (loadable by AutoTokenizer).
+
+        Atomic: a folder holding only tokenizer files (or none yet) is replaced as a whole, so a
+        kill never leaves a tokenizer.json of one tokenizer beside the config of another; in a
+        folder holding anything else each file is replaced on its own. Files already holding
+        these bytes are not rewritten (a resumed run keeps its tokenizer untouched)."""
+        from nanoseek.fsio import atomic_dir, naming, write_bytes
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(out / "tokenizer.json"))
         config = {
             # the generic fast class loads tokenizer.json as is (no model-specific rewrites)
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -201,29 +210,91 @@ class Tokenizer:
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        with open(out / "tokenizer_config.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        files = {
+            "tokenizer.json": self.backend.to_str(pretty=True).encode("utf-8"),
+            "tokenizer_config.json": (
+                json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+            ).encode("utf-8"),
+        }
+        others = set(os.listdir(out)) - TOKENIZER_FILES if out.is_dir() else set()
+        if not others:
+            with atomic_dir(out, keep_if_same=True) as tmp:
+                for name, data in files.items():
+                    with naming(os.path.join(out, name)), open(os.path.join(tmp, name), "wb") as f:
+                        f.write(data)
+            return out
+        for name, data in files.items():
+            path = out / name
+            if not (path.is_file() and path.read_bytes() == data):
+                write_bytes(path, data)
         # a template file from an earlier transformers save would override the one just written
         (out / "chat_template.jinja").unlink(missing_ok=True)
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a directory saved by `save` (or by transformers with the same token names)."""
+        """Load a directory saved by `save` (or by transformers with the same token names).
+        A file that does not parse, or a chat template that does not compile and render a
+        one-message chat, is a ConfigError naming the file (and the field)."""
+        from nanoseek.config import ConfigError
+
         d = Path(path)
         if not (d / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {d}")
-        backend = Backend.from_file(str(d / "tokenizer.json"))
+        try:
+            backend = Backend.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the Rust parser raises plain Exception
+            why = " ".join(str(e).split())[:200]
+            raise ConfigError(f"{d / 'tokenizer.json'}: not a valid tokenizer ({why})") from None
         template = None
         config_path = d / "tokenizer_config.json"
+        where = f"{config_path}: field 'chat_template'"
         if config_path.is_file():
-            with open(config_path, encoding="utf-8") as f:
-                template = json.load(f).get("chat_template")
+            config = _read_json_object(config_path)
+            template = config.get("chat_template")
+            if isinstance(template, list):  # transformers' named templates: use "default"
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default")
         # transformers >= 4.43 may save the template as its own file, which then takes precedence
         if (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            where = str(d / "chat_template.jinja")
+            try:
+                template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where}: not UTF-8 text ({e.reason})") from None
+        if template is not None:
+            _check_template(template, where)
         return cls(backend, template)
+
+
+def _read_json_object(path: Path) -> dict:
+    from nanoseek.config import ConfigError
+
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _check_template(template: object, where: str) -> None:
+    """Fail at load, naming the file and field, rather than at the first chat request."""
+    from jinja2.exceptions import TemplateError
+
+    from nanoseek.config import ConfigError
+
+    if not isinstance(template, str):
+        raise ConfigError(f"{where}: must be a string, got {type(template).__name__}")
+    try:
+        render_chat(template, [{"role": "user", "content": "hi"}], bos_token=BOS, eos_token=EOS,
+                    add_generation_prompt=True)  # fmt: skip
+    except (TemplateError, ValueError, TypeError, RecursionError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{where}: not a usable chat template ({why})") from None
 
 
 def _build_backend(max_digits: int) -> Backend:

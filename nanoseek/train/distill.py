@@ -42,6 +42,7 @@ import torch
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.eval.sampling import SampleFn, engine_sample_fn, stop_ids
+from nanoseek.fsio import write_json
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.train.distill_losses import LOSSES, distill_loss
 from nanoseek.train.loop import LoopOptions, Trainer
@@ -496,10 +497,8 @@ def _teacher_data(opts: DistillOptions, tok_src: str, resume: bool, sample_fn) -
                 "problems: raise max_new_tokens or samples_per_prompt, or use a stronger teacher"
             )
         write_chat_jsonl(convs, samples_path)
-        with open(stats_path, "w") as f:
-            json.dump(counts, f, indent=2)
-    with open(os.path.join(opts.out, "distill_options.json"), "w") as f:
-        json.dump(to_dict(opts), f, indent=2)
+        write_json(stats_path, counts)  # written last: its presence marks the samples complete
+    write_json(os.path.join(opts.out, "distill_options.json"), to_dict(opts))
     student_dir = opts.student
     if os.path.isdir(student_dir):
         check_same_tokenizer(student_dir, tokenizer)

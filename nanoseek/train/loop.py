@@ -29,6 +29,7 @@ from torch.autograd.graph import increment_version
 
 from nanoseek.checkpoint.io import CheckpointError
 from nanoseek.dist.parallel import SingleProcess
+from nanoseek.fsio import naming
 from nanoseek.train.run_dir import truncate_jsonl
 from nanoseek.train.schedule import lr_at
 from nanoseek.train.state import (
@@ -295,8 +296,9 @@ class Trainer:
                 ):
                     metrics["val_loss"] = self.evaluate()
                 if log is not None:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
+                    with naming(self.metrics_path):  # a full disk: one line naming the file
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
                 last = metrics
                 if bar is not None:
                     bar.update(1)

@@ -20,7 +20,6 @@ before the bias update, and rank 0 writes the consolidated OUT/model.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -224,9 +223,10 @@ def _run(opts: PretrainOptions, par, resume: bool, progress) -> dict:
     # every world size, initialises the same full model below and keeps its part of it
 
     def write_run_files(tokenizer):
-        tokenizer.save(os.path.join(opts.out, "tokenizer"))
-        with open(os.path.join(opts.out, "options.json"), "w") as f:
-            json.dump(to_dict(opts), f, indent=2)
+        from nanoseek.fsio import write_json
+
+        tokenizer.save(os.path.join(opts.out, "tokenizer"))  # atomic; unchanged: not rewritten
+        write_json(os.path.join(opts.out, "options.json"), to_dict(opts))
 
     def prepare():
         tokenizer = prepare_tokenizer(opts, lambda: documents(opts))

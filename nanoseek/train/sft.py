@@ -22,10 +22,8 @@ tokenizer files copied from the model (or `tokenizer`) directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -113,14 +111,11 @@ def tokenizer_dir(model_dir: str, tokenizer: str | None = None) -> str:
 def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
     """Copy the tokenizer files of `src_dir` to OUT/tokenizer; returns the copied paths (the
     `extra_files` of every checkpoint and of the final model)."""
-    dst = os.path.join(out_dir, "tokenizer")
-    os.makedirs(dst, exist_ok=True)
-    files = []
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
-            files.append(os.path.join(dst, name))
-    return files
+    from nanoseek.fsio import copy_dir
+
+    found = [os.path.join(src_dir, n) for n in TOKENIZER_FILES]
+    # the folder is replaced as a whole (atomic), and not at all when it already matches
+    return copy_dir([p for p in found if os.path.isfile(p)], os.path.join(out_dir, "tokenizer"))
 
 
 def write_run_files(par, opts, tok_src: str, **json_files: dict) -> list[str]:
@@ -128,10 +123,11 @@ def write_run_files(par, opts, tok_src: str, **json_files: dict) -> list[str]:
     keyword, written by rank 0; returns the tokenizer files' paths on every rank."""
 
     def write() -> list[str]:
+        from nanoseek.fsio import write_json
+
         files = copy_tokenizer(tok_src, opts.out)
         for name, obj in {"options": to_dict(opts), **json_files}.items():
-            with open(os.path.join(opts.out, f"{name}.json"), "w") as f:
-                json.dump(obj, f, indent=2)
+            write_json(os.path.join(opts.out, f"{name}.json"), obj)
         return files
 
     return par.broadcast(par.on_main(write))

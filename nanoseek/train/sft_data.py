@@ -357,13 +357,18 @@ def write_chat_jsonl(
     """Write `{"messages": [...]}` lines (atomically); returns the number written."""
     tmp = f"{path}.tmp"
     n = 0
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        for conv in conversations:
-            messages = conv[1] if isinstance(conv, tuple) else conv
-            f.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
+    from nanoseek.fsio import naming
+
+    with naming(path):  # a full disk: one error naming the file, the old one left as it was
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for conv in conversations:
+                messages = conv[1] if isinstance(conv, tuple) else conv
+                f.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename publishes it
+        os.replace(tmp, path)
     return n
 
 

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoseek.checkpoint.io import CheckpointError, save
+from nanoseek.fsio import is_write_failure, write_error
 
 STATE_NAME = "trainer_state.json"  # its presence marks a checkpoint complete
 # safetensors format under another suffix: loaders that take every `*.safetensors` of a model
@@ -259,13 +260,18 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
     root = os.path.join(out_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
     # the trainer state travels as extra files of the one atomic model save
     staging = os.path.join(root, f".state-{os.getpid()}")
-    os.makedirs(staging, exist_ok=True)
     try:
-        files = write_state(state, staging)
+        try:
+            os.makedirs(staging, exist_ok=True)
+            files = write_state(state, staging)
+        except Exception as e:  # a full disk, a read-only folder: say where, keep the rest
+            if is_write_failure(e):
+                then = "; the checkpoints saved before are unchanged"
+                raise write_error(final, e, "cannot save the checkpoint", then) from None
+            raise
         save(model, final, extra_files=[*extra_files, *files])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
