@@ -276,18 +276,17 @@ def main() -> int:
                 tmp = tempfile.TemporaryDirectory()
                 model = default_checkpoint(tmp.name)
             proc, url = start_server(model, args)
+        # the API key guards /metrics as well as /v1/*
+        auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         if not args.model_name:
-            args.model_name = httpx.get(
-                url + "/v1/models",
-                headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {},
-            ).json()["data"][0]["id"]
+            args.model_name = httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"]
         texts = prompts(args.requests + args.baseline, args.seed)
         base = (
             asyncio.run(run_load(url, args, texts[: args.baseline], 1)) if args.baseline else None
         )
-        before = httpx.get(url + "/metrics").json()
+        before = httpx.get(url + "/metrics", headers=auth).json()
         load = asyncio.run(run_load(url, args, texts[args.baseline :], args.concurrency))
-        after = httpx.get(url + "/metrics").json()
+        after = httpx.get(url + "/metrics", headers=auth).json()
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
