@@ -45,7 +45,16 @@ from nanoseek.config import ConfigError
 from nanoseek.eval.sampling import CHAT
 from nanoseek.train.pipeline import DONE, duration, read_done, write_json
 
-STAGES = ("tokenizer", "pretrain", "fp8_vs_bf16", "r1", "distill", "speculative")
+STAGES = (
+    "tokenizer",
+    "pretrain",
+    "fp8_vs_bf16",
+    "r1_zero",
+    "r1",
+    "distill",
+    "student_rl",
+    "speculative",
+)
 
 
 @dataclass
@@ -54,31 +63,43 @@ class SpeedrunOptions:
     preset: str = "tiny"
     smoke: bool = False  # a handful of steps per stage: the same code path in ~1-2 minutes
     fp8: bool = False  # pre-train with FP8 GEMMs (emulated on CPU) + the FP8-vs-BF16 stage
-    task: str = "addition"
-    level: int = 2  # problems of post-training and of every evaluation
+    # the RL task: two-digit sums asked as "Find the sum of a and b." The corpus teaches the
+    # skill (worked column addition) through the other phrasing, "What is a + b?", and mostly
+    # states the answers of the RL phrasing without working: the base can solve the task but
+    # rarely does, the situation R1-Zero's RL is for [R1 §2.2]
+    task: str = "sum"
+    level: int = 2
     corpus_docs: int = 30000
-    corpus_levels: list[int] = field(default_factory=lambda: [1, 2])
+    corpus_tasks: dict[str, float] = field(default_factory=lambda: {"addition": 0.6, "sum": 0.4})
+    corpus_levels: dict[str, float] = field(default_factory=lambda: {"1": 0.2, "2": 0.8})
+    # share of a task's documents stated without the worked solution (data/corpus.py)
+    corpus_direct: dict[str, float] = field(default_factory=lambda: {"sum": 0.85})
     vocab_size: int = 1024
-    # 1000 left the tiny base at the edge of learning the carries: its held-out accuracy swung
-    # from 31% to 97% with float rounding alone (README); 1500 gives the pipeline a steadier base
     pretrain_steps: int = 1500
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 3e-3
     fp8_steps: int = 150  # length of each run of the FP8-vs-BF16 comparison
-    cold_start_n: int = 2000  # worked solutions of the cold-start SFT
-    sft_steps: int = 300
-    sft_lr: float = 1e-3  # cold start and rejection SFT
-    grpo_steps: int = 80  # reasoning RL; the final RL runs half as many
+    # GRPO, every RL stage (R1-Zero, reasoning RL, final RL, the student's RL)
     grpo_generations: int = 8  # G: samples per prompt
+    grpo_prompts: int = 16  # prompts per step
+    grpo_iterations: int = 2  # optimizer steps per rollout batch (mu)
+    grpo_lr: float = 4e-4
+    r1_zero_steps: int = 80
+    grpo_steps: int = 60  # reasoning RL; the final RL runs half as many
     max_new_tokens: int = 128  # completions of RL, rejection sampling and evaluation
+    cold_start_n: int = 300  # worked solutions of the cold-start SFT ("a few hundred" at most)
+    cold_start_task: str = "addition"  # ... of the other phrasing: the format, not the RL prompts
+    sft_steps: int = 100
+    sft_lr: float = 1e-3  # cold start and rejection SFT
     # a correct worked solution of an addition is unique, so duplicates leave about one sample per
     # solved prompt: many prompts x few samples gives the rejection SFT enough data
-    rejection_prompts: int = 2400
+    rejection_prompts: int = 1200
     rejection_samples: int = 2
+    rejection_sft_epochs: float = 4.0
     eval_n: int = 200  # held-out problems per evaluation
     eval_k: int = 4  # samples per problem (pass@1 = their mean, at R1's temperature 0.6)
-    distill_steps: int = 400
+    distill_steps: int = 300
     distill_examples: int = 4000  # worked solutions the student sees (and the teacher scores)
     student_layers: int = 2  # the student: the preset with this many layers
     spec_prompts: int = 8
@@ -94,11 +115,18 @@ class SpeedrunOptions:
         if self.preset not in PRESETS:
             raise ConfigError(f"option 'preset': {self.preset!r}; presets: {', '.join(PRESETS)}")
         task = resolve_task(self.task)
-        if self.level not in task.levels:
-            raise ConfigError(
-                f"option 'level': task {task.name!r} has no level {self.level}; valid levels: "
-                f"{', '.join(map(str, task.levels))}"
-            )
+        for t in {self.task, self.cold_start_task, *self.corpus_tasks}:
+            if self.level not in resolve_task(t).levels:
+                raise ConfigError(f"option 'level': task {t!r} has no level {self.level}")
+        for name in ("corpus_tasks", "corpus_direct"):
+            for t, w in getattr(self, name).items():
+                resolve_task(t)  # an unknown name fails here, listing the valid ones
+                top = 1.0 if name == "corpus_direct" else float("inf")
+                if not isinstance(w, int | float) or not 0 <= w <= top:
+                    raise ConfigError(f"option '{name}': {t}: {w!r} is not a valid weight")
+        if not any(w > 0 for w in self.corpus_tasks.values()):
+            raise ConfigError("option 'corpus_tasks' must give some task a positive weight")
+        self.corpus_level_weights(task.levels)
         for name, value in dataclasses.asdict(self).items():
             if isinstance(value, int) and not isinstance(value, bool) and name != "seed":
                 low = {"threads": 0, "grpo_generations": 2}.get(name, 1)  # GRPO needs a group
@@ -113,16 +141,34 @@ class SpeedrunOptions:
                 f"preset's {layers} layers"
             )
 
+    def corpus_level_weights(self, valid: tuple[int, ...]) -> dict[int, float]:
+        """`corpus_levels` as {level: weight}, checked."""
+        out = {}
+        for key, w in self.corpus_levels.items():
+            try:
+                level, w = int(key), float(w)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"option 'corpus_levels': {key!r}: {w!r} is not level: weight"
+                ) from None
+            if level not in valid or not w >= 0:  # `not >=` also refuses NaN
+                raise ConfigError(f"option 'corpus_levels': level {key} (valid: {list(valid)}) "
+                                  f"must have a weight >= 0, got {w}")  # fmt: skip
+            out[level] = w
+        if sum(out.values()) <= 0:
+            raise ConfigError("option 'corpus_levels' must give some level a positive weight")
+        return out
+
     def effective(self) -> SpeedrunOptions:
         """The smoke mode's budgets replace the full ones (everything else stays)."""
         if not self.smoke:
             return self
         return dataclasses.replace(
             self, corpus_docs=2000, vocab_size=512, pretrain_steps=12, fp8_steps=4,
-            cold_start_n=16, sft_steps=3, grpo_steps=2, rejection_prompts=6,
+            cold_start_n=16, sft_steps=3, grpo_steps=2, r1_zero_steps=2, rejection_prompts=6,
             rejection_samples=2, eval_n=4, eval_k=2, distill_steps=3, distill_examples=32,
             spec_prompts=1, spec_new_tokens=12, batch_size=4, seq_len=64, grpo_generations=2,
-            max_new_tokens=32,
+            grpo_prompts=2, max_new_tokens=32, rejection_sft_epochs=1.0,
         )  # fmt: skip
 
 
@@ -146,10 +192,14 @@ def stage_tokenizer(ctx: Context) -> dict:
 
     from nanoseek.data.corpus import write_corpus
     from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.train.sft_data import resolve_task
 
     o = ctx.opts
     corpus = ctx.dir("tokenizer", "corpus.jsonl")
-    docs = write_corpus(corpus, o.corpus_docs, seed=o.seed, tasks=(o.task,), levels=o.corpus_levels)
+    weights = o.corpus_level_weights(resolve_task(o.task).levels)
+    docs = write_corpus(corpus, o.corpus_docs, seed=o.seed, tasks=tuple(o.corpus_tasks),
+                        levels=list(weights), level_weights=weights, task_weights=o.corpus_tasks,
+                        direct=o.corpus_direct)  # fmt: skip
     tok = train_tokenizer([Path(corpus)], o.vocab_size, ctx.dir("tokenizer", "tokenizer"))
     return {"corpus": corpus, "documents": docs, "tokenizer": ctx.dir("tokenizer", "tokenizer"),
             "vocab_size": tok.vocab_size}  # fmt: skip
@@ -216,41 +266,65 @@ def stage_fp8_vs_bf16(ctx: Context) -> dict:
     }
 
 
+def grpo_overrides(o: SpeedrunOptions, section: str, steps: int) -> list[str]:
+    """GRPO settings of one pipeline section, shared by every RL stage of the main job."""
+    return [
+        f"--{section}.max_steps={steps}", f"--{section}.num_generations={o.grpo_generations}",
+        f"--{section}.prompts_per_step={o.grpo_prompts}",
+        f"--{section}.max_completion_length={o.max_new_tokens}", f"--{section}.batch_size=64",
+        f"--{section}.lr={o.grpo_lr}", f"--{section}.num_iterations={o.grpo_iterations}",
+        f"--{section}.warmup_steps={min(5, steps)}",
+        f"--{section}.eval_every={max(1, steps // 4)}", f"--{section}.eval_n={min(100, o.eval_n)}",
+        f"--{section}.save_every={max(1, steps // 4)}",
+    ]  # fmt: skip
+
+
+def pipeline_options(ctx: Context, stage: str, overrides: list[str], **values):
+    from nanoseek.train.pipeline import build_pipeline_options
+
+    o = ctx.opts
+    return build_pipeline_options(
+        None, overrides, model=ctx.result("pretrain")["model"], task=o.task, level=o.level,
+        out=ctx.dir(stage), eval_n=o.eval_n, eval_k=o.eval_k, eval_max_new_tokens=o.max_new_tokens,
+        seed=o.seed, **values,
+    )  # fmt: skip
+
+
+def stage_r1_zero(ctx: Context) -> dict:
+    """GRPO straight from the base, rule rewards only, no SFT [R1 §2.2]."""
+    from nanoseek.train.pipeline import run_pipeline
+
+    o = ctx.opts
+    opts = pipeline_options(ctx, "r1_zero", grpo_overrides(o, "grpo", o.r1_zero_steps))
+    summary = run_pipeline("r1-zero", opts, progress=ctx.progress)
+    return {"summary": summary, "model": summary["stages"][-1]["model"],
+            "options": dataclasses.asdict(opts)}  # fmt: skip
+
+
 def stage_r1(ctx: Context) -> dict:
-    from nanoseek.train.pipeline import build_pipeline_options, run_pipeline
+    from nanoseek.train.pipeline import run_pipeline
 
     o = ctx.opts
     final_steps = max(1, o.grpo_steps // 2)
     overrides = [
-        # cold start: thousands of worked solutions ("thousands of long CoT", R1 §2.3.1)
+        # the cold start: a few hundred worked solutions of easier problems, enough to teach
+        # the chat format and readable reasoning, not the RL task's skill [R1 §2.3.1]
         f"--sft.max_steps={o.sft_steps}", "--sft.batch_size=8", f"--sft.seq_len={o.seq_len * 2}",
         f"--sft.lr={o.sft_lr}", f"--sft.eval_every={max(1, o.sft_steps // 3)}",
         f"--sft.save_every={max(1, o.sft_steps // 3)}",
-        # GRPO: lr >= 3e-4 made a tiny model's accuracy collapse in our trials (runs of
-        # experiments/grpo_addition.py); 1e-4 and below were stable
-        f"--grpo.max_steps={o.grpo_steps}", f"--grpo.num_generations={o.grpo_generations}",
-        "--grpo.prompts_per_step=8", f"--grpo.max_completion_length={o.max_new_tokens}",
-        "--grpo.batch_size=32",
-        "--grpo.lr=5e-5", f"--grpo.eval_every={max(1, o.grpo_steps // 4)}",
-        f"--grpo.eval_n={min(100, o.eval_n)}", f"--grpo.save_every={max(1, o.grpo_steps // 4)}",
-        f"--final_grpo.max_steps={final_steps}",
-        f"--final_grpo.eval_every={max(1, final_steps // 2)}",
-        f"--final_grpo.save_every={max(1, final_steps // 2)}",
+        *grpo_overrides(o, "grpo", o.grpo_steps),
+        *grpo_overrides(o, "final_grpo", final_steps),
         f"--rejection.n_prompts={o.rejection_prompts}",
         f"--rejection.samples={o.rejection_samples}", "--rejection.temperature=1.0",  # diverse samples: duplicates are dropped
         f"--rejection.max_new_tokens={o.max_new_tokens}",
-        # R1 fine-tunes for two epochs over ~800k samples [§2.3.3]; over our few thousand, two
-        # epochs left the base short of the cold start's loss (val CE 0.015 vs 0.0003, pass@1
-        # 49% vs 99.9% in one run): four epochs give it about the cold start's number of steps
-        "--rejection_sft.epochs=4",
+        # R1 fine-tunes two epochs over ~800k samples [§2.3.3]; over a few thousand, more
+        # epochs give the base about the cold start's number of steps
+        f"--rejection_sft.epochs={o.rejection_sft_epochs}",
     ]  # fmt: skip
     if o.smoke:  # an untrained model rarely gets one right: keep its samples to run the path
         overrides.append("--rejection.keep_unverified=true")
-    opts = build_pipeline_options(
-        None, overrides, model=ctx.result("pretrain")["model"], task=o.task, level=o.level,
-        out=ctx.dir("r1"), eval_n=o.eval_n, eval_k=o.eval_k, eval_max_new_tokens=o.max_new_tokens,
-        cold_start_n=o.cold_start_n, seed=o.seed,
-    )  # fmt: skip
+    opts = pipeline_options(ctx, "r1", overrides, cold_start_n=o.cold_start_n,
+                            cold_start_task=o.cold_start_task)  # fmt: skip
     summary = run_pipeline("r1", opts, progress=ctx.progress)
     rows = summary["stages"]
     return {"summary": summary, "final_model": rows[-1]["model"], "options":
@@ -320,11 +394,14 @@ def stage_distill(ctx: Context) -> dict:
                              max_new_tokens=o.max_new_tokens, seed=o.seed, level=o.level)  # fmt: skip
     records = read_metrics(ctx.dir("distill", "metrics.jsonl"))
     val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    # time of the training steps (evaluations excluded), the student RL stage's budget
+    train_s = sum(r.get("step_time_s", 0.0) for r in records)
     with open(ctx.dir("distill", "teacher_eval.json")) as f:
         teacher_val = json.load(f).get("teacher_val_loss")
     keys = ("accuracy", "pass@k", "k", "format_rate", "mean_length")
     return {
         "model": model_dir,
+        "student_init": student_init,
         "teacher": teacher,
         "student_params": _n_params(ModelConfig.from_pretrained(model_dir)),
         "teacher_params": _n_params(ModelConfig.from_pretrained(teacher)),
@@ -333,8 +410,32 @@ def stage_distill(ctx: Context) -> dict:
         "teacher_val_loss": teacher_val,
         "init_eval": {k: init_eval[k] for k in keys},
         "eval": {k: ev[k] for k in keys},
+        "train_s": train_s,
         "options": dataclasses.asdict(opts),
     }
+
+
+def stage_student_rl(ctx: Context) -> dict:
+    """The distillation stage's student init trained with GRPO instead, for the wall time the
+    distillation took: R1 §4.1's question (distil a small model, or RL it?) at equal compute.
+    RL runs in the base's own prompt format, as R1-Zero does."""
+    from nanoseek.analysis.plots import read_metrics
+    from nanoseek.train.pipeline import run_pipeline
+
+    o = ctx.opts
+    budget = ctx.result("distill")["train_s"]
+    overrides = [*grpo_overrides(o, "grpo", 10_000), f"--grpo.max_time_s={budget:.1f}",
+                 f"--grpo.eval_every={10_000}"]  # fmt: skip
+    opts = pipeline_options(ctx, "student_rl", overrides)
+    opts.model = ctx.result("distill")["student_init"]
+    summary = run_pipeline("r1-zero", opts, progress=ctx.progress)
+    rows = summary["stages"]
+    logged = read_metrics(ctx.dir("student_rl", "rl", "metrics.jsonl"))
+    steps = [r for r in logged if "train_s" in r]
+    return {"summary": summary, "model": rows[-1]["model"], "budget_s": budget,
+            "train_s": steps[-1]["train_s"] if steps else 0.0,
+            "steps": steps[-1]["step"] if steps else 0,
+            "eval": {k: rows[-1][k] for k in ("pass@1", "format_rate", "mean_length")}}  # fmt: skip
 
 
 def stage_speculative(ctx: Context) -> dict:
@@ -392,8 +493,10 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
     "tokenizer": stage_tokenizer,
     "pretrain": stage_pretrain,
     "fp8_vs_bf16": stage_fp8_vs_bf16,
+    "r1_zero": stage_r1_zero,
     "r1": stage_r1,
     "distill": stage_distill,
+    "student_rl": stage_student_rl,
     "speculative": stage_speculative,
 }
 # seconds per unit of work on a quiet 2-core CPU (measured); only for the ETA
@@ -408,7 +511,9 @@ ESTIMATES: dict[str, Callable[[SpeedrunOptions], float]] = {
         + o.rejection_prompts * o.rejection_samples * 0.03
         + 5 * o.eval_n * o.eval_k * 0.02
     ),
+    "r1_zero": lambda o: 20 + o.r1_zero_steps * 1.5 + 2 * o.eval_n * o.eval_k * 0.02,
     "distill": lambda o: 15 + o.distill_steps * 0.3 + o.eval_n * o.eval_k * 0.02,
+    "student_rl": lambda o: 20 + o.distill_steps * 0.25 + 2 * o.eval_n * o.eval_k * 0.02,
     "speculative": lambda o: 5 + o.spec_prompts * o.spec_new_tokens * 0.02,
 }
 

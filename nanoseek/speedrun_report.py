@@ -23,6 +23,7 @@ def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
     res = {s: d["result"] for s, d in done.items()}
     plots = _plots(out, res)
     total = sum(d["wall_s"] for d in done.values())
+    head = headline(res, total)
     md = [
         "# nanoseek speedrun: report card",
         "",
@@ -47,6 +48,7 @@ def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
             md.append(f"| {s} | {duration(done[s]['wall_s'])}{resumed} | {_headline(s, res[s])} |")
         else:
             md.append(f"| {s} | - | not run yet |")
+    md += _headline_table(head)
     md += _sections(out, res, plots)
     md += _hyperparameters(out, eff, res, stages)
     final = res.get("r1", {}).get("final_model")
@@ -65,10 +67,64 @@ def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, os.path.join(out, "report.md"))
-    card = {"options": dataclasses.asdict(opts), "machine": machine, "stages": done,
-            "total_wall_s": total, "plots": plots}  # fmt: skip
+    card = {"headline": head, "options": dataclasses.asdict(opts), "machine": machine,
+            "stages": done, "total_wall_s": total, "plots": plots}  # fmt: skip
     write_json(os.path.join(out, "report.json"), card)
     return card
+
+
+HEADLINE_KEYS = ("base_pass1", "r1_zero_pass1", "cold_start_pass1", "reasoning_rl_pass1",
+                 "final_pass1", "student_distilled_pass1", "student_rl_pass1", "mtp_speedup",
+                 "mtp_identical", "wall_s")  # fmt: skip
+
+
+def headline(res: dict, total_wall_s: float) -> dict:
+    """The numbers R1's claims rest on, flat (None: that stage has not finished)."""
+    rows = {}
+    for stage in ("r1_zero", "r1"):
+        for row in res.get(stage, {}).get("summary", {}).get("stages", []):
+            rows[f"{stage}/{row['stage']}"] = row["pass@1"]
+    spec = res.get("speculative", {})
+    return {
+        "base_pass1": rows.get("r1_zero/base", rows.get("r1/base")),
+        "r1_zero_pass1": rows.get("r1_zero/rl"),
+        "cold_start_pass1": rows.get("r1/cold_start"),
+        "reasoning_rl_pass1": rows.get("r1/reasoning_rl"),
+        "final_pass1": rows.get("r1/final_rl"),
+        "student_distilled_pass1": res.get("distill", {}).get("eval", {}).get("accuracy"),
+        "student_rl_pass1": res.get("student_rl", {}).get("eval", {}).get("pass@1"),
+        "mtp_speedup": spec.get("speedup"),
+        "mtp_identical": spec.get("greedy_identical"),
+        "wall_s": total_wall_s,
+    }
+
+
+def _headline_table(h: dict) -> list[str]:
+    def pct(key: str) -> str:
+        return "-" if h[key] is None else f"{h[key]:.1%}"
+
+    def gain(a: str, b: str) -> str:
+        return "" if h[a] is None or h[b] is None else f" ({100 * (h[a] - h[b]):+.1f} points)"
+
+    md = ["", "## Headline: held-out pass@1 (R1's measure: mean of k samples at temperature 0.6)",
+          "", "| claim | result |", "|---|---|",
+          f"| base (pre-trained only) | {pct('base_pass1')} |",
+          f"| R1-Zero: GRPO from the base, rule rewards, no SFT [R1 §2.2] | "
+          f"{pct('r1_zero_pass1')}{gain('r1_zero_pass1', 'base_pass1')} |",
+          f"| R1: cold start [§2.3.1] | {pct('cold_start_pass1')} |",
+          f"| R1: reasoning RL after the cold start [§2.3.2] | "
+          f"{pct('reasoning_rl_pass1')}{gain('reasoning_rl_pass1', 'cold_start_pass1')} |",
+          f"| R1: final model (rejection SFT + RL) [§2.3.3-4] | "
+          f"{pct('final_pass1')}{gain('final_pass1', 'r1_zero_pass1')} vs R1-Zero |",
+          f"| small student distilled from the final model [§4.1] | "
+          f"{pct('student_distilled_pass1')} |",
+          f"| the same student trained with GRPO for the same time [§4.1] | "
+          f"{pct('student_rl_pass1')}{gain('student_distilled_pass1', 'student_rl_pass1')} "
+          "distilled vs RL |"]  # fmt: skip
+    if h["mtp_speedup"] is not None:
+        md.append(f"| MTP speculative decoding [V3 §2.2] | {h['mtp_speedup']:.2f}x, identical "
+                  f"output: {'yes' if h['mtp_identical'] else 'NO'} |")  # fmt: skip
+    return md
 
 
 def _headline(stage: str, r: dict) -> str:
@@ -81,6 +137,9 @@ def _headline(stage: str, r: dict) -> str:
                 f"{r['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
     if stage == "fp8_vs_bf16":
         return f"relative loss gap {r['rel_diff']:.3%} after {r['steps']} steps"
+    if stage in ("r1_zero", "student_rl"):
+        rows = r["summary"]["stages"]
+        return f"held-out pass@1 {rows[0]['pass@1']:.1%} -> {rows[-1]['pass@1']:.1%} (GRPO)"
     if stage == "r1":
         rows = r["summary"]["stages"]
         return f"held-out pass@1 {rows[0]['pass@1']:.1%} (base) -> {rows[-1]['pass@1']:.1%} (final)"
@@ -108,10 +167,19 @@ def _plots(out: str, res: dict) -> dict[str, str]:
                       ("distill_loss", "distill/loss.png")):  # fmt: skip
         if os.path.isfile(os.path.join(out, rel)):
             plots[name] = rel
+    for stage in ("r1_zero/rl", "r1/reasoning_rl", "r1/final_rl", "student_rl/rl"):
+        rel = _rl_curves(out, stage)
+        if rel:
+            plots[f"curves_{stage.replace('/', '_')}"] = rel
     if "r1" in res:
-        acc = {row["stage"]: row["pass@1"] for row in res["r1"]["summary"]["stages"]}
+        acc = {}
+        if "r1_zero" in res:
+            acc["R1-Zero"] = res["r1_zero"]["summary"]["stages"][-1]["pass@1"]
+        acc.update({row["stage"]: row["pass@1"] for row in res["r1"]["summary"]["stages"]})
         if "distill" in res:
             acc["student (distilled)"] = res["distill"]["eval"]["accuracy"]
+        if "student_rl" in res:
+            acc["student (RL)"] = res["student_rl"]["eval"]["pass@1"]
         plot_bars(acc, os.path.join(out, "plots", "accuracy.png"),
                   "held-out pass@1 per stage", "pass@1")  # fmt: skip
         plots["accuracy"] = "plots/accuracy.png"
@@ -123,6 +191,62 @@ def _plots(out: str, res: dict) -> dict[str, str]:
                   "tokens/s", fmt="{:.0f}")  # fmt: skip
         plots["decode_speed"] = "plots/decode_speed.png"
     return plots
+
+
+def _rl_curves(out: str, stage: str) -> str | None:
+    """plots/<stage>_curves.png: accuracy reward, mean completion length and the share of groups
+    with zero reward variance per GRPO step (R1's Figures 2 and 3); None without metrics."""
+    from nanoseek.analysis.plots import plot_panels, read_metrics
+
+    path = os.path.join(out, stage, "metrics.jsonl")
+    rows = [r for r in read_metrics(path) if "reward" in r] if os.path.isfile(path) else []
+    if not rows:
+        return None
+    x = [r["step"] for r in rows]
+
+    def curve(key: str) -> dict:
+        return {key: (x, [r.get(key, 0.0) for r in rows])}
+
+    rel = os.path.join("plots", f"{stage.replace('/', '_')}_curves.png")
+    plot_panels({"accuracy reward (training)": curve("rewards/accuracy/mean"),
+                 "mean completion length (tokens)": curve("completions/mean_length"),
+                 "groups with zero reward variance": curve("frac_reward_zero_std")},
+                os.path.join(out, rel), f"GRPO: {stage}")  # fmt: skip
+    return rel
+
+
+def _rl_story(out: str, stage: str, before: str) -> list[str]:
+    """Zero-variance share and one held-out completion before and after, for one GRPO stage."""
+    from nanoseek.analysis.plots import read_metrics
+
+    path = os.path.join(out, stage, "metrics.jsonl")
+    rows = [r for r in read_metrics(path) if "reward" in r] if os.path.isfile(path) else []
+    md: list[str] = []
+    if rows:
+        n = max(1, len(rows) // 10)
+        first, last = rows[:n], rows[-n:]
+
+        def mean(rs, key):
+            return sum(r.get(key, 0.0) for r in rs) / len(rs)
+
+        md.append(
+            f"{len(rows)} GRPO steps. First / last {n} steps: accuracy reward "
+            f"{mean(first, 'rewards/accuracy/mean'):.2f} -> {mean(last, 'rewards/accuracy/mean'):.2f}"
+            f", mean completion length {mean(first, 'completions/mean_length'):.0f} -> "
+            f"{mean(last, 'completions/mean_length'):.0f} tokens, groups with zero reward variance "
+            f"(no learning signal) {mean(first, 'frac_reward_zero_std'):.0%} -> "
+            f"{mean(last, 'frac_reward_zero_std'):.0%}."
+        )  # fmt: skip
+        md.append("")
+    pre, post = read_done(os.path.join(out, before)), read_done(os.path.join(out, stage))
+    if pre and post and pre["eval"].get("samples") and post["eval"].get("samples"):
+        a, b = pre["eval"]["samples"][0], post["eval"]["samples"][0]
+        md += [f"The first held-out problem, `{a['question']}` (answer {a['answer']}), before "
+               f"({'right' if a['correct'] else 'wrong'}) and after "
+               f"({'right' if b['correct'] else 'wrong'}) this stage:", "",
+               "```", a["completion"].strip()[:500], "```", "", "```",
+               b["completion"].strip()[:500], "```", ""]  # fmt: skip
+    return md
 
 
 def _img(plots: dict, name: str, alt: str) -> list[str]:
@@ -154,15 +278,22 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
                   "(FP8 is emulated on a CPU: numerics, not speed).")  # fmt: skip
         md.append("")
         md += _img(plots, "fp8_vs_bf16", "FP8 vs BF16 loss")
-    if "r1" in res:
-        from nanoseek.train.pipeline import format_table
+    from nanoseek.train.pipeline import format_table
 
+    if "r1_zero" in res:
+        md += ["", "## R1-Zero: RL straight from the base [R1 §2.2]", ""]
+        md.append(format_table(res["r1_zero"]["summary"]))
+        md.append("")
+        md += _img(plots, "curves_r1_zero_rl", "R1-Zero reward, length, zero-variance groups")
+        md += _rl_story(out, "r1_zero/rl", "r1_zero/base")
+    if "r1" in res:
         md += ["", "## R1 pipeline (held-out accuracy of every stage)", ""]
         md.append(format_table(res["r1"]["summary"]))
         md.append("")
         md += _img(plots, "accuracy", "held-out accuracy per stage")
-        md += _img(plots, "reward_reasoning_rl", "reasoning RL reward")
-        md += _img(plots, "reward_final_rl", "final RL reward")
+        md += _img(plots, "curves_r1_reasoning_rl", "reasoning RL curves")
+        md += _rl_story(out, "r1/reasoning_rl", "r1/cold_start")
+        md += _img(plots, "curves_r1_final_rl", "final RL curves")
     if "distill" in res:
         r = res["distill"]
         md += ["", "## Distillation", ""]
@@ -181,6 +312,19 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
         )  # fmt: skip
         md.append("")
         md += _img(plots, "distill_loss", "distillation loss")
+    if "student_rl" in res:
+        r = res["student_rl"]
+        md += ["", "## The same student trained with RL instead [R1 §4.1]", ""]
+        md.append(
+            f"GRPO from the distillation's student initialisation in the base's prompt format, "
+            f"for the distillation's training time ({r['budget_s']:.0f} s; GRPO ran "
+            f"{r['train_s']:.0f} s, {r['steps']} steps): held-out pass@1 "
+            f"{r['summary']['stages'][0]['pass@1']:.1%} -> {r['eval']['pass@1']:.1%}"
+            + (f", against {res['distill']['eval']['accuracy']:.1%} distilled" if "distill" in res
+               else "") + "."
+        )  # fmt: skip
+        md.append("")
+        md += _img(plots, "curves_student_rl_rl", "student GRPO curves")
     if "speculative" in res:
         r = res["speculative"]
         md += ["", "## Generation: plain vs MTP speculative decoding", ""]
@@ -204,6 +348,8 @@ def _hyperparameters(out: str, eff: SpeedrunOptions, res: dict, stages: list[str
     files = {"pretrain": "pretrain/options.json", "distill": "distill/options.json"}
     for s in ("cold_start", "reasoning_rl", "rejection_sft", "final_rl"):
         files[f"r1/{s}"] = f"r1/{s}/options.json"
+    files["r1_zero/rl"] = "r1_zero/rl/options.json"
+    files["student_rl/rl"] = "student_rl/rl/options.json"
     files["r1/rejection sampling"] = "r1/rejection_sft/samples.json"  # its "options" entry
     for name, rel in files.items():
         path = os.path.join(out, rel)

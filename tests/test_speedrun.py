@@ -10,9 +10,11 @@ import pytest
 from nanoseek import speedrun
 from nanoseek.config import ConfigError
 from nanoseek.speedrun import SpeedrunOptions, read_done, run_speedrun
+from nanoseek.speedrun_report import HEADLINE_KEYS
 from nanoseek.tasks.base import TaskError
 
-ALL = ["tokenizer", "pretrain", "fp8_vs_bf16", "r1", "distill", "speculative"]
+ALL = ["tokenizer", "pretrain", "fp8_vs_bf16", "r1_zero", "r1", "distill", "student_rl",
+       "speculative"]  # fmt: skip
 
 
 def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeypatch):
@@ -31,6 +33,17 @@ def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeyp
         "base", "base_chat", "cold_start", "reasoning_rl", "rejection_sft", "final_rl",
     ]  # fmt: skip
     assert res["r1"]["final_model"].endswith(os.path.join("final_rl", "model"))
+    assert [r["stage"] for r in res["r1_zero"]["summary"]["stages"]] == ["base", "rl"]
+    # the student's RL ran for the distillation's training time, at least one step
+    assert res["student_rl"]["budget_s"] > 0 and res["student_rl"]["steps"] >= 1
+    head = card["headline"]
+    assert list(head) == list(HEADLINE_KEYS)
+    for key in HEADLINE_KEYS[:7]:
+        assert isinstance(head[key], float) and 0 <= head[key] <= 1, key
+    assert head["base_pass1"] == rows[0]["pass@1"] and head["final_pass1"] == rows[-1]["pass@1"]
+    assert head["mtp_identical"] is True and head["mtp_speedup"] > 0 and head["wall_s"] > 0
+    saved = json.load(open(os.path.join(out, "report.json")))["headline"]
+    assert saved == head
     assert res["distill"]["student_params"] < res["distill"]["teacher_params"]
     assert 0 <= res["distill"]["init_eval"]["accuracy"] <= 1
     assert 0 <= res["distill"]["eval"]["accuracy"] <= 1
@@ -41,9 +54,11 @@ def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeyp
     for stage in ALL:
         assert f"| {stage} |" in md
     for rel in ("pretrain/loss.png", "plots/accuracy.png", "plots/decode_speed.png",
-                "fp8_vs_bf16/fp8_vs_bf16.png", "r1/reasoning_rl/reward.png"):  # fmt: skip
+                "fp8_vs_bf16/fp8_vs_bf16.png", "plots/r1_zero_rl_curves.png",
+                "plots/r1_reasoning_rl_curves.png"):  # fmt: skip
         assert f"]({rel})" in md and os.path.isfile(os.path.join(out, rel)), rel
     assert "smoke mode" in md and "Machine:" in md and "Effective hyperparameters" in md
+    assert "## Headline" in md and "## R1-Zero" in md and "zero reward variance" in md
     assert md.rstrip().endswith("```") and f"nanoseek chat {res['r1']['final_model']}" in md
 
     # a re-run finds every stage done: nothing runs again, the report is rewritten
@@ -91,13 +106,14 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path, monke
     monkeypatch.setattr(speedrun, "RUNNERS", first.runners())
     with pytest.raises(KeyboardInterrupt):
         run_speedrun(SpeedrunOptions(out=out), progress=False)
-    assert first.calls == ["tokenizer", "pretrain", "r1"]  # no fp8 stage without --fp8
+    # no fp8 stage without --fp8
+    assert first.calls == ["tokenizer", "pretrain", "r1_zero", "r1"]
     assert read_done(os.path.join(out, "pretrain"))["result"] == {"stage": "pretrain"}
     assert read_done(os.path.join(out, "r1")) is None
     second = Stubs()
     monkeypatch.setattr(speedrun, "RUNNERS", second.runners())
     run_speedrun(SpeedrunOptions(out=out), progress=False)
-    assert second.calls == ["r1", "distill", "speculative"]
+    assert second.calls == ["r1", "distill", "student_rl", "speculative"]
     assert read_done(os.path.join(out, "r1"))["resumed"] is True  # its partial work was there
     # the interrupted attempt's time counts in the stage's wall time
     assert float(open(os.path.join(out, "r1", "partial_wall_s")).read()) >= 0
@@ -125,6 +141,12 @@ def test_bad_options_name_the_field():
         SpeedrunOptions(grpo_generations=1).validate()
     with pytest.raises(ConfigError, match="option 'sft_lr' must be > 0"):
         SpeedrunOptions(sft_lr=0.0).validate()
+    with pytest.raises(ConfigError, match="option 'corpus_levels'"):
+        SpeedrunOptions(corpus_levels={"9": 1.0}).validate()
+    with pytest.raises(ConfigError, match="option 'corpus_direct'"):
+        SpeedrunOptions(corpus_direct={"sum": 1.5}).validate()
+    with pytest.raises(ConfigError, match="option 'corpus_tasks'"):
+        SpeedrunOptions(corpus_tasks={"sum": 0.0}).validate()
     with pytest.raises(ConfigError, match="'student_layers' \\(9\\) exceeds the 'tiny' preset's 4"):
         SpeedrunOptions(student_layers=9).validate()
     SpeedrunOptions(threads=0).validate()  # torch's default

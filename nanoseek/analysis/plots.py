@@ -143,6 +143,29 @@ def plot_curves(
     _save(fig, path)
 
 
+def plot_panels(
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]],
+    path: str,
+    title: str,
+    smooth_alpha: float | None = 0.1,
+) -> None:
+    """Panels side by side, one y-axis each ({panel title: {curve name: (x, y)}}): quantities
+    of different scales against one step axis (R1's reward and response-length figures)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, alpha=0.3 if smooth_alpha else 1.0, color="tab:blue")
+            if smooth_alpha:
+                ax.plot(x, smooth(y, smooth_alpha), label=f"{label} (EMA)", color="tab:blue")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_bars(
     values: dict[str, float], path: str, title: str, ylabel: str, fmt: str = "{:.1%}"
 ) -> None:

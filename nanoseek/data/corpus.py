@@ -24,6 +24,7 @@ R1-Zero prompt; pass `template="r1zero"` to train on the full instruction (~400 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -73,13 +74,22 @@ def generate_corpus(
     levels: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     split: str = "train",
     template: str = "short",
+    level_weights: Mapping[int, float] | None = None,
+    task_weights: Mapping[str, float] | None = None,
+    direct: Mapping[str, float] | None = None,
 ) -> Iterator[str]:
     """Yield `n_docs` documents mixing `tasks`, deterministic in all arguments.
 
     `levels`: None (each task's own levels), one list for every task (levels a task lacks are
     skipped: `(1, 2, 3)` gives countdown 2-3 numbers), or a map from task name to levels.
     `split="test"` gives a held-out corpus (e.g. for validation loss); the default training
-    corpus never contains a test problem.
+    corpus never contains a test problem. `level_weights` ({level: weight}) draws levels with
+    these relative weights instead of uniformly (a level missing from it is never drawn): a
+    corpus that is mostly easy problems with a few hard ones, the starting point of an RL stage
+    that has something left to learn. `task_weights` ({task: weight}) mixes the tasks likewise.
+    `direct` ({task: fraction}) gives that fraction of a task's documents without the worked
+    solution: the thinking is only the solution's last line ("So 57 + 46 = 103."), an answer
+    stated without working, as much of real text states them.
     """
     if n_docs < 0:
         raise TaskError(f"n_docs must be >= 0, got {n_docs}")
@@ -92,23 +102,56 @@ def generate_corpus(
     if template not in TEMPLATES:
         raise TaskError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
     per_task = _resolve_levels(tasks, levels)
+    weights: dict[str, list[float]] = {}
+    if level_weights is not None:
+        for name, lv in per_task.items():
+            w = [float(level_weights.get(lvl, 0.0)) for lvl in lv]
+            if any(x < 0 or x != x for x in w) or sum(w) <= 0:
+                raise TaskError(
+                    f"level_weights {dict(level_weights)} give task {name!r} no positive weight "
+                    f"on its levels {list(lv)}"
+                )
+            weights[name] = w
     rng = random.Random(f"corpus|{seed}|{split}")
     names = list(per_task)
+    mix = _weights("task_weights", task_weights, names)
+    direct = dict(direct or {})
+    for name, frac in direct.items():
+        if name not in per_task or not 0 <= frac <= 1:
+            raise TaskError(f"direct: {name!r}: {frac!r} must name a corpus task and a fraction "
+                            "in [0, 1]")  # fmt: skip
+    # its own stream, so a direct share changes no problem and no other document's mix
+    style_rng = random.Random(f"corpus-style|{seed}|{split}")
 
     def documents() -> Iterator[str]:  # a closure, so the checks above run at the call
         # one stream per (task, level), opened on first use; the mixing draws use their own rng,
         # so adding a task changes the mix but never the problems another task's stream yields
         streams: dict[tuple[str, int], Iterator[Problem]] = {}
         for _ in range(n_docs):
-            name = rng.choice(names)
-            level = rng.choice(per_task[name])
+            name = rng.choices(names, mix)[0] if mix else rng.choice(names)
+            if name in weights:
+                level = rng.choices(per_task[name], weights[name])[0]
+            else:  # rng.choice, not choices: unweighted corpora stay as they always were
+                level = rng.choice(per_task[name])
             if (name, level) not in streams:
                 streams[name, level] = get_task(name).stream(split, seed, level)
             problem = next(streams[name, level])
             assert problem.split == split, "Task.stream yields only problems of its split"
+            if direct.get(name) and style_rng.random() < direct[name]:
+                last = problem.solution.strip().splitlines()[-1:]
+                problem = dataclasses.replace(problem, solution="\n".join(last))
             yield format_document(problem, template)
 
     return documents()
+
+
+def _weights(what: str, weights: Mapping | None, names: list) -> list[float] | None:
+    if weights is None:
+        return None
+    w = [float(weights.get(n, 0.0)) for n in names]
+    if any(not x >= 0 for x in w) or sum(w) <= 0:  # `not >=` also refuses NaN
+        raise TaskError(f"{what} {dict(weights)} must give {names} weights >= 0, some positive")
+    return w
 
 
 def write_corpus(path: str | os.PathLike, n_docs: int, seed: int = 0, **kwargs) -> int:

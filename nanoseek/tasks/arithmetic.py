@@ -105,7 +105,11 @@ class ArithmeticTask(Task):
     """`a op b` with two `level`-digit operands; `ops` picks the operations to mix."""
 
     def __init__(
-        self, name: str = "arithmetic", ops: tuple[str, ...] = OPS, max_level: int = 6
+        self,
+        name: str = "arithmetic",
+        ops: tuple[str, ...] = OPS,
+        max_level: int = 6,
+        question: str = "What is {a} {op} {b}?",
     ) -> None:
         unknown = set(ops) - set(OPS)
         if not ops or unknown:
@@ -113,6 +117,7 @@ class ArithmeticTask(Task):
         self.name = name
         self.ops = tuple(ops)
         self.levels = tuple(range(1, max_level + 1))
+        self.question = question
         self.description = f"{'/'.join(self.ops)} of two multi-digit numbers; level = digits"
 
     def sample(self, rng: random.Random, level: int) -> Problem:
@@ -121,7 +126,7 @@ class ArithmeticTask(Task):
         op = rng.choice(self.ops)
         return self.make_problem(
             key=arithmetic_key(op, a, b),
-            question=f"What is {a} {op} {b}?",
+            question=self.question.format(a=a, op=op, b=b),
             answer=str(_VALUE[op](a, b)),
             solution=_STEPS[op](a, b),
             level=level,
@@ -134,3 +139,7 @@ register_task(ArithmeticTask())
 register_task(ArithmeticTask("addition", ("+",)))
 register_task(ArithmeticTask("subtraction", ("-",)))
 register_task(ArithmeticTask("multiplication", ("*",)))
+# the sums of `addition` asked in other words (same problems, same split, same worked solutions):
+# a second prompt distribution over one skill, so a corpus can teach the skill through one
+# phrasing and a different habit (e.g. answering without working) through the other
+register_task(ArithmeticTask("sum", ("+",), question="Find the sum of {a} and {b}."))

@@ -105,6 +105,10 @@ class GRPOOptions(LoopOptions):
     drop_zero_std: bool = True  # DAPO: drop groups whose rewards are all equal
     mask_truncated: bool = False  # truncated completions take no loss (DAPO's overlong filter)
     max_steps: int = 100  # GRPO steps (rollout batches)
+    # stop after this many seconds of GRPO steps (evaluations excluded), 0: no limit; for
+    # comparisons at equal compute (distillation vs RL for a small model [R1 §4.1]). The time
+    # spent is logged per step (train_s), so a resumed run continues with what is left.
+    max_time_s: float = 0.0
     batch_size: int = 16  # completions per forward/backward (memory knob; does not change math)
     lr: float = 1e-4
     warmup_steps: int = 0
@@ -137,6 +141,7 @@ class GRPOOptions(LoopOptions):
              "G completions alike (no advantage signal)"),
             (0 < self.top_p <= 1, "option 'top_p' must be in (0, 1]"),
             (self.beta >= 0, "option 'beta' must be >= 0"),
+            (self.max_time_s >= 0, "option 'max_time_s' must be >= 0 (0: no limit)"),
             (0 < self.epsilon < 1, "option 'epsilon' must be in (0, 1)"),
             (self.epsilon_high is None or self.epsilon_high > 0, "'epsilon_high' must be > 0"),
             (self.scale_rewards in SCALES, f"option 'scale_rewards' must be one of {SCALES}"),
@@ -357,9 +362,13 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
                       run_info=to_dict(opts), parallel=par)  # fmt: skip
     rows = opts.prompts_per_step * opts.num_generations
     rollouts = Rollouts(replica or model, tokenizer.eos_id, rows, par)
-    step = 0
+    step, train_s = 0, 0.0
+    if par.distributed and opts.max_time_s:
+        raise ConfigError("option 'max_time_s' works in one process only (ranks would disagree "
+                          "on when to stop): use max_steps under torchrun")  # fmt: skip
     if resume:
         step = _resume(opts.out, trainer, sampler, watch)
+        train_s = _logged_train_s(opts.out, step)
         rollouts.sync(model)
         if step and par.is_main:
             print(f"resumed from step {step} in {opts.out}", file=sys.stderr)
@@ -372,12 +381,16 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
             last = {"step": 0, **{f"eval_{k}": v for k, v in ev.items()}}
             log.write(json.dumps(last) + "\n")
             log.flush()
-        while step < opts.max_steps:
+        while step < opts.max_steps and not (opts.max_time_s and train_s >= opts.max_time_s):
+            t0 = time.perf_counter()
             m, shown = grpo_step(opts, step, model, ref, trainer, rollouts, tokenizer, sampler)
             rollouts.sync(model)
             step += 1
-            m["step"] = step
-            if eval_problems and (step % opts.eval_every == 0 or step == opts.max_steps):
+            train_s += time.perf_counter() - t0
+            m["step"], m["train_s"] = step, train_s
+            out_of_time = bool(opts.max_time_s) and train_s >= opts.max_time_s
+            last_step = step == opts.max_steps or out_of_time
+            if eval_problems and (step % opts.eval_every == 0 or last_step):
                 ev = evaluate(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
                 m.update({f"eval_{k}": v for k, v in ev.items()})
             for msg in watch.update(m, opts):
@@ -395,7 +408,7 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
                 bar.set_postfix(
                     reward=f"{m['reward']:.3f}", len=f"{m['completions/mean_length']:.0f}"
                 )
-            if step % opts.save_every == 0 or step == opts.max_steps:
+            if step % opts.save_every == 0 or last_step:
                 _save(opts, step, trainer, sampler, watch)
     if bar is not None:
         bar.close()
@@ -531,6 +544,16 @@ def _resume(out: str, trainer, sampler, watch) -> int:
         raise CheckpointError(f"{state['_path']}: GRPO trainer state is malformed ({e})") from None
     set_rng_state(state["rng"])
     return state["step"]
+
+
+def _logged_train_s(out: str, step: int) -> float:
+    """Seconds of GRPO steps up to `step`, from metrics.jsonl (already cut to `step`)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if step == 0 or not os.path.isfile(path):
+        return 0.0
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return next((r.get("train_s", 0.0) for r in reversed(rows) if r.get("step") == step), 0.0)
 
 
 def _bar(total: int, initial: int):

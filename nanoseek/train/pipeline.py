@@ -68,6 +68,9 @@ class PipelineOptions:
     eval_temperature: float | None = None  # None: greedy for k = 1, else 0.6 (R1's)
     eval_max_new_tokens: int = 256
     cold_start_n: int = 500  # worked solutions in the cold-start SFT data ("a few hundred")
+    # their task (None: `task`): worked solutions of a related task teach the format and a
+    # readable pattern [R1 §2.3.1] without training on the RL task's own prompts
+    cold_start_task: str | None = None
     seed: int = 0
     sft: dict[str, Any] = field(default_factory=dict)
     grpo: dict[str, Any] = field(default_factory=dict)
@@ -83,11 +86,13 @@ class PipelineOptions:
         if not self.task:
             raise ConfigError("no task: give --task NAME")
         task = resolve_task(self.task)  # an unknown name fails now, listing the valid ones
-        if self.level is not None and self.level not in task.levels:
-            raise ConfigError(
-                f"option 'level': task {task.name!r} has no level {self.level}; valid levels: "
-                f"{', '.join(map(str, task.levels))}"
-            )
+        tasks = [task] + ([resolve_task(self.cold_start_task)] if self.cold_start_task else [])
+        for t in tasks:
+            if self.level is not None and self.level not in t.levels:
+                raise ConfigError(
+                    f"option 'level': task {t.name!r} has no level {self.level}; valid levels: "
+                    f"{', '.join(map(str, t.levels))}"
+                )
         check_template(self.template)
         check_template(self.base_template)
         for name in ("eval_n", "eval_k", "eval_max_new_tokens", "cold_start_n"):
@@ -259,7 +264,8 @@ class Pipeline:
 
         o = self.opts
         defaults = {"task_n": o.cold_start_n, "seed": o.seed}
-        wired = {"model": o.model, "out": d, "task": o.task, "task_level": o.level}
+        wired = {"model": o.model, "out": d, "task": o.cold_start_task or o.task,
+                 "task_level": o.level}  # fmt: skip
         sft = stage_options(SFTOptions, "sft", wired, defaults, o.sft)
         metrics = self.runners.sft(sft, True, progress)
         return os.path.join(d, "model"), metrics
