@@ -1,10 +1,12 @@
 import json
+import re
 from collections import Counter
 
 import pytest
 
 from nanoseek.data.corpus import DOC_SEPARATOR, generate_corpus, write_corpus
 from nanoseek.tasks import TaskError, get_task, split_of
+from nanoseek.tasks.arithmetic import arithmetic_key
 from nanoseek.tasks.templates import format_document
 
 
@@ -100,3 +102,156 @@ def test_write_failure_leaves_no_file(tmp_path):
     with pytest.raises(TaskError):
         write_corpus(tmp_path / "c.jsonl", 10, tasks=("nope",))
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ weights, direct
+_QUESTION = re.compile(r"^User: (?:What is (\d+) \+ (\d+)\?|Find the sum of (\d+) and (\d+)\.)\n")
+
+
+def _sum_doc(doc: str) -> tuple[str, int, int]:
+    """(task, a, b) of an addition or sum document."""
+    m = _QUESTION.match(doc)
+    assert m, doc
+    if m.group(1) is not None:
+        return "addition", int(m.group(1)), int(m.group(2))
+    return "sum", int(m.group(3)), int(m.group(4))
+
+
+def _think(doc: str) -> str:
+    return doc.split("<think>", 1)[1].split("</think>", 1)[0]
+
+
+def _answer(doc: str) -> str:
+    assert doc.endswith("</answer>"), doc
+    return doc.rsplit("<answer>", 1)[1][: -len("</answer>")]
+
+
+def test_level_weights_set_the_share_of_each_level():
+    n = 4000
+    weights = {1: 0.6, 2: 0.3, 3: 0.1, 4: 0.0}  # 4 at weight 0, 5 and 6 missing: never drawn
+    docs = list(generate_corpus(n, seed=3, tasks=("addition", "sum"), level_weights=weights))
+    levels = Counter(len(str(max(a, b))) for _, a, b in map(_sum_doc, docs))
+    assert set(levels) == {1, 2, 3}, levels
+    for level, w in weights.items():
+        assert abs(levels[level] / n - w) < 0.03, (level, levels)
+    # deterministic, and different from the unweighted corpus
+    assert docs == list(
+        generate_corpus(n, seed=3, tasks=("addition", "sum"), level_weights=weights)
+    )
+    uniform = Counter(
+        len(str(max(a, b)))
+        for _, a, b in map(_sum_doc, generate_corpus(n, seed=3, tasks=("addition", "sum")))
+    )
+    assert set(uniform) == {1, 2, 3, 4, 5, 6}
+
+
+def test_task_weights_set_the_share_of_each_task():
+    n = 4000
+    docs = list(
+        generate_corpus(
+            n, seed=1, tasks=("addition", "countdown", "linear_equation"),
+            task_weights={"addition": 0.7, "countdown": 0.3, "linear_equation": 0.0},
+        )
+    )  # fmt: skip
+    kinds = Counter(
+        "countdown" if "Using the numbers" in d else "linear" if "Solve for x" in d else "add"
+        for d in docs
+    )
+    assert kinds["linear"] == 0, kinds
+    assert abs(kinds["add"] / n - 0.7) < 0.03 and abs(kinds["countdown"] / n - 0.3) < 0.03, kinds
+    # a task missing from the weights is never drawn either
+    docs = list(generate_corpus(500, seed=1, tasks=("addition", "sum"), task_weights={"sum": 2}))
+    assert {_sum_doc(d)[0] for d in docs} == {"sum"}
+
+
+def test_direct_documents_state_only_the_last_line_of_the_solution():
+    n, frac = 4000, 0.3
+    kw = dict(seed=2, tasks=("addition", "sum"), levels=(2, 3))  # multi-line worked solutions
+    plain = list(generate_corpus(n, **kw))
+    mixed = list(generate_corpus(n, **kw, direct={"addition": frac}))
+    assert len(mixed) == n
+    n_add = n_direct = 0
+    for p, d in zip(plain, mixed):
+        task, a, b = _sum_doc(p)
+        # the same problem at the same position: the direct share changes no draw
+        assert _sum_doc(d) == (task, a, b)
+        assert _answer(d) == _answer(p) == str(a + b)
+        solution = _think(p).splitlines()
+        assert len(solution) >= 3 and solution[-1] == f"So {a} + {b} = {a + b}."
+        n_add += task == "addition"
+        if d == p:
+            continue
+        assert task == "addition", d  # only the task named in `direct`
+        n_direct += 1
+        assert _think(d).splitlines() == [solution[-1]]
+        assert _think(d) == solution[-1]
+        assert d == p.replace(_think(p), solution[-1])
+    assert n_add > 1500
+    assert abs(n_direct / n_add - frac) < 0.03, (n_direct, n_add)
+    # every document, direct or not, still verifies against its problem
+    by_q = {}
+    for level in (2, 3):
+        for prob in get_task("addition").generate(3000, "train", seed=2, level=level):
+            by_q[prob.question] = prob
+    for d in mixed:
+        if _sum_doc(d)[0] == "addition":
+            q = d.split("\n", 1)[0][len("User: ") :]
+            assert get_task("addition").verify_completion(by_q[q], d), d
+    # fraction 1: every document of that task is direct
+    docs = list(generate_corpus(200, seed=2, tasks=("sum",), levels=(3,), direct={"sum": 1.0}))
+    assert all(len(_think(d).splitlines()) == 1 for d in docs)
+
+
+def test_no_direct_share_leaves_the_corpus_unchanged():
+    for kw in (
+        {},
+        dict(tasks=("addition", "sum"), levels=(2, 3)),
+        dict(tasks=("addition", "countdown"), task_weights={"addition": 1, "countdown": 2}),
+    ):
+        default = list(generate_corpus(300, seed=4, **kw))
+        names = kw.get("tasks", ("arithmetic", "countdown", "linear_equation"))
+        for direct in (None, {}, {names[0]: 0}, {n: 0.0 for n in names}):
+            docs = list(generate_corpus(300, seed=4, **kw, direct=direct))
+            assert "\n\n".join(docs).encode() == "\n\n".join(default).encode(), (kw, direct)
+    # the default corpus with no new argument is the corpus without them
+    assert list(generate_corpus(300, seed=4)) == list(
+        generate_corpus(300, seed=4, level_weights=None, task_weights=None, direct=None)
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, what",
+    [
+        (dict(level_weights={1: -1.0, 2: 1.0}), "level_weights"),
+        (dict(level_weights={1: float("nan"), 2: 1.0}), "level_weights"),
+        (dict(level_weights={1: 0.0, 2: 0.0}), "level_weights"),
+        (dict(level_weights={9: 1.0}), "level_weights"),  # no level the task has
+        (dict(task_weights={"addition": -1.0, "sum": 2.0}), "task_weights"),
+        (dict(task_weights={"addition": float("nan"), "sum": 1.0}), "task_weights"),
+        (dict(task_weights={"addition": 0, "sum": 0}), "task_weights"),
+        (dict(direct={"countdown": 0.5}), "direct"),  # not a task of this corpus
+        (dict(direct={"nope": 0.5}), "direct"),
+        (dict(direct={"addition": 1.5}), "direct"),
+        (dict(direct={"addition": -0.1}), "direct"),
+        (dict(direct={"addition": float("nan")}), "direct"),
+    ],
+)
+def test_bad_weights_and_direct_shares_are_refused(kw, what):
+    with pytest.raises(TaskError, match=what):
+        generate_corpus(10, tasks=("addition", "sum"), **kw)  # at the call, not on iteration
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_weighted_direct_corpus_keeps_the_split(split):
+    kw = dict(
+        tasks=("addition", "sum"), levels=(1, 2), level_weights={1: 0.2, 2: 0.8},
+        task_weights={"addition": 1, "sum": 3}, direct={"sum": 0.8, "addition": 0.5},
+    )  # fmt: skip
+    docs = list(generate_corpus(2000, seed=0, split=split, **kw))
+    for d in docs:
+        _, a, b = _sum_doc(d)
+        assert split_of(arithmetic_key("+", a, b)) == split, d
+    other = "test" if split == "train" else "train"
+    other_docs = generate_corpus(2000, seed=0, split=other, **kw)
+    questions = {d.split("\n", 1)[0] for d in docs}
+    assert questions.isdisjoint(d.split("\n", 1)[0] for d in other_docs)

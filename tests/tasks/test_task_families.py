@@ -13,6 +13,7 @@ BUILTIN = (
     "multiplication",
     "countdown",
     "linear_equation",
+    "sum",
 )
 
 
@@ -97,6 +98,36 @@ def test_arithmetic_solution_lines_are_true():
             assert found or name == "linear_equation", p.solution
             for left, right in found:
                 assert safe_eval(left) == int(right), (left, right, p.solution)
+
+
+def test_sum_is_addition_in_other_words():
+    import random
+
+    add, total = get_task("addition"), get_task("sum")
+    assert total.levels == add.levels
+    splits = set()
+    for level in add.levels:
+        for i in range(200):
+            a = add.sample(random.Random(f"{level}|{i}"), level)
+            s = total.sample(random.Random(f"{level}|{i}"), level)  # the same operand draws
+            x, y = s.metadata["operands"]
+            assert a.metadata["operands"] == [x, y] and s.metadata["op"] == "+"
+            assert s.question == f"Find the sum of {x} and {y}." != a.question
+            assert a.question == f"What is {x} + {y}?"
+            assert s.answer == a.answer == str(x + y)
+            assert s.solution == a.solution
+            assert s.key == a.key and s.split == a.split == split_of(s.key)
+            assert s.level == level and s.task == "sum" and s.id.startswith("sum-")
+            assert total.verify(s, s.answer) and total.verify(s, f"<answer>{x + y}</answer>")
+            assert not total.verify(s, str(x + y + 1)) and not total.verify(s, s.question)
+            assert total.verify_completion(s, format_document(s, "short"))
+            splits.add(s.split)
+    assert splits == {"train", "test"}
+    # a sum held out for addition is held out for sum too, whichever task draws it
+    held_out = {p.key for p in add.generate(300, "test", seed=0, level=2)}
+    train = total.generate(3000, "train", seed=0, level=2)
+    assert held_out and held_out.isdisjoint(p.key for p in train)
+    assert all(p.question.startswith("Find the sum of ") for p in train)
 
 
 def test_arithmetic_examples():

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import time
 from unittest import mock
 
 import pytest
@@ -240,3 +241,79 @@ def test_truncated_completions_can_be_masked(model_dir, tmp_path):
     last = run_grpo(opts, progress=False)
     assert last["completions/clipped_ratio"] == 1.0  # reported ...
     assert last["completions_trained"] == 0 and last["skipped_update"] == 1.0  # ... and masked
+
+
+# ------------------------------------------------------------------------------ max_time_s
+class _FakeClock:
+    """grpo's `time` module whose perf_counter moves only when a GRPO step runs."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def _one_second_steps(monkeypatch, crash_on=None) -> list[int]:
+    """Every GRPO step takes exactly 1.0 s on grpo's clock; returns the steps run (0-based)."""
+    clock, real_step, calls = _FakeClock(), grpo.grpo_step, []
+
+    def step(*a, **k):
+        calls.append(a[1])
+        if len(calls) == crash_on:
+            raise KeyboardInterrupt
+        out = real_step(*a, **k)
+        clock.now += 1.0
+        return out
+
+    monkeypatch.setattr(grpo, "time", clock)
+    monkeypatch.setattr(grpo, "grpo_step", step)
+    return calls
+
+
+def test_max_time_s_stops_saves_and_exports(model_dir, tmp_path, monkeypatch):
+    opts = _opts(model_dir, tmp_path / "t", max_steps=10, max_time_s=2.5, save_every=100)
+    calls = _one_second_steps(monkeypatch)
+    last = run_grpo(opts, progress=False)
+    assert calls == [0, 1, 2]  # 2 s < 2.5 s after two steps: a third; 3 s after it: stop
+    rec = _records(opts.out)
+    assert [r["step"] for r in rec] == [0, 1, 2, 3]
+    assert [r["train_s"] for r in rec[1:]] == [1.0, 2.0, 3.0]
+    assert last["step"] == 3 and last["train_s"] == 3.0
+    assert "eval_accuracy" in rec[3]  # the stopping step is evaluated like a last step
+    assert [s for s, _ in checkpoint_dirs(opts.out)] == [3]  # saved where it stopped
+    assert os.path.isfile(os.path.join(opts.out, "model", "config.json"))
+    assert os.path.isfile(os.path.join(opts.out, "model", "tokenizer.json"))
+    # a resume of a run finished by time runs no more steps
+    calls.clear()
+    run_grpo(opts, resume=True, progress=False)
+    assert calls == []
+    assert _records(opts.out) == rec
+    assert [s for s, _ in checkpoint_dirs(opts.out)] == [3]
+    assert os.path.isfile(os.path.join(opts.out, "model", "config.json"))
+
+
+def test_max_time_s_resume_continues_with_the_time_left(model_dir, tmp_path, monkeypatch):
+    opts = _opts(model_dir, tmp_path / "r", max_steps=10, max_time_s=2.5, save_every=2,
+                 eval_every=0)  # fmt: skip
+    calls = _one_second_steps(monkeypatch, crash_on=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_grpo(opts, progress=False)
+    assert calls == [0, 1, 2]  # killed in the 3rd step, after the checkpoint of step 2
+    assert [s for s, _ in checkpoint_dirs(opts.out)] == [2]
+    calls = _one_second_steps(monkeypatch)
+    run_grpo(opts, resume=True, progress=False)
+    assert calls == [2]  # 2 s logged at the checkpoint: one more step, not three
+    rec = _records(opts.out)
+    assert [r["step"] for r in rec] == [1, 2, 3]
+    assert [r["train_s"] for r in rec] == [1.0, 2.0, 3.0]
+    assert [s for s, _ in checkpoint_dirs(opts.out)] == [2, 3]
+
+
+def test_max_time_s_must_not_be_negative(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="max_time_s"):
+        _opts(model_dir, tmp_path, max_time_s=-1.0).validate()
+    _opts(model_dir, tmp_path, max_time_s=0.0).validate()  # 0: no limit

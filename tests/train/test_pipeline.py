@@ -7,7 +7,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.config import ConfigError
-from nanoseek.tasks import format_completion
+from nanoseek.tasks import TaskError, format_completion
 from nanoseek.train.pipeline import (
     DONE,
     Pipeline,
@@ -216,6 +216,49 @@ def test_options_from_toml_sections_and_overrides(tmp_path, base):
         Pipeline("r1", PipelineOptions(model=base, task="nope"))
     with pytest.raises(ConfigError, match="has no level 9"):
         Pipeline("r1", PipelineOptions(model=base, task="addition", level=9))
+
+
+def test_cold_start_task_goes_to_the_cold_start_sft_only(tmp_path, base):
+    out = str(tmp_path / "run")
+    stubs = Stubs()
+    tasks = []
+    real_eval = stubs.evaluate
+
+    def evaluate(model_dir, task, **kw):
+        tasks.append(task)
+        return real_eval(model_dir, task, **kw)
+
+    runners = Runners(stubs.sft, stubs.grpo, stubs.rejection, evaluate)
+    opts = opts_for(base, out, "--cold_start_task=sum", "--level=2")
+    assert (opts.task, opts.cold_start_task) == ("addition", "sum")
+    summary = run_pipeline("r1", opts, runners, progress=False)
+    (cold, _), (rs_sft, _) = stubs.of("sft")
+    (rl, _), (final, _) = stubs.of("grpo")
+    ((rs, _),) = stubs.of("rejection")
+    assert (cold.task, cold.task_level, cold.out) == ("sum", 2, os.path.join(out, "cold_start"))
+    assert cold.task_n == 500 and cold.model == base
+    # every other stage keeps the pipeline's task: RL prompts, rejection sampling, evaluations
+    assert rl.task == ["addition"] and final.task == ["addition"]
+    assert rl.model == os.path.join(out, "cold_start", "model")
+    assert rs.task == "addition" and rs_sft.task is None
+    assert tasks and set(tasks) == {"addition"}
+    assert [r["stage"] for r in summary["stages"]] == R1_STAGES
+    # None (the default): the cold start uses the pipeline's task
+    plain = Stubs()
+    run_pipeline("r1", opts_for(base, str(tmp_path / "p")), plain.runners(), progress=False)
+    assert plain.of("sft")[0][0].task == "addition"
+
+
+def test_cold_start_task_is_validated(tmp_path, base):
+    with pytest.raises(TaskError, match="unknown task 'nope'; valid tasks:"):
+        Pipeline("r1", PipelineOptions(model=base, task="addition", cold_start_task="nope"))
+    # countdown has no level 1, addition has: the cold-start task's levels are checked too
+    with pytest.raises(ConfigError, match="task 'countdown' has no level 1"):
+        Pipeline(
+            "r1", PipelineOptions(model=base, task="addition", cold_start_task="countdown", level=1)
+        )
+    Pipeline("r1", PipelineOptions(model=base, task="addition", cold_start_task="countdown"))
+    Pipeline("r1", PipelineOptions(model=base, task="addition", cold_start_task="sum", level=6))
 
 
 def test_cli_pipeline_errors(tmp_path, base, capsys):
