@@ -104,6 +104,11 @@ def generate_corpus(
     per_task = _resolve_levels(tasks, levels)
     weights: dict[str, list[float]] = {}
     if level_weights is not None:
+        known = {lvl for lv in per_task.values() for lvl in lv}
+        stray = sorted(set(level_weights) - known)
+        if stray:  # a typo would otherwise silently weigh nothing
+            raise TaskError(f"level_weights: level {stray[0]!r} is not a level of the corpus "
+                            f"tasks ({sorted(known)})")  # fmt: skip
         for name, lv in per_task.items():
             w = [float(level_weights.get(lvl, 0.0)) for lvl in lv]
             if any(x < 0 or x != x for x in w) or sum(w) <= 0:
@@ -148,6 +153,9 @@ def generate_corpus(
 def _weights(what: str, weights: Mapping | None, names: list) -> list[float] | None:
     if weights is None:
         return None
+    unknown = sorted(set(weights) - set(names), key=str)
+    if unknown:  # a typo would otherwise silently weigh nothing
+        raise TaskError(f"{what}: {unknown[0]!r} is not one of {names}")
     w = [float(weights.get(n, 0.0)) for n in names]
     if any(not x >= 0 for x in w) or sum(w) <= 0:  # `not >=` also refuses NaN
         raise TaskError(f"{what} {dict(weights)} must give {names} weights >= 0, some positive")

@@ -349,6 +349,9 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     level = opts.eval_level if opts.eval_level is not None else opts.task_level
     eval_problems = held_out(tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
 
+    if par.distributed and opts.max_time_s:
+        raise ConfigError("option 'max_time_s' works in one process only (ranks would disagree "
+                          "on when to stop): use max_steps under torchrun")  # fmt: skip
     # after the checks of model and tasks: a failing new run leaves the previous one in place
     claim_out_dir(opts.out, resume, opts.overwrite, par)
     tok_files = write_run_files(par, opts, tok_src)
@@ -363,9 +366,6 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     rows = opts.prompts_per_step * opts.num_generations
     rollouts = Rollouts(replica or model, tokenizer.eos_id, rows, par)
     step, train_s = 0, 0.0
-    if par.distributed and opts.max_time_s:
-        raise ConfigError("option 'max_time_s' works in one process only (ranks would disagree "
-                          "on when to stop): use max_steps under torchrun")  # fmt: skip
     if resume:
         step = _resume(opts.out, trainer, sampler, watch)
         train_s = _logged_train_s(opts.out, step)

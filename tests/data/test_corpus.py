@@ -255,3 +255,13 @@ def test_weighted_direct_corpus_keeps_the_split(split):
     other_docs = generate_corpus(2000, seed=0, split=other, **kw)
     questions = {d.split("\n", 1)[0] for d in docs}
     assert questions.isdisjoint(d.split("\n", 1)[0] for d in other_docs)
+
+
+def test_weights_naming_no_corpus_task_or_level_are_refused():
+    from nanoseek.data.corpus import generate_corpus
+    from nanoseek.tasks.base import TaskError
+
+    with pytest.raises(TaskError, match="task_weights: 'additon'"):
+        generate_corpus(10, tasks=("addition",), task_weights={"addition": 1, "additon": 5})
+    with pytest.raises(TaskError, match="level_weights: level 99"):
+        generate_corpus(10, tasks=("addition",), level_weights={1: 1.0, 99: 5.0})
