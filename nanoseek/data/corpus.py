@@ -36,6 +36,7 @@ from nanoseek.tasks import (
     TEMPLATES,
     Problem,
     TaskError,
+    format_chat,
     format_document,
     get_task,
 )
@@ -91,6 +92,25 @@ def generate_corpus(
     solution: the thinking is only the solution's last line ("So 57 + 46 = 103."), an answer
     stated without working, as much of real text states them.
     """
+    if template not in TEMPLATES:
+        raise TaskError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
+    problems = generate_problems(n_docs, seed, tasks, levels, split, level_weights,
+                                 task_weights, direct)  # fmt: skip
+    return (format_document(p, template) for p in problems)
+
+
+def generate_problems(
+    n_docs: int,
+    seed: int = 0,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    levels: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    split: str = "train",
+    level_weights: Mapping[int, float] | None = None,
+    task_weights: Mapping[str, float] | None = None,
+    direct: Mapping[str, float] | None = None,
+) -> Iterator[Problem]:
+    """The problems of `generate_corpus` (same arguments), a direct one's solution already cut to
+    its last line: for other formats of the same mix (e.g. chat, `write_chat_corpus`)."""
     if n_docs < 0:
         raise TaskError(f"n_docs must be >= 0, got {n_docs}")
     if isinstance(tasks, str):
@@ -99,8 +119,6 @@ def generate_corpus(
         raise TaskError("tasks must name at least one task")
     if split not in SPLITS:
         raise TaskError(f"split must be one of {SPLITS}, got {split!r}")
-    if template not in TEMPLATES:
-        raise TaskError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
     per_task = _resolve_levels(tasks, levels)
     weights: dict[str, list[float]] = {}
     if level_weights is not None:
@@ -128,7 +146,7 @@ def generate_corpus(
     # its own stream, so a direct share changes no problem and no other document's mix
     style_rng = random.Random(f"corpus-style|{seed}|{split}")
 
-    def documents() -> Iterator[str]:  # a closure, so the checks above run at the call
+    def problems() -> Iterator[Problem]:  # a closure, so the checks above run at the call
         # one stream per (task, level), opened on first use; the mixing draws use their own rng,
         # so adding a task changes the mix but never the problems another task's stream yields
         streams: dict[tuple[str, int], Iterator[Problem]] = {}
@@ -145,9 +163,9 @@ def generate_corpus(
             if direct.get(name) and style_rng.random() < direct[name]:
                 last = problem.solution.strip().splitlines()[-1:]
                 problem = dataclasses.replace(problem, solution="\n".join(last))
-            yield format_document(problem, template)
+            yield problem
 
-    return documents()
+    return problems()
 
 
 def _weights(what: str, weights: Mapping | None, names: list) -> list[float] | None:
@@ -160,6 +178,27 @@ def _weights(what: str, weights: Mapping | None, names: list) -> list[float] | N
     if any(not x >= 0 for x in w) or sum(w) <= 0:  # `not >=` also refuses NaN
         raise TaskError(f"{what} {dict(weights)} must give {names} weights >= 0, some positive")
     return w
+
+
+def write_chat_corpus(path: str | os.PathLike, n: int, seed: int = 0, **kwargs) -> int:
+    """`generate_problems(n, seed, **kwargs)` as chat SFT examples (`{"messages": [...]}` per
+    line, `nanoseek.tasks.format_chat`), written atomically; returns the number written.
+
+    The same mix in the chat format: a cold start that teaches the chat template while keeping
+    the model's habits (its worked and its direct answers in their corpus proportions)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for problem in generate_problems(n, seed, **kwargs):
+                f.write(json.dumps({"messages": format_chat(problem)}, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
 
 
 def write_corpus(path: str | os.PathLike, n_docs: int, seed: int = 0, **kwargs) -> int:

@@ -71,6 +71,8 @@ class PipelineOptions:
     # their task (None: `task`): worked solutions of a related task teach the format and a
     # readable pattern [R1 §2.3.1] without training on the RL task's own prompts
     cold_start_task: str | None = None
+    # or a chat JSONL file of cold-start examples, used instead of drawing them from a task
+    cold_start_data: str | None = None
     seed: int = 0
     sft: dict[str, Any] = field(default_factory=dict)
     grpo: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +88,8 @@ class PipelineOptions:
         if not self.task:
             raise ConfigError("no task: give --task NAME")
         task = resolve_task(self.task)  # an unknown name fails now, listing the valid ones
+        if self.cold_start_data and not os.path.isfile(self.cold_start_data):
+            raise ConfigError(f"option 'cold_start_data': no such file {self.cold_start_data!r}")
         tasks = [task] + ([resolve_task(self.cold_start_task)] if self.cold_start_task else [])
         for t in tasks:
             if self.level is not None and self.level not in t.levels:
@@ -264,8 +268,11 @@ class Pipeline:
 
         o = self.opts
         defaults = {"task_n": o.cold_start_n, "seed": o.seed}
-        wired = {"model": o.model, "out": d, "task": o.cold_start_task or o.task,
-                 "task_level": o.level}  # fmt: skip
+        if o.cold_start_data:
+            wired = {"model": o.model, "out": d, "data": [o.cold_start_data], "task": None}
+        else:
+            wired = {"model": o.model, "out": d, "task": o.cold_start_task or o.task,
+                     "task_level": o.level}  # fmt: skip
         sft = stage_options(SFTOptions, "sft", wired, defaults, o.sft)
         metrics = self.runners.sft(sft, True, progress)
         return os.path.join(d, "model"), metrics

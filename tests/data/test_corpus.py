@@ -265,3 +265,25 @@ def test_weights_naming_no_corpus_task_or_level_are_refused():
         generate_corpus(10, tasks=("addition",), task_weights={"addition": 1, "additon": 5})
     with pytest.raises(TaskError, match="level_weights: level 99"):
         generate_corpus(10, tasks=("addition",), level_weights={1: 1.0, 99: 5.0})
+
+
+def test_chat_corpus_is_the_same_mix_in_the_chat_format(tmp_path):
+    import json
+
+    from nanoseek.data.corpus import generate_problems, write_chat_corpus
+    from nanoseek.tasks import format_chat
+
+    mix = dict(tasks=("addition", "sum"), levels=[1, 2], task_weights={"addition": 1, "sum": 1},
+               direct={"sum": 1.0})  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    assert write_chat_corpus(path, 40, seed=3, **mix) == 40
+    rows = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+    problems = list(generate_problems(40, seed=3, **mix))
+    assert rows == [format_chat(p) for p in problems]
+    for msgs, p in zip(rows, problems):
+        assert msgs[0] == {"role": "user", "content": p.question}
+        think = msgs[-1]["content"].split("</think>")[0]
+        if p.task == "sum":  # direct: one line of thinking, the answer still right
+            assert think.count("\n") == 1 and think.endswith(f"= {p.answer}.")
+        assert msgs[-1]["content"].endswith(f"<answer>{p.answer}</answer>")
+    assert not list(tmp_path.glob("*.tmp"))

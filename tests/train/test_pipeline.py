@@ -261,6 +261,22 @@ def test_cold_start_task_is_validated(tmp_path, base):
     Pipeline("r1", PipelineOptions(model=base, task="addition", cold_start_task="sum", level=6))
 
 
+def test_cold_start_data_replaces_the_task_examples(tmp_path, base):
+    from nanoseek.data.corpus import write_chat_corpus
+
+    data = str(tmp_path / "cold.jsonl")
+    assert write_chat_corpus(data, 5, tasks=("addition",), levels=[2]) == 5
+    stubs = Stubs()
+    opts = opts_for(base, str(tmp_path / "run"), f"--cold_start_data={data}")
+    run_pipeline("r1", opts, stubs.runners(), progress=False)
+    (cold, _), (rs_sft, _) = stubs.of("sft")
+    assert cold.data == [data] and cold.task is None
+    assert stubs.of("grpo")[0][0].task == ["addition"]  # RL keeps the pipeline's task
+    with pytest.raises(ConfigError, match="option 'cold_start_data': no such file"):
+        Pipeline("r1", PipelineOptions(model=base, task="addition",
+                                       cold_start_data=str(tmp_path / "missing.jsonl")))  # fmt: skip
+
+
 def test_cli_pipeline_errors(tmp_path, base, capsys):
     assert main(["pipeline", "r1", "--model", base, "--task", "nope"]) == 2
     assert "valid tasks:" in capsys.readouterr().err
