@@ -16,7 +16,7 @@ tokens per CPU-second of this process (`time.process_time`), which time-slicing 
 processes does not inflate; with --threads 1 it is the cleanest comparison on a busy machine.
 
 KV bytes per token: nanoseek's latent cache (kv_lora_rank + qk_rope_head_dim values per layer,
-REFERENCE §1.2); transformers' measured from the cache object `generate` returns. (transformers 5
+[V3 §2.1.1]); transformers' measured from the cache object `generate` returns. (transformers 5
 caches the compressed latent as well and decompresses all of it through kv_b_proj at every step;
 a full per-head K/V cache, printed for reference, is what older versions kept.)
 

@@ -11,12 +11,13 @@ Stages (each skipped when its output exists, so a re-run only redoes what is mis
    `--save_every` (50) steps, all kept (with 800 steps no checkpoint reached 15%: see the README);
 2. the starting point, picked by accuracy, not by step: GRPO needs a model that solves some sums
    but far from all (reward curves rise only from pass@k > 0, and GRPO's gain is mostly moving
-   pass@1 towards pass@k, REFERENCE §3; a fully trained base leaves little to sharpen, a
-   sparse-reward one collapses). The checkpoints are evaluated in step order on `--select_n`
-   (100) TRAIN-split problems (the test split stays unseen until stage 3), pass@1 = mean of 4
-   samples at temperature 0.6, top-p 0.95, and the first whose pass@1 lies in `--base_band`
-   (0.15 0.45) is the base. None in the band stops the run with the accuracies found (raise
-   --pretrain_steps, lower --save_every); OUT/selection.json keeps them;
+   pass@1 towards pass@k: DeepSeekMath's RL lifted Maj@K, not Pass@K; a fully trained base
+   leaves little to sharpen, a sparse-reward one collapses). The checkpoints are evaluated in
+   step order on `--select_n` (100) TRAIN-split problems (the test split stays unseen until
+   stage 3), pass@1 = mean of 4 samples at temperature 0.6, top-p 0.95, and the first whose
+   pass@1 lies in `--base_band` (0.15 0.45) is the base. None in the band stops the run with
+   the accuracies found (raise --pretrain_steps, lower --save_every); OUT/selection.json keeps
+   them;
 3. held-out evaluation of the base at `--level`, on `--eval_n` test-split problems (never seen in
    pre-training or RL): greedy pass@1; pass@1 as DeepSeek-R1 reports it (mean over 8 samples
    at temperature 0.6, top-p 0.95) with pass@8; pass@1 / pass@8 at the rollout temperature;

@@ -9,9 +9,9 @@ Without --base, a base is pre-trained first with the recipe of experiments/grpo_
 generator, "short" template; resumable; OUT/base), for `--pretrain_steps` steps. Then
 `nanoseek pipeline r1` runs on addition at `--level` (default 2: two-digit sums). With 750
 pre-training steps the base sits where it is weak but not hopeless (pass@k > 0, which RL needs
-for any signal [REFERENCE §3]): in our runs the same recipe gave held-out pass@1 0.3% after 550
-of 1000 steps, 4.5% after 650, 57.5% after 800, 88.5% after 1000 (and 9% on three-digit sums,
-where no stage then moved it by more than the noise).
+for any signal, as TinyZero and Mini-R1 found): in our runs the same recipe gave held-out pass@1
+0.3% after 550 of 1000 steps, 4.5% after 650, 57.5% after 800, 88.5% after 1000 (and 9% on
+three-digit sums, where no stage then moved it by more than the noise).
 
     base           the pre-trained model, prompted as in its corpus ("short" template)
     cold_start     SFT on a few hundred worked solutions in the chat format

@@ -2,7 +2,7 @@
 
 One dataclass is the single source of truth: presets build it, `config.json` files read and write
 it (unknown keys are kept and written back), and `validate()` rejects impossible values with a
-message that names the field. REFERENCE §1.1 lists the V3 values.
+message that names the field. The V3 values are those of the released `config.json` [V3 §4.2].
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_qk) times mscale(factor, mscale_all_dim)**2 (REFERENCE §1.2).
+        """1/sqrt(d_qk) times mscale(factor, mscale_all_dim)**2.
 
         YaRN's attention temperature lives entirely in the softmax scale for DeepSeek; using
         `mscale` instead of `mscale_all_dim`, or forgetting the square, is a known bug elsewhere.

@@ -1,7 +1,7 @@
 """Named model sizes. `ModelConfig.from_preset(name)` turns one into a config.
 
 `tiny` and `small` are ours (same family, scaled down); the two DeepSeek presets copy the
-released `config.json` values (REFERENCE §1.1).
+released `config.json` values (deepseek-ai/DeepSeek-V2-Lite, deepseek-ai/DeepSeek-V3).
 """
 
 from __future__ import annotations

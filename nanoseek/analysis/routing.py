@@ -4,7 +4,7 @@ DeepSeekMoE splits experts finely so that each can specialise [V3 §2.1.2; DeepS
 2401.06066]. V3 reports that its auxiliary-loss-free balancing leaves experts *more* specialised by
 domain than an auxiliary balance loss does: [V3 §4.5.3 and Appendix C] plot the expert load of the
 16B models on Pile domains (Wikipedia, GitHub, DM Mathematics), and the aux-loss-free model's load
-differs more between domains (qualitative; figure details UNVERIFIED, not in REFERENCE.md). This
+differs more between domains (qualitative; the figure's details are unverified here). This
 module measures the same on our models: run labelled documents through the model, count per label
 ("task") the tokens each MoE layer routes to each expert, and score how much the label decides
 the expert.

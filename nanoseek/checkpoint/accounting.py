@@ -2,9 +2,9 @@
 
 Counts are analytic (from the config alone, so `nanoseek info` works on a 671B config.json on a
 laptop); `measure_meta` is the reference path that builds the real `CausalLM` on the meta device
-and classifies its parameters by name, and the tests check the two agree (STYLE 6).
+and classifies its parameters by name, and the tests check the two agree.
 
-Conventions (REFERENCE §1.1, §1.2):
+Conventions:
 - `total_params`: the main model (embedding, blocks, final norm, head), no MTP modules.
 - `active_params`: what one token touches: embedding row and head counted in full (as DeepSeek's
   37B figure does), attention, norms, dense FFNs, router, shared experts, and K of E routed experts.

@@ -1,7 +1,7 @@
 """Convert a checkpoint directory between bf16, fp32 and the FP8 release format, streaming.
 
 The 671B V3 checkpoint is ~1.3 TB in bf16 (~690 GB in FP8): no machine holds it in memory, so
-unlike `load` + `save` this never builds a model. It works on the HF keys (REFERENCE §1.7)
+unlike `load` + `save` this never builds a model. It works on the HF keys (keys.py)
 directly: source tensors are read one at a time with `safe_open` and appended to an output shard
 that is written out once it reaches `max_shard_bytes`. Memory peaks near one output shard plus
 one tensor and its conversion temporaries, whatever the checkpoint size.
@@ -13,7 +13,7 @@ one tensor and its conversion temporaries, whatever the checkpoint size.
                        (128x128 blocks, ragged edges); everything else is stored in bf16, as in
                        the official release; `quantization_config` is added.
     FP8 -> FP8         float8 weights and their scales are copied unchanged (a re-shard).
-The router's `e_score_correction_bias` stays fp32 in every direction (REFERENCE §1.5).
+The router's `e_score_correction_bias` stays fp32 in every direction, as released.
 
 The bf16 -> FP8 -> bf16 result is bit-identical to `save(model, fp8=True)` then `load`: both use
 `block_quantize` / `block_dequantize`, and both round fp32 -> bf16 once, at the end.
@@ -246,7 +246,7 @@ def _convert_one(
             yield key, block_dequantize(t, scale, dtype=TARGET_DTYPES[dtype])
         except ValueError as e:
             raise CheckpointError(f"{path}: tensor '{key}': {e}") from None
-    elif key.endswith("e_score_correction_bias"):  # fp32 always (REFERENCE §1.5)
+    elif key.endswith("e_score_correction_bias"):  # fp32 always, as released
         yield key, t.to(torch.float32)
     elif dtype == "fp8" and is_quantized_key(key):
         try:

@@ -1,4 +1,4 @@
-"""The official DeepSeek-V3 FP8 checkpoint format (REFERENCE §1.8), in pure torch.
+"""The official DeepSeek-V3 FP8 checkpoint format (as released on Hugging Face), in pure torch.
 
 Every projection weight of attention, dense FFN, experts and shared experts is stored as
 `float8_e4m3fn` with an fp32 `<name>_scale_inv` of shape [ceil(out/128), ceil(in/128)]:

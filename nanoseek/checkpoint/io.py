@@ -294,7 +294,7 @@ def save(
     """Write `model` as a HF DeepseekV3 directory, atomically (temp dir + rename).
 
     dtype: storage dtype of the weights (default: the model's); the router bias is always fp32.
-    fp8: write the official block-scaled FP8 format (REFERENCE §1.8) for the projection weights.
+    fp8: write the official block-scaled FP8 format for the projection weights.
     max_shard_bytes: above this, several `model-0000i-of-0000n.safetensors` plus the index.
     extra_files: files copied alongside (e.g. tokenizer.json, tokenizer_config.json).
     An existing `directory` is replaced as a whole (files in it that we do not write are gone).
@@ -338,7 +338,7 @@ def save(
 def _encode(key: str, t: torch.Tensor, dtype: torch.dtype | None, fp8: bool):
     """(key, tensor) pairs to store for one HF tensor: fresh contiguous CPU copies."""
     t = t.detach().cpu()
-    if key.endswith("e_score_correction_bias"):  # fp32 always (REFERENCE §1.5)
+    if key.endswith("e_score_correction_bias"):  # fp32 always, as released
         yield key, t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     elif fp8 and is_quantized_key(key):
         q, scale = block_quantize(t)

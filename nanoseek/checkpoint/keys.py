@@ -1,4 +1,4 @@
-"""Names between our modules and the Hugging Face DeepseekV3 checkpoint keys (REFERENCE §1.7).
+"""Names between our modules and the Hugging Face DeepseekV3 checkpoint keys.
 
 Two differences only:
 - routed experts are 3D tensors here (`mlp.experts.gate_up_proj [E,2F,D]`, `down_proj [E,D,F]`)

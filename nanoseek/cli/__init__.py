@@ -22,7 +22,7 @@ COMMANDS below (its place there is its place in `nanoseek --help`). Runners impo
 themselves, so `nanoseek info` on a laptop never pays for what `pretrain` needs.
 
 User errors (bad config, bad checkpoint, missing file, bad argument) end as one line
-`nanoseek: error: <message>` on stderr and exit code 2, never a traceback (STYLE 7); anything else
+`nanoseek: error: <message>` on stderr and exit code 2, never a traceback; anything else
 is a bug and keeps its traceback.
 """
 

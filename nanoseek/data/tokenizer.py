@@ -52,7 +52,7 @@ CONTROL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 (the trainer assigns ids in this
 MARKUP_TOKENS = (USER, ASSISTANT, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 N_BYTES = 256  # the byte-level alphabet: every byte is a base token, so nothing is unknown
 
-# DeepSeek-R1 style [REFERENCE §3-4]: bos, the system text, then `<｜User｜>q` and
+# DeepSeek-R1 style (its released chat template): bos, the system text, then `<｜User｜>q` and
 # `<｜Assistant｜>a<｜end▁of▁sentence｜>`; the generation prompt opens the think block as R1 does.
 # Unlike R1's released template we keep `<think>...</think>` of earlier assistant turns: SFT
 # data needs the reasoning in the target; a server drops it from history itself if it wants.

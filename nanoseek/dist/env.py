@@ -8,7 +8,7 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in every
 them set: a plain single-process run. Some but not all: an error naming the missing ones (a
 hand-made launch that would otherwise hang in the rendezvous).
 
-Footgun (REFERENCE §5): never default to CUDA. The device is an option (`cpu` default); `cuda`
+Footgun: never default to CUDA. The device is an option (`cpu` default); `cuda`
 maps rank -> `cuda:LOCAL_RANK` explicitly, and the backend follows the device: gloo for CPU,
 NCCL for CUDA. Every check here runs before the rendezvous, from inputs all ranks share, so a bad
 launch fails on every rank at once instead of leaving the others waiting for a peer.

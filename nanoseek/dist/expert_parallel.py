@@ -8,7 +8,7 @@ and parameter names, so the router, shared experts, balancing and checkpoint nam
 1. dispatch: sort the M pairs by expert - experts are laid out rank-major, so that also sorts
    them by destination rank; exchange the per-expert counts [P, El] with one all_to_all_single;
    one host sync turns them into split sizes; all_to_all the rows with the autograd-aware
-   functional collective (its backward is the reverse exchange, REFERENCE §5);
+   functional collective (its backward is the reverse exchange);
 2. compute: received rows arrive grouped by source rank; regroup them by local expert and run
    the SwiGLU with the replaced module's `linear_fn` (its grouped GEMM, or the FP8 one that
    nanoseek/fp8 hooks in: hook before `parallelize`, the swap carries it over);
@@ -103,7 +103,7 @@ class ExpertParallelExperts(nn.Module):
 
 def _grouped_linear(x, w, offs):
     """x [R,in] sorted by expert (offs: block ends), w [El,out,in] -> [R,out]: one
-    torch._grouped_mm where it applies (REFERENCE §5: bf16/fp32, 16-byte row strides; on CUDA
+    torch._grouped_mm where it applies (bf16/fp32, 16-byte row strides; on CUDA
     sm90+), else one GEMM per expert. Used when the replaced experts declare no `linear_fn`."""
     w_t = w.transpose(1, 2).to(x.dtype)  # [El,in,out]; a view unless autocast-like casting
     ok = (

@@ -1,6 +1,6 @@
 """Sharding the weights and reducing the gradients.
 
-FSDP2 `fully_shard` per block (REFERENCE §5): every decoder layer and MTP module is one unit
+FSDP2 `fully_shard` per block: every decoder layer and MTP module is one unit
 (all-gathered just before its forward and backward, resharded after), the embedding another, and
 the root keeps the final norm and the head (and the MTP modules' output norms). Expert slices under expert parallelism are their own
 units on the "dp" sub-mesh: they differ between ep ranks, so they must never be sharded (or
@@ -8,7 +8,7 @@ averaged) across them.
 
 Global semantics: the trainer divides each rank's loss by the *global* number of target tokens,
 so gradients are summed across ranks, never averaged (gradient divide factor 1); accumulation,
-data parallelism and expert parallelism then all agree (REFERENCE §5).
+data parallelism and expert parallelism then all agree.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Evaluation, rejection sampling and sequence distillation all do the same thing: render each
 problem as a prompt, draw k completions per prompt, and turn the token ids back into text the
 verifier and the rewards read. This module is that one path; generation itself is the engine's
-(DESIGN: the engine is the only place that generates tokens).
+(the engine is the only place that generates tokens).
 
 Templates. "chat": the tokenizer's chat template with the generation prompt (it ends in
 "<think>\\n", as DeepSeek-R1's does); what SFT/RL-tuned models see. Any name of

@@ -6,7 +6,7 @@ Every FP8 GEMM of training has this form (nanoseek/fp8/linear.py says which oper
 K is the contraction dim of both operands, so every tile's scale is constant along the dot
 product it feeds [V3 §3.3.2]. Backends:
 - `emulated`: dequantise, fp32 matmul. Runs on any device; the numerics reference. On CPU FP8
-  is a numerics feature, not a speed feature (REFERENCE §2): this is slower than bf16.
+  is a numerics feature, not a speed feature: this is slower than bf16.
 - `cuda_blockwise`: the real kernel, `torch.nn.functional.scaled_mm` with
   `ScalingType.BlockWise1x128` / `BlockWise128x128` (cuBLASLt, sm_90 only, CUDA >= 12.9).
 - `auto`: cuda_blockwise where it runs, emulated elsewhere, decided per call from the device.

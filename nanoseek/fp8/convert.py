@@ -1,4 +1,4 @@
-"""Turn a CausalLM into an FP8-training model, in place [V3 §3.3.1; REFERENCE §2].
+"""Turn a CausalLM into an FP8-training model, in place [V3 §3.3.1].
 
 FP8 (nanoseek/fp8/linear.py, grouped.py): every GEMM of
 - attention projections: q_proj | q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj,

@@ -10,7 +10,7 @@ each operand tiled so its scales are constant along that contraction (nanoseek/f
   Wgrad   dW [N,K] = dY^T X  dY^T [N,M] along tokens M       X^T [K,M] along tokens M          M
 
 Fprop/Dgrad: activations and their gradients in 1x128 tiles (per token, per 128 channels),
-weights in 128x128 blocks [V3 §3.3.2, REFERENCE §2]. A 128x128 block grid is the same for W and
+weights in 128x128 blocks [V3 §3.3.2]. A 128x128 block grid is the same for W and
 W^T, so the forward's quantised weight serves Dgrad unchanged, only transposed.
 Wgrad contracts over tokens, so both operands are tiled along tokens: 1x128 tiles of dY^T and
 X^T, i.e. 128x1 tiles (128 tokens x 1 channel) of dY and X. V3 caches the forward's FP8
@@ -19,7 +19,7 @@ activations for the Linear's backward and converts their 1x128 tiles to 128x1 ti
 activation costs 1 byte + scales, and Wgrad sees V3's double quantisation (with power-of-two
 scales the second quantisation is nearly lossless: measured Wgrad error 3.8% vs 4.4%).
 Gradients never get 128x128 blocks: block-wise activation gradients diverged for V3 at 16B
-scale (REFERENCE §2). All GEMMs accumulate in fp32; Y comes out in the autocast dtype (or x's
+scale [V3 Appendix B.2]. All GEMMs accumulate in fp32; Y comes out in the autocast dtype (or x's
 dtype), dX in x's dtype, dW in the weight's dtype (fp32 master weights stay fp32).
 """
 

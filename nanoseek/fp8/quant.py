@@ -1,4 +1,4 @@
-"""Fine-grained FP8 quantisation [V3 §3.3.2, Figure 7a; REFERENCE §2].
+"""Fine-grained FP8 quantisation [V3 §3.3.2, Figure 7a].
 
 Two tilings, both with one fp32 scale per tile, `scale = amax(|tile|) / 448` computed online
 (from the tensor itself, every call: no delayed/history scaling):
@@ -14,7 +14,7 @@ Scale layout (backend-neutral, row-major; the CUDA backend rearranges it for the
 - 1x128:   data [..., R, C] fp8, scale [..., R, Cb]   scale[r, j] covers data[r, 128j : 128j+128]
 - 128x128: data [..., R, C] fp8, scale [..., Rb, Cb]  scale[i, j] covers the block
            data[128i : 128i+128, 128j : 128j+128]; same layout as the official `weight_scale_inv`
-           (REFERENCE §1.8), so a weight quantised here is bit-identical to the released format.
+           of the FP8 release, so a weight quantised here is bit-identical to the released format.
 Dims that are not multiples of 128 get a ragged last tile: its scale comes from its real
 elements only (computed as if zero-padded: zeros never raise an amax), and `data` keeps the
 unpadded shape.

@@ -3,7 +3,7 @@
 Shape legend: L cached layers, B batch rows (slots), S positions, C kv latent rank
 (kv_lora_rank), R rope head dim.
 
-[V3 §2.1.1; REFERENCE §1.2] every head's key and value are functions of the normalised latent
+[V3 §2.1.1; V2 §2.1] every head's key and value are functions of the normalised latent
 c_KV and the rotated shared key k_rope, so a token costs (C + R) values per layer: 576 for V3,
 against H * (N + R + V) = 40,960 for a cache of full per-head K and V (what transformers keeps).
 

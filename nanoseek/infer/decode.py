@@ -15,7 +15,7 @@ computes the same math as the model's modules (`MLA.project_q`, `project_latent`
   Off on GPU, where F.linear's layout is the fast one. Costs one extra copy of those weights.
 - RoPE as one complex multiply per tensor instead of eight real ops (`rope`), producing exactly
   `apply_rope`'s channel layout, so prefill (the model's own path) and decode share the cache.
-- Absorbed attention [V3 §2.1.1; REFERENCE §1.2] as multi-query attention: all heads share the
+- Absorbed attention [V3 §2.1.1; V2 §2.1] as multi-query attention: all heads share the
   latent keys, so heads fold into query rows and `[q_lat ; q_rope] . [c_KV ; k_rope]` is one
   batched matmul over the cache's side-by-side layout, the causal mask as the baddbmm bias.
   W_UK and W_UV are views of `kv_b_proj`, split once when the engine is built.

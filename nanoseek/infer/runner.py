@@ -5,7 +5,7 @@ dim, Vocab the vocabulary.
 
 - Prefill (all rows start at position 0): the model's own modules (`MLA.project_q`,
   `project_latent`, the plain `attend_plain` path with decompressed keys and values, causal SDPA),
-  which is cheaper than the absorbed path when T is large [REFERENCE §1.2]. Prompts of different
+  which is cheaper than the absorbed path when T is large. Prompts of different
   lengths are right-padded; every row uses its own positions 0..T-1, and causality alone keeps
   padding (which only ever sits after a row's real tokens) out of the real tokens' attention.
   The padding's cache entries lie past the row's length: garbage by the cache invariant,
@@ -183,7 +183,7 @@ class ModelRunner:
         layer = self.mtp_layer
         st = self.make_step(row0, start, next_ids.shape[1])
         emb = self.model.model.embed_tokens(next_ids)
-        # embedding first, as the released weights expect (REFERENCE §1.6)
+        # embedding first, as the released weights expect (V3 eq. 21 shows the other order)
         x = torch.cat((rms_norm(layer.enorm, emb), rms_norm(layer.hnorm, h_prev)), dim=-1)
         x = linear(x, self.weights.t(layer.eh_proj.weight))
         h = self.block(self.mtp_decode, self.mtp_cache, 0, x, st)

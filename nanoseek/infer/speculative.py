@@ -2,7 +2,7 @@
 
 Shape legend: B rows, k drafts per step, Vocab the vocabulary, D model dim, c catch-up positions.
 
-[V3 §5.4.3; REFERENCE §1.6] the MTP module at position i reads the main model's hidden state h_i
+[V3 §2.2, §5.4.3] the MTP module at position i reads the main model's hidden state h_i
 and the embedding of token t_{i+1}, and predicts t_{i+2}. One step for a row whose main cache
 holds positions < n and whose last sampled token t_n is still pending:
 

@@ -194,7 +194,7 @@ class MoE(FixedDtypeBuffers):
             else None
         )
         # tokens routed to each expert since the trainer last reset it: int64 so counts never
-        # round (REFERENCE §1.5); counted only in training mode, only when `count_load` is set
+        # round; counted only in training mode, only when `count_load` is set
         self.register_buffer(
             "expert_load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False
         )
@@ -245,6 +245,6 @@ class MoE(FixedDtypeBuffers):
 
 
 def max_violation(load: torch.Tensor) -> float:
-    """MaxVio = (max_i load_i - mean load) / mean load (REFERENCE §1.5); 0 for no tokens."""
+    """MaxVio [arXiv 2408.15664] = (max_i load_i - mean load) / mean load; 0 for no tokens."""
     mean = load.float().mean().item()
     return 0.0 if mean == 0 else (load.float().max().item() - mean) / mean

@@ -1,4 +1,4 @@
-"""Multi-Token Prediction modules [V3 §2.2, eqs. 21-25; REFERENCE §1.6].
+"""Multi-Token Prediction modules [V3 §2.2, eqs. 21-25].
 
 Module k (1..D) at position i combines the previous depth's hidden state h^{k-1}_i (the main
 model's last hidden state before the final norm for k = 1) with the embedding of token t_{i+k}:

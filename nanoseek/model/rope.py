@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN, on DeepSeek's interleaved channel pairs (REFERENCE §1.3).
+"""Rotary position embedding with YaRN [arXiv 2309.00071] on DeepSeek's interleaved pairs.
 
 Only the `qk_rope_head_dim` (R) decoupled channels of queries and the shared key are rotated
 [V3 eqs. 3, 5]. The checkpoints pair channels as (x[2i], x[2i+1]).

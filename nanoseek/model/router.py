@@ -1,4 +1,4 @@
-"""The DeepSeekMoE router (gate) [V3 §2.1.2, eqs. 12-16; REFERENCE §1.4].
+"""The DeepSeekMoE router (gate) [V3 §2.1.2, eqs. 12-16].
 
 Shape legend: N tokens, D model dim, E routed experts, G groups, K experts per token.
 
@@ -22,7 +22,7 @@ from nanoseek.model.buffers import FixedDtypeBuffers
 
 class Router(FixedDtypeBuffers):
     # model.to(bfloat16) must not round the bias: b moves in steps of gamma = 1e-3, which bf16
-    # cannot resolve near 1 (the bug REFERENCE §1.4 lists)
+    # cannot resolve near 1 (a known bug in other implementations)
     fixed_dtypes = {"e_score_correction_bias": torch.float32}
 
     def __init__(self, config: ModelConfig):
@@ -38,7 +38,7 @@ class Router(FixedDtypeBuffers):
         self.routed_scaling_factor = c.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, c.hidden_size))
         # [V3 eq. 16] the balancing bias b_i: updated by the trainer's sign rule (never by the
-        # optimizer, so a buffer), and kept in fp32 whatever the model dtype (REFERENCE §1.5)
+        # optimizer, so a buffer), and kept in fp32 whatever the model dtype
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32)
         )
@@ -63,7 +63,7 @@ class Router(FixedDtypeBuffers):
                 self.topk_group, dim=-1, sorted=False
             ).indices  # [N,topk_group]
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            # masked with -inf, not 0: biased scores may be negative (REFERENCE §1.4)
+            # masked with -inf, not 0 (HF transformers uses 0): biased scores may be negative
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, -1)
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N,K]
         weights = s.gather(1, indices)  # [V3 eq. 13] unbiased scores

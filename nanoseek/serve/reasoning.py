@@ -1,7 +1,7 @@
 """Split R1-style output into `reasoning_content` (inside `<think>...</think>`) and `content`.
 
 DeepSeek-R1 writes its chain of thought between `<think>` and `</think>`, then the answer
-[R1 §2.3]. The API returns the two separately (REFERENCE §4): DeepSeek's own API and most UIs
+[R1 §2.3]. The API returns the two separately: DeepSeek's own API and most UIs
 read `reasoning_content`. Two ways the output can start:
 - the chat template already opened the block (our template ends the generation prompt with
   `<think>\\n`, as R1's does), so the output starts *inside* the thought: `opened=True`;

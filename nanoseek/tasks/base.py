@@ -1,7 +1,7 @@
 """Problems, tasks, the train/test split and the task registry.
 
 A task family generates `Problem`s (question, ground-truth answer, worked solution) from a seed and
-verifies answers by rule, which is all R1-Zero-style RL needs (REFERENCE §3: rule-based rewards,
+verifies answers by rule, which is all R1-Zero-style RL needs (R1 §2.2.2: rule-based rewards,
 no reward model). The same problems feed the built-in pre-training corpus (`nanoseek.data.corpus`),
 SFT, GRPO rewards and evaluation, so the split between them has to be airtight:
 

@@ -1,6 +1,6 @@
 """Countdown: reach a target from given numbers with + - * /, each number at most once.
 
-The task of TinyZero and Mini-R1 (REFERENCE §3). The generator builds the target from a random
+The task of TinyZero and Mini-R1. The generator builds the target from a random
 expression over all the numbers, so every problem is solvable; intermediate results stay positive
 integers, as in the game show. The worked solution is a small search: a few full attempts that
 miss (each computed exactly, so nothing false is taught), then the construction step by step.

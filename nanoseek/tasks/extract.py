@@ -1,6 +1,6 @@
 """Pull the final answer out of a completion, and compare answers.
 
-R1-Zero rewards check only the final answer, found by rule (REFERENCE §3): the content of the last
+R1-Zero rewards check only the final answer, found by rule [R1 §2.2.2]: the content of the last
 `<answer>...</answer>` (our template), else of the last `\\boxed{...}` (the math convention), else,
 when asked for, the last number in the text. Everything here takes untrusted model output, so it
 never raises on odd input and runs in linear time (no regex that can backtrack badly).
@@ -111,7 +111,7 @@ def check_format(completion: str, *, prefilled: bool = True) -> bool:
 
     With `prefilled=True` the prompt already ended in `<think>`, so the completion must not open
     another one. Whitespace between the parts is free; nothing may follow `</answer>`. This is the
-    check behind a format reward (REFERENCE §3: "format reward always 0" usually means the
+    check behind a format reward ("format reward always 0" usually means the
     template and this check disagree about the prefill).
     """
     if not isinstance(completion, str):

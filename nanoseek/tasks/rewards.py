@@ -1,6 +1,6 @@
 """Rule-based rewards for R1-style RL: plain functions `(problem, completion) -> float`.
 
-R1-Zero uses no neural reward model, only rules (REFERENCE §3): an accuracy reward (the final
+R1-Zero uses no neural reward model, only rules [R1 §2.2.2]: an accuracy reward (the final
 answer checked by the task's verifier) and a format reward (reasoning in `<think>...</think>`,
 then the answer in `<answer>...</answer>`). R1's second stage adds a language-consistency reward
 (the share of target-language words in the CoT) because RL alone drifts into mixed-language,
@@ -60,7 +60,7 @@ def make_format_reward(prefilled: bool | None = None) -> RewardFn:
     prefilled=True: the prompt ended in `<think>`, so the completion must not open another one.
     prefilled=False: the completion must open `<think>` itself. None (the registered "format"):
     either is accepted, so the reward is right whatever the template did - the classic "format
-    reward stuck at 0" is a prefill mismatch between template and check (REFERENCE §3).
+    reward stuck at 0" is a prefill mismatch between template and check.
     """
 
     def format_reward(problem: Problem, completion: str) -> float:

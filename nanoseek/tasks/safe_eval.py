@@ -2,7 +2,7 @@
 
 Footgun: never hand model output to Python's `eval`. `__import__('os').system(...)` is one string
 away, and even "harmless" arithmetic like `9**9**9` hangs the process. R1-Zero reproductions
-(TinyZero, Mini-R1; REFERENCE §3) check countdown answers with a character whitelist plus a safe
+(TinyZero, Mini-R1) check countdown answers with a character whitelist plus a safe
 evaluator; this is ours:
 
 1. a length limit and a character whitelist (ASCII digits, `+ - * / ( ) .`, spaces), so names,

@@ -1,6 +1,6 @@
 """Prompt templates and training-document formats.
 
-The R1-Zero template is the one from the R1 paper (REFERENCE §3). Every stage uses these
+The R1-Zero template is the one from the R1 paper [R1 §2.2.3, Table 1]. Every stage uses these
 functions so the format a model sees in pre-training, SFT and GRPO is byte-for-byte the same; the
 most common GRPO failure, a format reward stuck at 0, is a template or prefill mismatch between
 stages.

@@ -1,4 +1,4 @@
-"""Auxiliary-loss-free load balancing [V3 §2.1.2; Wang et al. arXiv 2408.15664; REFERENCE §1.5].
+"""Auxiliary-loss-free load balancing [V3 §2.1.2; Wang et al. arXiv 2408.15664].
 
 After each optimizer step - after all gradient-accumulation micro-batches, and (under
 torch.distributed) after summing the counts of every rank - each MoE layer, the MTP modules'

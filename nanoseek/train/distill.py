@@ -5,7 +5,7 @@
         --onpolicy_frac=0.5 --out runs/gkd                              # GKD
     nanoseek distill --teacher T --student S --task countdown --mode=sequence --out runs/seq
 
-Two modes (REFERENCE §3):
+Two modes:
 - `logit` (default): the student matches the teacher's next-token distributions on the labelled
   tokens of each batch, with forward KL, reverse KL or the generalised JSD(beta) at a temperature
   (distill_losses.py), optionally plus `ce_weight` x the hard-label loss. Batches come from the

@@ -1,4 +1,4 @@
-"""GRPO's objective as pure tensor functions [R1 §2.2.1; REFERENCE §3]; no model, no I/O.
+"""GRPO's objective as pure tensor functions [R1 §2.2.1; DeepSeekMath §4.1]; no model, no I/O.
 
 Shape legend: B completions (P prompts x G generations, grouped: rows g*G .. g*G+G-1 answer
 prompt g), T completion positions, V vocabulary.
@@ -15,7 +15,7 @@ We minimise the negative. Notes on the choices, all as TRL makes them today:
   (Dr. GRPO: dividing by the group std up-weights groups that are nearly all right or wrong).
 - with one update per batch (num_iterations 1) pi_old is pi_theta detached: rho = 1 in value,
   yet its gradient is grad log pi, so the loss value is ~ -mean(A) ~ 0 while training works
-  (users' most common "bug report", REFERENCE §3).
+  (users' most common "bug report").
 - normalisation: "token" sums token losses over the whole batch and divides by its token count
   (DAPO; long completions weigh by their length), "sequence" averages tokens within a completion
   first, then completions (the paper's 1/G sum_i 1/|o_i| sum_t: short completions weigh more).

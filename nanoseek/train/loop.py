@@ -314,7 +314,7 @@ class Trainer:
 
 def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only (norm scales and biases are not decayed); the
-    routing bias is a buffer and never reaches the optimizer (REFERENCE §1.5)."""
+    routing bias is a buffer and never reaches the optimizer [V3 §2.1.2]."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -17,7 +17,7 @@ B = 1e9
 
 def test_deepseek_v3_published_numbers():
     a = account(ModelConfig.from_preset("deepseek-v3"))
-    assert round(a.total_params / B, 1) == 671.0  # REFERENCE §1.1: 671.03B from the config
+    assert round(a.total_params / B, 1) == 671.0  # 671.03B from the config (V3 reports 671B)
     assert abs(a.active_params / B - 37.5) <= 0.2  # embedding and head included
     assert a.kv_cache_bytes_per_token == 70_272  # (512 + 64) * 2 bytes * 61 layers
     assert a.full_kv_cache_bytes_per_token == 128 * (192 + 128) * 2 * 61

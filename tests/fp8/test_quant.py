@@ -109,7 +109,7 @@ def test_pow2_scales(tiling):
 
 def test_128x128_matches_the_release_format():
     """One source of truth: our weight blocks are bit-identical to the official FP8 checkpoint
-    format written by nanoseek/checkpoint/fp8_format.py (REFERENCE §1.8)."""
+    format written by nanoseek/checkpoint/fp8_format.py."""
     w = torch.randn(576, 300) * 0.02  # V3's kv_a_proj_with_mqa has 576 rows: a ragged block
     q = quantize_128x128(w)
     w_fp8, scale_inv = block_quantize(w)

@@ -13,7 +13,7 @@ def make(rows=3, seq=10, layers=2):
 
 def test_bytes_per_token_is_latent_plus_rope_per_layer():
     cache = LatentCache(61, 1, 4, 512, 64, torch.bfloat16)
-    assert cache.bytes_per_token() == 70_272  # REFERENCE §1.2: V3, bf16, all 61 layers
+    assert cache.bytes_per_token() == 70_272  # (512 + 64) * 2 bytes * 61 layers: V3, bf16
     assert make().bytes_per_token() == 2 * (C + R) * 4
 
 

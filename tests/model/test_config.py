@@ -15,7 +15,7 @@ def test_presets_build_and_round_trip(tmp_path):
 
 def test_v3_softmax_scale_includes_mscale_squared():
     cfg = ModelConfig.from_preset("deepseek-v3")
-    assert cfg.softmax_scale == pytest.approx(0.135234, abs=1e-6)  # REFERENCE §1.2
+    assert cfg.softmax_scale == pytest.approx(0.135234, abs=1e-6)  # 192**-0.5 * (0.1 ln 40 + 1)**2
 
 
 def test_rope_parameters_accepted_and_unknown_keys_kept(tmp_path):

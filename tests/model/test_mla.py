@@ -72,7 +72,7 @@ def test_absorbed_weights_are_views_of_kv_b_proj():
     H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     assert w_uk.shape == (H, N, C) and w_uv.shape == (H, V, C)
     assert w_uk.data_ptr() == mla.kv_b_proj.weight.data_ptr()  # no copy: the split is free
-    # per head, N key rows then V value rows (REFERENCE §1.2)
+    # per head, N key rows then V value rows (the released checkpoints' layout)
     w = mla.kv_b_proj.weight
     assert torch.equal(w_uk[1], w[(N + V) : (N + V) + N])
     assert torch.equal(w_uv[1], w[(N + V) + N : 2 * (N + V)])

@@ -1,4 +1,4 @@
-"""RoPE on interleaved pairs and YaRN frequencies against REFERENCE §1.3 written out directly."""
+"""RoPE on interleaved pairs and YaRN frequencies against the YaRN formulas written out directly."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The router against a direct, loop-per-token transcription of REFERENCE §1.4."""
+"""The router against a direct, loop-per-token transcription of [V3 §2.1.2, eqs. 12-16]."""
 
 import pytest
 import torch
