@@ -1,31 +1,30 @@
-"""`nanoseek speedrun`: the whole DeepSeek recipe on a laptop, stage by stage, with a report card.
+"""`nanoseek speedrun`: the DeepSeek recipe on a laptop, each R1 finding measured, with a report card.
 
-    nanoseek speedrun --out runs/speedrun            # ~15-20 minutes on a 2-core CPU
+    nanoseek speedrun --out runs/speedrun            # ~13-15 minutes on a 2-core CPU
     nanoseek speedrun --out runs/smoke --smoke       # the same code path, a handful of steps
-    nanoseek speedrun --out runs/sr --fp8 --pretrain_steps=2000 --grpo_steps=60
+    nanoseek speedrun --out runs/sr --fp8 --seed=1   # FP8 pre-training, another seed
 
 Stages (each in OUT/<stage>/, finished when OUT/<stage>/DONE exists):
-    tokenizer    the built-in corpus (worked arithmetic solutions, data/corpus.py) written to a
-                 JSONL file, a byte-level BPE trained on it
+    tokenizer    the built-in corpus (data/corpus.py: sums asked two ways, one mostly answered
+                 without working) and the cold-start examples, a byte-level BPE
     pretrain     the preset (MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP) trained
                  on that corpus; FP8 GEMMs with --fp8 [V3 §2-3]
     fp8_vs_bf16  (--fp8 only) the same short run in BF16 and FP8: loss curves and their gap
-    r1           the R1 pipeline (train/pipeline.py): cold-start SFT, reasoning GRPO with rule
-                 rewards, rejection sampling + SFT from the base, final GRPO [R1 §2.3]; every
-                 stage evaluated on held-out problems
-    distill      logit distillation of the final model into a smaller student [R1 §2.4]
+    r1_zero      GRPO from the base with rule rewards, no SFT [R1 §2.2]
+    r1           the R1 pipeline (train/pipeline.py): cold-start SFT, reasoning GRPO,
+                 rejection sampling + SFT of the base, final GRPO [R1 §2.3]
+    distill      logit distillation of the final model into a 2-layer student [R1 §2.4]
+    student_rl   the same student trained with GRPO for the distillation's time [R1 §4.1]
     speculative  greedy decoding with and without MTP speculative decoding: tokens/s,
                  acceptance rate, identical output checked [V3 §2.2]
-The report card OUT/report.md (speedrun_report.py) is rewritten after every stage.
+Every model is evaluated on held-out problems as R1 does (k samples at temperature 0.6, pass@1 =
+their mean). The report card OUT/report.md + report.json (speedrun_report.py) is rewritten after
+every stage; docs/recipe.md explains the task design and what each number shows.
 
 Resuming. A re-run skips every stage with a DONE file; an interrupted stage is re-entered and
 its trainer continues from its last checkpoint (checkpoints are written atomically, so a kill
 at any moment leaves the previous one loadable). Options of a finished run are kept in
 OUT/speedrun.json; a re-run with different options asks for a fresh OUT instead of mixing them.
-
-Why addition: the tiny model must first learn to copy operands before it can add (REFERENCE §3:
-RL needs pass@k > 0), and a few minutes of CPU pre-training reach that on short, uniform
-documents, not on a broad mix (experiments/grpo_addition.py has the measurements).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The built-in pre-training corpus: verifiable problems with worked solutions, no downloads.
 
-Each document is one problem in the R1-Zero format (REFERENCE §3): the prompt, the worked
+Each document is one problem in the R1-Zero format [R1 §2.2.3, Table 1]: the prompt, the worked
 solution inside `<think>...</think>`, the answer inside `<answer>...</answer>`. A model
 pre-trained on it learns the format and some real ability, which is what makes the later RL stage
 work at all: reward curves rise only when the starting model already solves some problems

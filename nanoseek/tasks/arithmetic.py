@@ -1,6 +1,6 @@
 """Multi-digit addition, subtraction and multiplication; level = digits per operand.
 
-Multiplication is the other task R1-Zero reproductions use besides countdown (REFERENCE §3). The
+Multiplication is the other task R1-Zero reproductions use besides countdown. The
 worked solutions spell out the school algorithm one small step per line (column by column with
 carries and borrows; partial products, then a running sum), because a small model can learn a
 multi-digit result only through such intermediate steps. Every line is a true statement and the

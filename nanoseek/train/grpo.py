@@ -1,4 +1,4 @@
-"""GRPO [R1 §2.2; REFERENCE §3]: reinforcement learning with rule-based rewards, on the shared loop.
+"""GRPO [R1 §2.2; DeepSeekMath §4.1]: reinforcement learning with rule-based rewards, on the shared loop.
 
     nanoseek grpo --model runs/tiny/model --task addition --out runs/grpo --task_level=2
     nanoseek grpo --model M --task countdown --out R --num_generations=16 --beta=0.001
@@ -6,7 +6,7 @@
 
 Each step:
 1. rollouts: `prompts_per_step` training problems, `num_generations` (G) samples each from the
-   inference engine (the only place that generates tokens, DESIGN.md) at `temperature`/`top_p`,
+   inference engine (the only place that generates tokens) at `temperature`/`top_p`,
    stopping at eos or `max_completion_length` (then "truncated");
 2. rewards: the named rule rewards (nanoseek/tasks/rewards.py), weighted and summed; a reward that
    raises counts 0 and is reported, never fatal;
