@@ -124,10 +124,10 @@ def test_rerun_with_other_options_is_refused(tmp_path, monkeypatch, no_report):
     out = str(tmp_path / "sr")
     monkeypatch.setattr(speedrun, "RUNNERS", Stubs().runners())
     run_speedrun(SpeedrunOptions(out=out), progress=False)
-    with pytest.raises(ConfigError, match="pretrain_steps: 1800 there, 5 now"):
+    with pytest.raises(ConfigError, match="pretrain_steps: 1500 there, 5 now"):
         run_speedrun(SpeedrunOptions(out=out, pretrain_steps=5), progress=False)
     run_speedrun(SpeedrunOptions(out=out, threads=1), progress=False)  # threads may change
-    assert json.load(open(os.path.join(out, "speedrun.json")))["options"]["pretrain_steps"] == 1800
+    assert json.load(open(os.path.join(out, "speedrun.json")))["options"]["pretrain_steps"] == 1500
 
 
 def test_bad_options_name_the_field():
