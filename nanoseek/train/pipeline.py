@@ -47,6 +47,7 @@ from typing import Any
 
 from nanoseek.config import ConfigError
 from nanoseek.eval.sampling import CHAT, check_template
+from nanoseek.fsio import write_text
 from nanoseek.train.options import build, read_file
 
 KINDS = ("r1-zero", "r1")
@@ -394,8 +395,7 @@ class Pipeline:
         }
         table = format_table(summary)
         write_json(os.path.join(o.out, "summary.json"), summary)
-        with open(os.path.join(o.out, "summary.md"), "w") as f:
-            f.write(table + "\n")
+        write_text(os.path.join(o.out, "summary.md"), table + "\n")  # atomic
         print(table)
         return summary
 
