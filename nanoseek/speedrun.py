@@ -504,22 +504,22 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
     "student_rl": stage_student_rl,
     "speculative": stage_speculative,
 }
-# seconds per unit of work on a quiet 2-core CPU (measured); only for the ETA
+# seconds per unit of work on a quiet 2-core CPU (Xeon, 2 threads, measured); only for the ETA
 ESTIMATES: dict[str, Callable[[SpeedrunOptions], float]] = {
-    "tokenizer": lambda o: 5 + o.corpus_docs / 3000,
-    "pretrain": lambda o: o.pretrain_steps * (0.6 if o.fp8 else 0.2) + 10,
-    "fp8_vs_bf16": lambda o: o.fp8_steps * 0.8 + 10,
+    "tokenizer": lambda o: 2 + o.corpus_docs / 30000,
+    "pretrain": lambda o: o.pretrain_steps * (0.5 if o.fp8 else 0.15) + 10,
+    "fp8_vs_bf16": lambda o: o.fp8_steps * 0.65 + 10,
+    "r1_zero": lambda o: 10 + o.r1_zero_steps * 0.9 + 2 * o.eval_n * o.eval_k * 0.005,
     "r1": lambda o: (
-        60
-        + o.sft_steps * 0.8
-        + o.grpo_steps * 1.5 * 2
-        + o.rejection_prompts * o.rejection_samples * 0.03
-        + 5 * o.eval_n * o.eval_k * 0.02
+        30
+        + o.sft_steps * 0.15
+        + o.grpo_steps * 0.9 * 2
+        + o.rejection_prompts * o.rejection_samples * 0.01
+        + 6 * o.eval_n * o.eval_k * 0.005
     ),
-    "r1_zero": lambda o: 20 + o.r1_zero_steps * 1.5 + 2 * o.eval_n * o.eval_k * 0.02,
-    "distill": lambda o: 15 + o.distill_steps * 0.3 + o.eval_n * o.eval_k * 0.02,
-    "student_rl": lambda o: 20 + o.distill_steps * 0.25 + 2 * o.eval_n * o.eval_k * 0.02,
-    "speculative": lambda o: 5 + o.spec_prompts * o.spec_new_tokens * 0.02,
+    "distill": lambda o: 10 + o.distill_steps * 0.12 + o.eval_n * o.eval_k * 0.005,
+    "student_rl": lambda o: 10 + o.distill_steps * 0.1 + 2 * o.eval_n * o.eval_k * 0.005,
+    "speculative": lambda o: 3 + o.spec_prompts * o.spec_new_tokens * 0.002,
 }
 
 
