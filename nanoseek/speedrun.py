@@ -94,7 +94,10 @@ class SpeedrunOptions:
     # cold-start examples: drawn like the corpus (same tasks, levels, direct share) and written
     # in the chat format, so the cold start teaches the chat template, not the RL task's habit
     cold_start_n: int = 300
-    sft_steps: int = 100
+    # cold start: ~8 epochs over its 300 examples, to carry the base's abilities into the chat
+    # template (100 steps left the seed-1 base at 1.8% pass@1 in it, 300 at 15.1%, about its
+    # 11.6% in its own template; reasoning RL from there: 91.5%)
+    sft_steps: int = 300
     sft_lr: float = 1e-3  # cold start and rejection SFT
     # a correct worked solution of an addition is unique, so duplicates leave about one sample per
     # solved prompt: many prompts x few samples gives the rejection SFT enough data
