@@ -174,27 +174,3 @@ def test_cli_runs_the_stages_and_points_at_the_result(tmp_path, monkeypatch, cap
     assert "option 'eval_n' must be >= 1" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "b"), "--bogus=1"]) == 2
     assert "unknown option 'bogus'" in capsys.readouterr().err
-
-
-def test_student_from_base_keeps_the_picked_layers(tmp_path):
-    import torch
-
-    import nanoseek
-    from nanoseek.speedrun import student_from_base
-    from tests.helpers import random_model, tiny_config
-
-    base = random_model(tiny_config(num_hidden_layers=4, first_k_dense_replace=1), seed=0)
-    nanoseek.save(base, str(tmp_path / "base"))
-    (tmp_path / "base" / "tokenizer.json").write_text("{}")
-    same = nanoseek.load(student_from_base(str(tmp_path / "base"), 4, str(tmp_path / "s4")))
-    ids = torch.randint(0, base.config.vocab_size, (2, 9))
-    torch.testing.assert_close(same(ids).logits, base(ids).logits)  # all layers: the base itself
-    small = nanoseek.load(student_from_base(str(tmp_path / "base"), 2, str(tmp_path / "s2")))
-    assert small.config.num_hidden_layers == 2 and small.config.first_k_dense_replace == 1
-    assert os.path.isfile(tmp_path / "s2" / "tokenizer.json")
-    for mine, theirs in ((0, 0), (1, 3)):  # evenly spread from first to last
-        torch.testing.assert_close(small.model.layers[mine].state_dict(),
-                                   base.model.layers[theirs].state_dict())  # fmt: skip
-    torch.testing.assert_close(small.mtp.state_dict(), base.mtp.state_dict())
-    with pytest.raises(ConfigError, match="student_layers"):
-        student_from_base(str(tmp_path / "base"), 5, str(tmp_path / "s5"))
