@@ -212,8 +212,7 @@ def check_weights(path: str) -> None:
 
     from nanoseek.checkpoint.io import weight_map
 
-    for name in sorted(set(weight_map(path).values())):
-        file = os.path.join(path, name)
+    for file in sorted(set(weight_map(path).values())):  # paths inside `path`
         try:
             with safe_open(file, "pt"):
                 pass

@@ -215,3 +215,13 @@ def test_a_truncated_dcp_shard_is_not_resumed_from(tmp_path):
         f.truncate(os.path.getsize(shard) // 2)
     with pytest.warns(UserWarning, match="step-000001.*truncated"):
         assert resumable_checkpoint(str(tmp_path / "run"))[0] == older
+
+
+def test_a_run_in_a_relative_directory_resumes(tmp_path, monkeypatch):
+    """`--out runs/x` (relative, the CLI's usual form) finds its own checkpoints whole."""
+    monkeypatch.chdir(tmp_path)
+    model, opt = _model_and_optimizer()
+    state = {"step": 2, "data": {}, "rng": rng_state(), "optimizer": opt.state_dict()}
+    path = save_checkpoint(os.path.join("runs", "x"), 2, model, state)
+    found, loaded = resumable_checkpoint(os.path.join("runs", "x"))
+    assert os.path.samefile(found, path) and loaded["step"] == 2
