@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.eval.sampling import CHAT
+from nanoseek.machine import machine_info
 from nanoseek.train.pipeline import DONE, duration, read_done, write_json
 
 STAGES = (
@@ -78,6 +78,11 @@ class SpeedrunOptions:
     # others), short enough that the direct answers stay mostly wrong: at 1800 steps seed 0's
     # base had learnt to add two-digit numbers without working (94%), leaving RL nothing to find
     pretrain_steps: int = 1500
+    # the base is the newest pre-training checkpoint (of the second half) whose pass@1 on
+    # train-split problems of the task is at most this (train/base_choice.py): when the direct
+    # answers become right moves with the seed (seed 0 learnt them by step 1500 with two
+    # threads: 92%), and a base that solves the task leaves RL nothing to find
+    base_max_pass1: float = 0.35
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 3e-3
@@ -99,10 +104,12 @@ class SpeedrunOptions:
     # 11.6% in its own template; reasoning RL from there: 91.5%)
     sft_steps: int = 300
     sft_lr: float = 1e-3  # cold start and rejection SFT
-    # a correct worked solution of an addition is unique, so duplicates leave about one sample per
-    # solved prompt: many prompts x few samples gives the rejection SFT enough data
-    rejection_prompts: int = 800
-    rejection_samples: int = 2
+    # a correct worked solution of an addition is unique: one sample per prompt, many prompts.
+    # The SFT of the base needs ~200 steps over them to carry the worked skill into the chat
+    # template: with 800 prompts x 2 samples (618 kept, 93 steps) seed 2's rejection SFT fell
+    # to 7.6% pass@1 (from its teacher's 58.9%); with 3000 x 1 (1608 kept, 240 steps), 73.8%
+    rejection_prompts: int = 3000
+    rejection_samples: int = 1
     rejection_sft_epochs: float = 3.0
     eval_n: int = 200  # held-out problems per evaluation
     eval_k: int = 4  # samples per problem (pass@1 = their mean, at R1's temperature 0.6)
@@ -141,6 +148,8 @@ class SpeedrunOptions:
                     raise ConfigError(f"option '{name}' must be >= {low}, got {value}")
             if isinstance(value, float) and value <= 0:
                 raise ConfigError(f"option '{name}' must be > 0, got {value}")
+        if self.base_max_pass1 > 1:
+            raise ConfigError(f"option 'base_max_pass1' must be <= 1, got {self.base_max_pass1}")
         layers = ModelConfig.from_preset(self.preset).num_hidden_layers
         if self.student_layers > layers:  # checked now, not after the other stages ran
             raise ConfigError(
@@ -214,7 +223,7 @@ def stage_tokenizer(ctx: Context) -> dict:
             "vocab_size": tok.vocab_size, "cold_start": cold_start}  # fmt: skip
 
 
-def pretrain_options(ctx: Context, out: str, precision: str, steps: int):
+def pretrain_options(ctx: Context, out: str, precision: str, steps: int, keep_last: int = 2):
     from nanoseek.train.pretrain import PretrainOptions
 
     o, tok = ctx.opts, ctx.result("tokenizer")
@@ -223,22 +232,31 @@ def pretrain_options(ctx: Context, out: str, precision: str, steps: int):
         seq_len=o.seq_len, batch_size=o.batch_size, max_steps=steps, lr=o.lr,
         warmup_steps=min(20, max(1, steps // 10)), lr_schedule="wsd", precision=precision,
         eval_every=max(1, min(100, steps // 4)), save_every=max(1, min(100, steps // 2)),
-        seed=o.seed,
+        keep_last=keep_last, seed=o.seed,
     )  # fmt: skip
 
 
 def stage_pretrain(ctx: Context) -> dict:
     from nanoseek.analysis.plots import read_metrics
+    from nanoseek.train.base_choice import choose_base
     from nanoseek.train.pretrain import run_pretrain
 
     o = ctx.opts
-    opts = pretrain_options(ctx, ctx.dir("pretrain"), "fp8" if o.fp8 else "bf16", o.pretrain_steps)
+    precision = "fp8" if o.fp8 else "bf16"
+    # every checkpoint kept (~6 MB of weights + 11 MB of optimizer state each): the base is
+    # chosen among them
+    opts = pretrain_options(ctx, ctx.dir("pretrain"), precision, o.pretrain_steps, keep_last=0)
     last = run_pretrain(opts, resume=True, progress=ctx.progress)
+    choice = choose_base(ctx.dir("pretrain"), o.task, o.level, o.base_max_pass1,
+                         min_step=o.pretrain_steps // 2, max_new_tokens=o.max_new_tokens,
+                         seed=o.seed, log=_say)  # fmt: skip
     records = read_metrics(ctx.dir("pretrain", "metrics.jsonl"))
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     tail = records[-max(1, len(records) // 10) :]
     return {
-        "model": ctx.dir("pretrain", "model"),
+        "model": choice["model"],  # the base every later stage starts from
+        "final_model": ctx.dir("pretrain", "model"),
+        "base_choice": choice,
         "steps": o.pretrain_steps,
         "precision": opts.precision,
         "val_loss": val,
@@ -484,7 +502,7 @@ ESTIMATES: dict[str, Callable[[SpeedrunOptions], float]] = {
         30
         + o.sft_steps * 0.15
         + o.grpo_steps * 0.9 * 2
-        + o.rejection_prompts * o.rejection_samples * 0.01
+        + o.rejection_prompts * o.rejection_samples * (0.01 + 0.004 * o.rejection_sft_epochs)
         + 6 * o.eval_n * o.eval_k * 0.005
     ),
     "distill": lambda o: 10 + o.distill_steps * 0.12 + o.eval_n * o.eval_k * 0.005,
@@ -562,25 +580,6 @@ def run_speedrun(opts: SpeedrunOptions, progress: bool = True) -> dict:
     _say(f"all stages done ({duration(time.perf_counter() - t_start)} this run); "
          f"report card: {os.path.join(opts.out, 'report.md')}")  # fmt: skip
     return card
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def _add_partial_wall(stage_dir: str, seconds: float) -> float:

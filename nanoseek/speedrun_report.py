@@ -133,8 +133,9 @@ def _headline(stage: str, r: dict) -> str:
     if stage == "pretrain":
         val = r["val_loss"]
         v = f"val loss {val[0][1]:.3f} -> {val[-1][1]:.3f}, " if val else ""
+        base = f", base: step {r['base_choice']['step']}" if r.get("base_choice") else ""
         return (f"{r['steps']} steps ({r['precision']}), {v}MaxVio {r['maxvio_global_end']:.3f}, "
-                f"{r['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+                f"{r['tokens_per_s']:,.0f} tokens/s{base}")  # fmt: skip
     if stage == "fp8_vs_bf16":
         return f"relative loss gap {r['rel_diff']:.3%} after {r['steps']} steps"
     if stage in ("r1_zero", "student_rl"):
@@ -265,6 +266,12 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
             pts = ", ".join(f"{s}: {v:.3f}" for s, v in r["val_loss"])
             md.append(f"Validation loss by step: {pts}. Final training loss "
                       f"{r['train_loss_end']:.3f}, MaxVio (global) {r['maxvio_global_end']:.3f}.")  # fmt: skip
+        if r.get("base_choice"):
+            c = r["base_choice"]
+            pts = ", ".join(f"step {s}: {v['pass@1']:.1%}" for s, v in c["checked"].items())
+            md.append(f"The base is the newest checkpoint whose pass@1 on train-split problems "
+                      f"is at most {c['max_pass1']:.0%} (newest first: {pts}): step {c['step']}"
+                      + ("." if c["qualified"] else ", the lowest; none qualified."))  # fmt: skip
         md.append("")
         md += _img(plots, "pretrain_loss", "pre-training loss")
         md += _img(plots, "expert_load", "expert load per layer")

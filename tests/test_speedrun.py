@@ -27,6 +27,13 @@ def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeyp
     assert res["tokenizer"]["documents"] == 2000
     assert os.path.isfile(os.path.join(res["pretrain"]["model"], "tokenizer.json"))
     assert res["pretrain"]["precision"] == "fp8" and len(res["pretrain"]["val_loss"]) >= 1
+    # the base is a measured checkpoint (an untrained model's final one qualifies), and every
+    # later stage starts from it
+    choice = res["pretrain"]["base_choice"]
+    assert choice["qualified"] and choice["step"] == 12 and list(choice["checked"]) == ["12"]
+    assert res["pretrain"]["model"] == choice["model"] == os.path.join(out, "pretrain", "base")
+    assert res["r1"]["summary"]["stages"][0]["model"] == choice["model"]
+    assert "The base is the newest checkpoint" in open(os.path.join(out, "report.md")).read()
     assert res["fp8_vs_bf16"]["rel_diff"] >= 0
     rows = res["r1"]["summary"]["stages"]
     assert [r["stage"] for r in rows] == [
