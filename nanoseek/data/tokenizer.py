@@ -21,6 +21,12 @@ string `<｜end▁of▁sentence｜>` encodes to the eos id. Harmless for our cor
 Saved directories hold `tokenizer.json` (the `tokenizers` model, with a post-processor that
 prepends bos, so `AutoTokenizer(...)(text)` matches `encode(text, add_bos=True)`) and
 `tokenizer_config.json` (token names, `chat_template`), and load as a `PreTrainedTokenizerFast`.
+
+Any Hugging Face tokenizer directory loads too (`Tokenizer.load`, nanoseek/data/tokenizer_files.py):
+its special tokens and ids come from its own files, its chat template renders exactly as
+transformers renders it (nanoseek/data/chat_template.py), and replies stop on its eos and on the
+template's end-of-turn token (`stop_ids`). DeepSeek's names above are only the defaults of the
+tokenizers nanoseek trains.
 """
 
 from __future__ import annotations
@@ -29,13 +35,22 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
+from nanoseek.data.chat_template import (
+    CHAT_ROLES,
+    Turn,
+    assistant_turn,
+    first_added_token,
+    render_chat,
+)
 from nanoseek.data.sources import read_documents
+
+__all__ = ["CHAT_ROLES", "Tokenizer", "render_chat", "train_tokenizer"]
 
 # what a tokenizer folder may hold (ours, or transformers' save_pretrained of one)
 TOKENIZER_FILES = frozenset(
@@ -56,7 +71,7 @@ N_BYTES = 256  # the byte-level alphabet: every byte is a base token, so nothing
 # `<｜Assistant｜>a<｜end▁of▁sentence｜>`; the generation prompt opens the think block as R1 does.
 # Unlike R1's released template we keep `<think>...</think>` of earlier assistant turns: SFT
 # data needs the reasoning in the target; a server drops it from history itself if it wants.
-# Rendered identically by transformers and by `render_chat` below (same Jinja options).
+# Rendered identically by transformers and by `render_chat` (nanoseek/data/chat_template.py).
 CHAT_TEMPLATE = (  # one tag a line; `-` trims the newlines between tags
     "{%- set ns = namespace(system='') -%}\n"
     "{%- for m in messages if m['role'] == 'system' -%}\n"
@@ -76,55 +91,64 @@ CHAT_TEMPLATE = (  # one tag a line; `-` trims the newlines between tags
     "{{- '" + ASSISTANT + THINK_OPEN + "\\n' -}}\n"
     "{%- endif -%}\n"
 )
-CHAT_ROLES = ("system", "user", "assistant")
+# the named special tokens transformers hands a chat template (`special_tokens_map`)
+SPECIAL_TOKEN_NAMES = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
+)  # fmt: skip
+DEFAULT_SPECIAL_TOKENS = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
 
 
-def _raise_exception(message: str):
-    # transformers exposes the same helper to templates; ours must too or rendering differs
-    raise ValueError(message)
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.globals["raise_exception"] = _raise_exception
-    return env.from_string(template)
-
-
-def render_chat(
-    template: str,
-    messages: Sequence[Mapping[str, str]],
-    *,
-    bos_token: str,
-    eos_token: str,
-    add_generation_prompt: bool = False,
-) -> str:
-    """Render a chat template the way transformers does (sandboxed Jinja, trim/lstrip blocks)."""
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or m.get("role") not in CHAT_ROLES:
-            raise ValueError(f"message {i}: needs role in {CHAT_ROLES}, got {m!r}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: content must be a string")
-    return _compile(template).render(
-        messages=[dict(m) for m in messages],
-        bos_token=bos_token,
-        eos_token=eos_token,
-        add_generation_prompt=add_generation_prompt,
-    )
+def default_config() -> dict:
+    """tokenizer_config.json of the tokenizers nanoseek trains (without the chat template)."""
+    return {
+        # the generic fast class loads tokenizer.json as is (no model-specific rewrites)
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        # HF's clean-up would turn " ." into "." on decode and break exact round trips
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
 
 
 class Tokenizer:
-    """Our code's tokenizer: a `tokenizers.Tokenizer` plus token names and the chat template."""
+    """Our code's tokenizer: a `tokenizers.Tokenizer` plus token names and the chat template.
 
-    def __init__(self, backend: Backend, chat_template: str | None = CHAT_TEMPLATE):
+    `special_tokens` maps transformers' names (bos_token, eos_token, pad_token, ...) to token
+    strings: what a chat template sees, and where the ids come from. None (nanoseek's own
+    tokenizers) means DeepSeek's names. A tokenizer without a bos token (Qwen's) starts
+    documents and raw prompts with its eos instead, the separator such corpora use; without a
+    pad token, eos pads. `eos_token_ids`: further ids a reply may end with (config.json's);
+    `bos_token_id`: the bos id when no bos token is named (config.json's). `config`: the
+    tokenizer_config.json it was loaded from, written back by `save`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        chat_template: str | None = CHAT_TEMPLATE,
+        special_tokens: Mapping[str, str | None] | None = None,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        bos_token_id: int | None = None,
+        config: Mapping | None = None,
+    ):
         self.backend = backend
         self.chat_template = chat_template
-        self.bos_id, self.eos_id, self.pad_id = (self._id(t) for t in CONTROL_TOKENS)
+        given = DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens
+        self.special_tokens = {k: v for k, v in given.items() if v is not None}
+        self.config = dict(config) if config is not None else None
+        eos = self.special_tokens.get("eos_token")
+        if eos is None and not eos_token_ids:
+            raise ValueError("tokenizer has no eos token")
+        self.eos_id = self._id(eos) if eos is not None else int(eos_token_ids[0])
+        bos, pad = self.special_tokens.get("bos_token"), self.special_tokens.get("pad_token")
+        self.bos_id = (
+            self._id(bos) if bos is not None else bos_token_id if bos_token_id is not None
+            else self.eos_id
+        )  # fmt: skip
+        self.pad_id = self._id(pad) if pad is not None else self.eos_id
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
 
     def _id(self, token: str) -> int:
         i = self.backend.token_to_id(token)
@@ -141,10 +165,20 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int:
         return self._id(token)
 
+    @cached_property
+    def added_tokens(self) -> tuple[str, ...]:
+        """The strings of every added token (control, markup, the template's turn markers)."""
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values())
+
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Text -> ids. Unlike HF's default, bos is only added when asked for."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, the [start, end) character span of `text` each id came from)."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many texts at once, without bos/eos; runs on all cores inside `tokenizers`."""
@@ -152,6 +186,20 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+    def render(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+    ) -> str:
+        """The chat template's text for `messages`, exactly as transformers renders it."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+        )
 
     def apply_chat_template(
         self,
@@ -161,17 +209,35 @@ class Tokenizer:
         tokenize: bool = True,
     ) -> list[int] | str:
         """Render `messages` (dicts with role/content) and return ids, or the text if
-        `tokenize=False`. The rendered text already starts with bos, so none is added."""
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template")
-        text = render_chat(
-            self.chat_template,
-            messages,
-            bos_token=BOS,
-            eos_token=EOS,
-            add_generation_prompt=add_generation_prompt,
-        )
+        `tokenize=False`. The template writes bos itself when it wants one; none is added."""
+        text = self.render(messages, add_generation_prompt)
         return self.encode(text) if tokenize else text
+
+    def chat_turn(self, messages: Sequence[Mapping[str, str]]) -> Turn:
+        """How the template renders the assistant's reply to `messages` (header, turn end,
+        generation prompt; see `chat_template.Turn`)."""
+        return assistant_turn(self.render, messages)
+
+    @cached_property
+    def end_of_turn_id(self) -> int | None:
+        """The first added token after an assistant reply (`<|im_end|>`, `<|eot_id|>`, our
+        eos), where generation stops; None without a template or such a token."""
+        if self.chat_template is None:
+            return None
+        try:
+            turn = self.chat_turn([{"role": "user", "content": "hi"}])
+        except ValueError:
+            return None
+        hit = first_added_token(turn.turn_end, self.added_tokens)
+        return None if hit is None else self._id(hit[1])
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id a reply ends on: eos, config.json's eos ids, the template's end of turn."""
+        ids = [self.eos_id, *self.eos_token_ids]
+        if self.end_of_turn_id is not None:
+            ids.append(self.end_of_turn_id)
+        return tuple(dict.fromkeys(ids))
 
     @cached_property
     def fingerprint(self) -> str:
@@ -189,7 +255,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ files
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write `tokenizer.json` and `tokenizer_config.json` (loadable by AutoTokenizer).
+        """Write `tokenizer.json` and `tokenizer_config.json` (loadable by AutoTokenizer):
+        nanoseek's config for its own tokenizers, the loaded one (its special tokens and
+        template in it) for others.
 
         Atomic: a folder holding only tokenizer files (or none yet) is replaced as a whole, so a
         kill never leaves a tokenizer.json of one tokenizer beside the config of another; in a
@@ -198,16 +266,10 @@ class Tokenizer:
         from nanoseek.fsio import atomic_dir, naming, write_bytes
 
         out = Path(out_dir)
-        config = {
-            # the generic fast class loads tokenizer.json as is (no model-specific rewrites)
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            # HF's clean-up would turn " ." into "." on decode and break exact round trips
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": 1_000_000_000,
-        }
+        config = default_config() if self.config is None else dict(self.config)
+        for name, token in self.special_tokens.items():  # from special_tokens_map.json, say
+            config.setdefault(name, token)
+        config.pop("chat_template", None)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         files = {
@@ -227,74 +289,21 @@ class Tokenizer:
             path = out / name
             if not (path.is_file() and path.read_bytes() == data):
                 write_bytes(path, data)
-        # a template file from an earlier transformers save would override the one just written
+        # files from an earlier transformers save would override the ones just written
         (out / "chat_template.jinja").unlink(missing_ok=True)
+        (out / "special_tokens_map.json").unlink(missing_ok=True)
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a directory saved by `save` (or by transformers with the same token names).
-        A file that does not parse, or a chat template that does not compile and render a
-        one-message chat, is a ConfigError naming the file (and the field)."""
-        from nanoseek.config import ConfigError
+        """Load a tokenizer directory: nanoseek's, or any Hugging Face one (`tokenizer.json`,
+        `tokenizer_config.json`, optionally `chat_template.jinja`, `special_tokens_map.json`
+        and a model's `config.json`); see `tokenizer_files.read_tokenizer_dir`. A file that
+        does not parse, a special token the vocabulary lacks, or a chat template that does not
+        compile and render a one-message chat, is a ConfigError naming the file and field."""
+        from nanoseek.data.tokenizer_files import read_tokenizer_dir
 
-        d = Path(path)
-        if not (d / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {d}")
-        try:
-            backend = Backend.from_file(str(d / "tokenizer.json"))
-        except Exception as e:  # noqa: BLE001 - the Rust parser raises plain Exception
-            why = " ".join(str(e).split())[:200]
-            raise ConfigError(f"{d / 'tokenizer.json'}: not a valid tokenizer ({why})") from None
-        template = None
-        config_path = d / "tokenizer_config.json"
-        where = f"{config_path}: field 'chat_template'"
-        if config_path.is_file():
-            config = _read_json_object(config_path)
-            template = config.get("chat_template")
-            if isinstance(template, list):  # transformers' named templates: use "default"
-                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-                template = named.get("default")
-        # transformers >= 4.43 may save the template as its own file, which then takes precedence
-        if (d / "chat_template.jinja").is_file():
-            where = str(d / "chat_template.jinja")
-            try:
-                template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{where}: not UTF-8 text ({e.reason})") from None
-        if template is not None:
-            _check_template(template, where)
-        return cls(backend, template)
-
-
-def _read_json_object(path: Path) -> dict:
-    from nanoseek.config import ConfigError
-
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
-
-
-def _check_template(template: object, where: str) -> None:
-    """Fail at load, naming the file and field, rather than at the first chat request."""
-    from jinja2.exceptions import TemplateError
-
-    from nanoseek.config import ConfigError
-
-    if not isinstance(template, str):
-        raise ConfigError(f"{where}: must be a string, got {type(template).__name__}")
-    try:
-        render_chat(template, [{"role": "user", "content": "hi"}], bos_token=BOS, eos_token=EOS,
-                    add_generation_prompt=True)  # fmt: skip
-    except (TemplateError, ValueError, TypeError, RecursionError) as e:
-        why = " ".join(str(e).split())[:200]
-        raise ConfigError(f"{where}: not a usable chat template ({why})") from None
+        return read_tokenizer_dir(cls, Path(path))
 
 
 def _build_backend(max_digits: int) -> Backend:
