@@ -2,7 +2,9 @@
 
 Optional fields: "solution" (worked solution for SFT/corpus documents), "level" (int, default 1),
 "id", "metadata" (object). "prompt" is accepted as a synonym of "question". Answers are compared
-by value when both sides are numbers, else as whitespace-normalised text (`answers_match`).
+by `answers_match`: numbers by value whatever their dress ("$1,080."), mathematics by Math-Verify,
+else as whitespace-normalised text; a GSM8K-style worked answer ("... #### 72") is judged on its
+final value.
 
 The file's problems keep the same hash split as generated ones (on the question text), so a
 user's file is held out the same way: `generate(n, "test")` returns only its test problems.
