@@ -3,6 +3,10 @@
     nanoseek grpo --model runs/tiny/model --task addition --out runs/grpo --task_level=2
     nanoseek grpo --model M --task countdown --out R --num_generations=16 --beta=0.001
     nanoseek grpo --model M --task my_problems.jsonl --out R --template=r1zero --resume
+    nanoseek grpo --model M --task countdown --out R --algorithm=dapo   # or dr_grpo
+
+`--algorithm` (default grpo) configures the pieces of steps 3-4 (nanoseek/train/rl/, docs/rl.md):
+advantage baseline and scale, policy loss, loss normalisation, group filters, dynamic sampling.
 
 Each step:
 1. rollouts: `prompts_per_step` training problems, `num_generations` (G) samples each from the
@@ -10,8 +14,8 @@ Each step:
    stopping at eos or `max_completion_length` (then "truncated");
 2. rewards: the named rule rewards (nanoseek/tasks/rewards.py), weighted and summed; a reward that
    raises counts 0 and is reported, never fatal;
-3. advantages per group (grpo_loss.py); groups whose G rewards are all equal carry no signal and
-   are dropped (DAPO) unless `drop_zero_std=false`;
+3. advantages per group; groups whose G rewards are all equal carry no signal and are dropped
+   (DAPO) unless `drop_zero_std=false`;
 4. `num_iterations` optimizer steps on the same rollouts, each one `Trainer.train_step` of the
    loop (micro-batches of `batch_size` completions, clipping, NaN check) on the clipped surrogate
    minus beta x k3 KL to the frozen initial model (no copy is made when beta = 0). With more than
@@ -43,7 +47,6 @@ import copy
 import dataclasses
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -53,15 +56,6 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.config import ConfigError
-from nanoseek.train.grpo_loss import (
-    NORMS,
-    SCALES,
-    group_advantages,
-    grpo_loss,
-    masked_mean,
-    token_entropy,
-    token_logprobs,
-)
 from nanoseek.train.grpo_rollouts import (  # noqa: F401  (re-exported: grpo's public names)
     TEMPLATE_CHAT,
     PromptSampler,
@@ -75,8 +69,10 @@ from nanoseek.train.grpo_rollouts import (  # noqa: F401  (re-exported: grpo's p
 )
 from nanoseek.train.loop import LoopOptions, Trainer, truncate_jsonl
 from nanoseek.train.options import to_dict
-
-IGNORE = -100
+from nanoseek.train.rl.algorithms import ALGORITHMS, RLConfig, resolve
+from nanoseek.train.rl.batches import IGNORE, fill_logprobs, make_batches  # noqa: F401
+from nanoseek.train.rl.step import grpo_step, make_loss_fn
+from nanoseek.train.rl.watch import Watch
 
 
 @dataclass
@@ -96,14 +92,21 @@ class GRPOOptions(LoopOptions):
     temperature: float = 1.0
     top_p: float = 1.0
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    # the RL algorithm (nanoseek/train/rl/algorithms.py, docs/rl.md): grpo | dr_grpo | dapo. It
+    # sets every option below that is None; an option given explicitly overrides it.
+    algorithm: str = "grpo"
     beta: float = 0.0  # k3 KL coefficient; 0 (TRL's default): no reference model at all
     epsilon: float = 0.2  # clip range 1 - epsilon ...
-    epsilon_high: float | None = None  # ... 1 + epsilon_high (DAPO's clip-higher); None: epsilon
+    epsilon_high: float | None = None  # ... 1 + epsilon_high (DAPO's clip-higher: 0.28)
     num_iterations: int = 1  # mu: optimizer steps per rollout batch (old log-probs kept)
-    scale_rewards: str = "group"  # group | batch | none: what the advantages are divided by
-    loss_norm: str = "token"  # token (DAPO, TRL's default) | sequence (the paper's)
-    drop_zero_std: bool = True  # DAPO: drop groups whose rewards are all equal
-    mask_truncated: bool = False  # truncated completions take no loss (DAPO's overlong filter)
+    baseline: str | None = None  # group_mean (GRPO) | leave_one_out (RLOO)
+    scale_rewards: str | None = None  # group (GRPO) | batch | none (Dr. GRPO): advantages / std
+    policy_loss: str | None = None  # clipped (GRPO) | reinforce
+    loss_norm: str | None = None  # token (grpo, dapo) | sequence (the papers') | constant (Dr.)
+    drop_zero_std: bool | None = None  # drop groups whose rewards are all equal (grpo, dapo)
+    mask_truncated: bool | None = None  # truncated completions take no loss (dapo)
+    dynamic_sampling: bool | None = None  # re-sample until P groups have a signal (dapo)
+    max_extra_rounds: int | None = None  # dynamic sampling's bound on extra rounds (8)
     max_steps: int = 100  # GRPO steps (rollout batches)
     # stop after this many seconds of GRPO steps (evaluations excluded), 0: no limit; for
     # comparisons at equal compute (distillation vs RL for a small model [R1 §4.1]). The time
@@ -142,15 +145,17 @@ class GRPOOptions(LoopOptions):
             (0 < self.top_p <= 1, "option 'top_p' must be in (0, 1]"),
             (self.beta >= 0, "option 'beta' must be >= 0"),
             (self.max_time_s >= 0, "option 'max_time_s' must be >= 0 (0: no limit)"),
-            (0 < self.epsilon < 1, "option 'epsilon' must be in (0, 1)"),
-            (self.epsilon_high is None or self.epsilon_high > 0, "'epsilon_high' must be > 0"),
-            (self.scale_rewards in SCALES, f"option 'scale_rewards' must be one of {SCALES}"),
-            (self.loss_norm in NORMS, f"option 'loss_norm' must be one of {NORMS}"),
             (bool(self.rewards), "option 'rewards' names no reward"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"option 'algorithm' must be one of {ALGORITHMS.names()}")
+        try:
+            self.rl()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for t in self.task:
             task = resolve_task(t)  # unknown names fail now, listing the valid ones
             for name in ("task_level", "eval_level"):
@@ -163,155 +168,9 @@ class GRPOOptions(LoopOptions):
         except ValueError as e:
             raise ConfigError(f"option 'rewards': {e}") from None
 
-
-# ------------------------------------------------------------------------------ batches
-def make_batches(rows: list[dict], pad_id: int, batch_size: int, norm: dict) -> list[dict]:
-    """Completions -> right-padded micro-batches. A row: prompt ids, completion ids, advantage,
-    engine log-probs. labels are the ids on completion tokens, IGNORE elsewhere (the loop counts
-    them as the micro-batch's target tokens), so logits[:, t] scores labels[:, t + 1]."""
-    batches = []
-    for s in range(0, len(rows), batch_size):
-        part = rows[s : s + batch_size]
-        L = max(len(r["prompt"]) + len(r["completion"]) for r in part)
-        ids = torch.full((len(part), L), pad_id, dtype=torch.long)
-        labels = torch.full((len(part), L), IGNORE, dtype=torch.long)
-        real = torch.zeros(len(part), L, dtype=torch.bool)
-        engine_lp = torch.full((len(part), L - 1), float("nan"))
-        for b, r in enumerate(part):
-            p, c = len(r["prompt"]), len(r["completion"])
-            ids[b, : p + c] = torch.tensor(r["prompt"] + r["completion"])
-            labels[b, p : p + c] = torch.tensor(r["completion"])
-            real[b, : p + c] = True
-            if r["logprobs"]:
-                engine_lp[b, p - 1 : p - 1 + c] = torch.tensor(r["logprobs"][:c])
-        adv = torch.tensor([r["advantage"] for r in part], dtype=torch.float32)
-        batches.append(dict(input_ids=ids, labels=labels, token_mask=real, advantages=adv,
-                            engine_logp=engine_lp, old_logp=None, ref_logp=None, **norm))  # fmt: skip
-    return batches
-
-
-def rank_batches(rows: list[dict], pad_id: int, batch_size: int, norm: dict, par) -> list[dict]:
-    """This rank's micro-batches of the step's rows: rows rank, rank + W, ... in micro-batches of
-    batch_size / W. Every rank runs the same number of micro-batches (a sharded forward is a
-    collective), so a rank whose share is one row short gets a row with no targets: the loop
-    weights a micro-batch by its targets, so it adds nothing."""
-    W = par.world_size
-    if W == 1:
-        return make_batches(rows, pad_id, batch_size, norm)
-    b = batch_size // W
-    mine = rows[par.rank :: W]
-    batches = make_batches(mine, pad_id, b, norm) if mine else []
-    most = math.ceil(math.ceil(len(rows) / W) / b)  # micro-batches of the rank with most rows
-    while len(batches) < most:
-        idle = make_batches(rows[:1], pad_id, 1, norm)[0]
-        idle["labels"].fill_(IGNORE)
-        batches.append(idle)
-    return batches
-
-
-@torch.no_grad()
-def fill_logprobs(model, batches: list[dict], key: str, temperature: float, autocast) -> None:
-    """batch[key] = the model's completion log-probs [b, L-1] (the reference's, or the old
-    policy's before the first of several updates)."""
-    model_was_training = model.training
-    model.eval()
-    for b in batches:
-        with autocast():
-            logits = model(b["input_ids"], mtp=False).logits[:, :-1]
-        b[key] = token_logprobs(logits, b["labels"][:, 1:].clamp(min=0), temperature)
-    model.train(model_was_training)
-
-
-def make_loss_fn(opts: GRPOOptions):
-    """(model, micro-batch, step) -> (loss, metrics) for `Trainer.train_step`. The loop weights a
-    micro-batch's loss by its share of the step's target tokens, so the loss returned here is
-    the micro-batch's own token mean ("token"), or its share of the sequence mean rescaled by
-    total tokens / its tokens ("sequence"): either way the micro-batches add up to the batch."""
-
-    def loss_fn(model, batch, step: int):
-        out = model(batch["input_ids"], mtp=False, token_mask=batch["token_mask"])
-        logits = out.logits[:, :-1]  # [b,L-1,V]: position t predicts token t+1
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE
-        logp = token_logprobs(logits, targets.clamp(min=0), opts.temperature)
-        old = batch["old_logp"] if batch["old_logp"] is not None else logp.detach()
-        res = grpo_loss(logp, old, batch["advantages"], mask, ref_logp=batch["ref_logp"],
-                        beta=opts.beta, epsilon=opts.epsilon, epsilon_high=opts.epsilon_high,
-                        norm=opts.loss_norm, n_seqs=batch["n_seqs"])  # fmt: skip
-        loss = res.loss
-        if opts.loss_norm == "sequence":
-            loss = loss * batch["n_tokens"] / mask.sum().clamp(min=1)
-        eng = batch["engine_logp"]
-        parts = {
-            "clip_ratio": masked_mean(res.clipped_low | res.clipped_high, mask),
-            "clip_ratio/low_mean": masked_mean(res.clipped_low, mask),
-            "clip_ratio/high_mean": masked_mean(res.clipped_high, mask),
-            "entropy": masked_mean(token_entropy(logits.detach(), opts.temperature), mask),
-            "rollout_logprob_diff": masked_mean((logp.detach() - eng).abs().nan_to_num(), mask),
-        }
-        if res.kl is not None:
-            parts["kl"] = masked_mean(res.kl, mask)
-        if out.aux_loss is not None:  # the small balance loss stays as configured (as in SFT)
-            loss = loss + out.aux_loss
-            parts["aux_loss"] = out.aux_loss.item()
-        return loss, parts
-
-    return loss_fn
-
-
-# ------------------------------------------------------------------------------ warnings
-class Watch:
-    """Counts consecutive steps of the classic GRPO failures and warns once per streak."""
-
-    def __init__(self, warn_after: int):
-        self.warn_after = warn_after
-        self.streaks = {"format_zero": 0, "all_truncated": 0, "no_signal": 0}
-
-    def update(self, m: dict, opts: GRPOOptions) -> list[str]:
-        fmt = [v for k, v in m.items() if k.startswith("rewards/format") and k.endswith("/mean")]
-        conditions = {
-            "format_zero": bool(fmt) and max(fmt) == 0.0,
-            "all_truncated": m["completions/clipped_ratio"] == 1.0,
-            "no_signal": m["frac_reward_zero_std"] == 1.0,
-        }
-        limits = {"format_zero": self.warn_after, "all_truncated": min(3, self.warn_after),
-                  "no_signal": self.warn_after}  # fmt: skip
-        out = []
-        for name, hit in conditions.items():
-            self.streaks[name] = self.streaks[name] + 1 if hit else 0
-            if self.streaks[name] == limits[name]:
-                out.append(self._message(name, limits[name], m, opts))
-        return out
-
-    @staticmethod
-    def _message(name: str, n: int, m: dict, opts: GRPOOptions) -> str:
-        if name == "format_zero":
-            return (
-                f"the format reward has been 0 for {n} steps: no completion has the "
-                "'<think>...</think> <answer>...</answer>' shape. Usually the prompt template "
-                f"or prefill differs from what the model was trained on (template="
-                f"{opts.template!r}, prefill={opts.prefill}; the built-in corpus uses 'short' with "
-                "a prefilled <think>, `nanoseek sft` models use 'chat'), or the model never "
-                "learnt the format: cold-start it with SFT first"
-            )
-        if name == "all_truncated":
-            return (
-                f"every completion hit max_completion_length={opts.max_completion_length} for "
-                f"{n} steps: none reached its answer, so rewards are 0; raise "
-                "max_completion_length (or check that the model stops at eos)"
-            )
-        return (
-            f"no group had different rewards for {n} steps (mean reward {m['reward']:.3f}): all G "
-            "completions of each prompt score the same, so every advantage is 0 and nothing is "
-            "learnt. The problems are too hard (reward 0) or too easy (reward 1) for this model: "
-            "change task_level, or raise num_generations"
-        )
-
-    def state_dict(self) -> dict:
-        return dict(self.streaks)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.streaks.update(state)
+    def rl(self) -> RLConfig:
+        """The algorithm's settings with the options given explicitly on top."""
+        return resolve(self.algorithm, self)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -432,81 +291,6 @@ def _logs(out: str, main: bool):
 def frozen_copy(model):
     """The reference policy: a copy of the initial model without gradients (beta > 0 only)."""
     return copy.deepcopy(model).eval().requires_grad_(False)
-
-
-def grpo_step(opts, step, model, ref, trainer, rollouts, tokenizer, sampler) -> tuple[dict, list]:
-    """One GRPO step: rollouts, rewards, advantages, num_iterations updates. Returns (metrics,
-    sample completions to log)."""
-    from nanoseek.tasks.rewards import RewardStats, rewards_from_spec, score
-
-    G, t0 = opts.num_generations, time.perf_counter()
-    problems = sampler.take(opts.prompts_per_step)
-    prompts = [encode_prompt(tokenizer, p.question, opts.template, opts.prefill) for p in problems]
-    params = sampling(opts, len(prompts) * G, opts.seed, step, tokenizer.eos_id, opts.temperature)
-    done = rollouts.generate([p for p in prompts for _ in range(G)], params)
-    t_gen = time.perf_counter() - t0
-
-    names, weights = rewards_from_spec(opts.rewards)
-    stats, rows, totals, per_reward = RewardStats(), [], [], {n: [] for n in names}
-    for i, c in enumerate(done):
-        comp = completion_ids(c.token_ids, tokenizer.eos_id)
-        text = tokenizer.decode(comp, skip_special_tokens=True)
-        s = stats.add(score(names, weights, problems[i // G], text))
-        totals.append(s.total)
-        for n in names:
-            per_reward[n].append(s.values[n])
-        rows.append(dict(prompt=prompts[i // G], completion=comp, logprobs=c.logprobs,
-                         truncated=c.finish_reason == "length", text=text))  # fmt: skip
-    rewards = torch.tensor(totals)
-    adv, std, zero = group_advantages(rewards, G, opts.scale_rewards)
-    for r, a in zip(rows, adv.tolist()):
-        r["advantage"] = a
-    keep = [r for i, r in enumerate(rows) if not (opts.drop_zero_std and zero[i // G])
-            and not (opts.mask_truncated and r["truncated"])]  # fmt: skip
-    lengths = [len(r["completion"]) for r in rows]
-    m = {
-        "reward": rewards.mean().item(),
-        "reward_std": std.mean().item(),
-        "frac_reward_zero_std": zero.float().mean().item(),
-        **{f"rewards/{n}/mean": sum(v) / len(v) for n, v in per_reward.items()},
-        **{f"rewards/{n}/std": torch.tensor(v).std().item() for n, v in per_reward.items()},
-        "completions/mean_length": sum(lengths) / len(lengths),
-        "completions/min_length": min(lengths),
-        "completions/max_length": max(lengths),
-        "completions/clipped_ratio": sum(r["truncated"] for r in rows) / len(rows),
-        "reward_errors": float(sum(stats.errors.values())),
-        "completions_trained": len(keep),
-    }
-    for line in stats.report() if trainer.parallel.is_main else []:
-        warnings.warn(f"grpo step {step + 1}: {line}", stacklevel=2)
-
-    t1 = time.perf_counter()
-    if keep:
-        n_tok = sum(len(r["completion"]) for r in keep)
-        norm = {"n_tokens": float(n_tok), "n_seqs": float(len(keep))}
-        batches = rank_batches(keep, tokenizer.pad_id, opts.batch_size, norm, trainer.parallel)
-        if ref is not None:
-            fill_logprobs(ref, batches, "ref_logp", opts.temperature, trainer.autocast)
-        if opts.num_iterations > 1:  # pi_old: this policy, before the first of mu updates
-            fill_logprobs(model, batches, "old_logp", opts.temperature, trainer.autocast)
-        its = [trainer.train_step(batches) for _ in range(opts.num_iterations)]
-        for k in its[0]:  # averaged over the mu updates (TRL logs each; one line per step here)
-            m[k] = sum(it[k] for it in its) / len(its)
-    else:  # every group dropped: no signal, no update (the lr schedule does not advance)
-        m["skipped_update"] = 1.0
-    m["rollout_time_s"], m["update_time_s"] = t_gen, time.perf_counter() - t1
-    m["step_time_s"] = time.perf_counter() - t0
-    shown = [{"question": problems[i // G].question, "answer": problems[i // G].answer,
-              "completion": rows[i]["text"], "reward": totals[i],
-              "advantage": rows[i]["advantage"], "truncated": rows[i]["truncated"]}
-             for i in _spread(len(rows), G, opts.log_completions)]  # fmt: skip
-    return m, shown
-
-
-def _spread(n: int, G: int, k: int) -> list[int]:
-    """k row indices, one per group first (so different prompts are shown), then the rest."""
-    order = [g * G + j for j in range(G) for g in range(n // G)]
-    return order[:k]
 
 
 # ------------------------------------------------------------------------------ checkpoints

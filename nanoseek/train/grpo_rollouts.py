@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoseek.config import ConfigError
+from nanoseek.tasks.rewards import rewards_from_spec, score
 
 if TYPE_CHECKING:
     from nanoseek.train.grpo import GRPOOptions
@@ -72,13 +73,16 @@ def encode_prompt(tokenizer, question: str, template: str, prefill: bool) -> lis
     return tokenizer.encode(format_prompt(question, template, prefill=prefill), add_bos=True)
 
 
-def sampling(opts, n: int, seed: int, step: int, eos_id: int, temperature: float) -> list:
-    """SamplingParams for n completions; each has its own seed (see `request_seed`)."""
+def sampling(
+    opts, n: int, seed: int, step: int, eos_id: int, temperature: float, first: int = 0
+) -> list:
+    """SamplingParams for completions first .. first + n - 1 of a step; each has its own seed
+    (see `request_seed`). Extra rollout rounds of a step (dynamic sampling) continue the index."""
     from nanoseek.infer import SamplingParams
 
     return [SamplingParams(max_new_tokens=opts.max_completion_length, temperature=temperature,
                            top_p=opts.top_p, seed=request_seed(seed, step, i), logprobs=True,
-                           stop_token_ids=(eos_id,)) for i in range(n)]  # fmt: skip
+                           stop_token_ids=(eos_id,)) for i in range(first, first + n)]  # fmt: skip
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -142,6 +146,31 @@ class Rollouts:
 
             with torch.no_grad():
                 self.model.load_state_dict(full_state_dict(policy, self.par, everywhere=True))
+
+
+def rollout_round(
+    opts: GRPOOptions, step: int, round_: int, rollouts: Rollouts, tokenizer, sampler, stats
+) -> list[list[dict]]:
+    """One rollout round of a step: `prompts_per_step` new problems, `num_generations` completions
+    each, scored by the configured rewards (errors counted in `stats`, a RewardStats). Returns one
+    group (list of G rows) per problem; a row: problem, prompt and completion ids, the engine's
+    log-probs, truncated, text, reward (the weighted total) and rewards (per name)."""
+    G = opts.num_generations
+    problems = sampler.take(opts.prompts_per_step)
+    prompts = [encode_prompt(tokenizer, p.question, opts.template, opts.prefill) for p in problems]
+    n = len(prompts) * G
+    params = sampling(opts, n, opts.seed, step, tokenizer.eos_id, opts.temperature, round_ * n)
+    done = rollouts.generate([p for p in prompts for _ in range(G)], params)
+    names, weights = rewards_from_spec(opts.rewards)
+    rows = []
+    for i, c in enumerate(done):
+        comp = completion_ids(c.token_ids, tokenizer.eos_id)
+        text = tokenizer.decode(comp, skip_special_tokens=True)
+        s = stats.add(score(names, weights, problems[i // G], text))
+        rows.append(dict(problem=problems[i // G], prompt=prompts[i // G], completion=comp,
+                         logprobs=c.logprobs, truncated=c.finish_reason == "length", text=text,
+                         reward=s.total, rewards=s.values))  # fmt: skip
+    return [rows[g * G : (g + 1) * G] for g in range(len(problems))]
 
 
 def completion_ids(tokens: list[int], eos_id: int) -> list[int]:
