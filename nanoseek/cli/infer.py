@@ -45,7 +45,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import ASSISTANT, Tokenizer
+    from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.infer import Engine, SamplingParams
 
     if not os.path.isdir(args.model):
@@ -65,11 +65,11 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(tok_dir)
     opened = ""  # text the chat template already put in the assistant's turn (R1: "<think>\n")
     if args.chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
-        )
-        prompt = tokenizer.encode(text)  # the rendered template starts with bos already
-        opened = text.rsplit(ASSISTANT, 1)[-1]
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.encode(text)  # the template writes bos itself when it wants one
+        # read off the template (any template): the generation prompt past the reply's header
+        opened = tokenizer.chat_turn(messages).opened
     else:
         prompt = tokenizer.encode(args.prompt, add_bos=True)
     try:

@@ -230,8 +230,7 @@ def assistant_spans(
     for i, (before, after) in enumerate(zip(texts, texts[1:])):
         if not after.startswith(before):
             raise ValueError(
-                f"message {i} changes the text rendered before it "
-                "(system messages must come first)"
+                f"message {i} changes the text rendered before it (system messages must come first)"
             )
         if messages[i]["role"] != "assistant":
             continue

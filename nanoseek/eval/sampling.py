@@ -5,16 +5,19 @@ problem as a prompt, draw k completions per prompt, and turn the token ids back 
 verifier and the rewards read. This module is that one path; generation itself is the engine's
 (the engine is the only place that generates tokens).
 
-Templates. "chat": the tokenizer's chat template with the generation prompt (it ends in
-"<think>\\n", as DeepSeek-R1's does); what SFT/RL-tuned models see. Any name of
-`nanoseek.tasks.TEMPLATES` ("short", "r1zero"): the raw prompt prefilled with "<think>", which is
-what the built-in pre-training corpus looks like, so use it for a pre-trained base model.
-Either way the completion starts inside the think block, which the rewards expect.
+Templates. "chat": the tokenizer's chat template with the generation prompt (ours ends in
+"<think>\\n", as DeepSeek-R1's does; a template that does not open the block, ChatML say, leaves
+the model to write "<think>" itself, which the rewards accept); what SFT/RL-tuned models see.
+Any name of `nanoseek.tasks.TEMPLATES` ("short", "r1zero"): the raw prompt prefilled with
+"<think>", which is what the built-in pre-training corpus looks like, so use it for a
+pre-trained base model.
 
-Stopping. A completion ends at eos or at the first `</answer>` token (kept in the text): after
-it there is nothing the verifier or the format reward may read (`check_format` requires that
-nothing follows `</answer>`), and a small model's rambling past it only costs time. A completion
-that hits `max_new_tokens` first is "truncated" (`Sample.finished` is False).
+Stopping. A completion ends at eos, at the chat template's end-of-turn token (`<|im_end|>`,
+`<|eot_id|>`: whatever ends an assistant turn; dropped from the text), or at the first
+`</answer>` token (kept in the text): after it there is nothing the verifier or the format
+reward may read (`check_format` requires that nothing follows `</answer>`), and a small model's
+rambling past it only costs time. A completion that hits `max_new_tokens` first is "truncated"
+(`Sample.finished` is False).
 
 A `SampleFn` (the signature `nanoseek.train.distill` uses) maps (model, prompt id lists,
 max_new_tokens, temperature, seed) to generated id lists, each ending in a stop id when the model
@@ -58,10 +61,12 @@ def encode_prompt(
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """eos, and `</answer>` when the tokenizer has it as one token (ours does: a markup token)."""
-    ids = [tokenizer.eos_id]
+    """The tokenizer's stop ids (eos, config.json's eos ids, the chat template's end-of-turn
+    token: `<|im_end|>`, `<|eot_id|>`), and `</answer>` when the tokenizer has it as one token
+    (ours does: a markup token)."""
+    ids = list(getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
     close = tokenizer.encode(ANSWER_CLOSE)
-    if len(close) == 1:
+    if len(close) == 1 and close[0] not in ids:
         ids.append(close[0])
     return tuple(ids)
 
@@ -151,6 +156,7 @@ def sample_problems(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_template(template)
     stops = stop_ids(tokenizer)
+    ends = set(getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
     sample_fn = sample_fn or engine_sample_fn(stops)
     ctx = model.config.max_position_embeddings
     prompts = []
@@ -175,7 +181,8 @@ def sample_problems(
         for i, g in zip(chunk, gens):
             g = [int(t) for t in g]
             finished = bool(g) and g[-1] in stops
-            body = g[:-1] if finished and g[-1] == tokenizer.eos_id else g
+            # the end-of-turn token goes; `</answer>` is part of the answer's text
+            body = g[:-1] if finished and g[-1] in ends else g
             # skip_special_tokens drops bos/eos/pad only: markup (<think>, </answer>) is text
             text = tokenizer.decode(body, skip_special_tokens=True)
             out[i].append(Sample(problems[i], text, len(g), finished))

@@ -7,7 +7,9 @@ one iteration of continuous batching and returns the `Delta`s it produced:
    prefilled together (right-padded, plain MLA path); each gets its first token.
 2. decode: every running request advances one token (absorbed MLA over the latent cache), or
    1..k+1 tokens with `speculative="mtp"` (draft with the MTP module, verify in one forward).
-3. finish: stop token ids, stop strings (when a tokenizer is given), max_new_tokens, aborts;
+3. finish: eos ids (the config's, and with a tokenizer its `stop_ids`: eos and the chat
+   template's end-of-turn token), stop token ids, stop strings (when a tokenizer is given),
+   max_new_tokens, aborts;
    a finished request's row is refilled by the last running row so rows stay 0..n-1.
 
 Requests join and leave between steps (continuous batching), so concurrent callers share one
@@ -126,8 +128,8 @@ class Engine:
         self.num_draft = num_draft if speculative else 0
         eos = self.config.eos_token_id
         eos = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
-        if tokenizer is not None:
-            eos.append(tokenizer.eos_id)
+        if tokenizer is not None:  # eos, and the chat template's end of turn (`<|im_end|>`)
+            eos.extend(getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
         self.eos_ids = frozenset(eos)  # stop ids of every request that does not ignore_eos
         self.generator = make_generator(seed, model.device)
         self.waiting: deque[Request] = deque()
@@ -348,11 +350,12 @@ class Engine:
             if seq.logprobs is not None and lps is not None:
                 seq.logprobs.append(lps[i])
                 d.logprobs.append(lps[i])
-            if seq.detok is not None:
-                new_text = seq.detok.add(tok)
+            ends_turn = tok in self.eos_ids and not p.ignore_eos
+            if seq.detok is not None and not ends_turn:  # an end-of-turn token is not text,
+                new_text = seq.detok.add(tok)  # even one a tokenizer does not mark special
                 seq.text += new_text
                 d.text += new_text
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            if ends_turn or tok in p.stop_token_ids:
                 seq.finish_reason = "stop"
             elif seq.detok is not None and seq.detok.stopped is not None:
                 seq.finish_reason = "stop"

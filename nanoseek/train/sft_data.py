@@ -7,14 +7,14 @@ error naming `file:line`):
 Plain pre-training text (.txt, or JSONL/Parquet with a `text` field) is accepted too, with every
 token labelled: distillation runs on either.
 
-Labels. A conversation is rendered with the tokenizer's chat template (DeepSeek-R1 style:
-`bos system <｜User｜>q <｜Assistant｜>a<｜end▁of▁sentence｜>`) and `labels[i]` is `ids[i]` on
-the tokens of each assistant message (its content and the closing eos, so the model learns to
-stop) and IGNORE_INDEX elsewhere (bos, system, user turns, the `<｜Assistant｜>` marker itself,
-which the generation prompt supplies). Labels are the ids themselves (HF convention); targets are
-shifted when a batch is read. Every turn starts with a marker that is an added token, and
-`tokenizers` splits text at added tokens before anything else, so each message can be encoded
-on its own; the concatenation is checked against encoding the whole rendered text.
+Labels. A conversation is rendered with the tokenizer's chat template (ours, DeepSeek-R1 style:
+`bos system <｜User｜>q <｜Assistant｜>a<｜end▁of▁sentence｜>`; or any other, ChatML, Llama-3...)
+and `labels[i]` is `ids[i]` on the tokens of each assistant reply (its content and the token
+that ends the turn - eos, `<|im_end|>`, `<|eot_id|>` - so the model learns to stop) and
+IGNORE_INDEX elsewhere (bos, system, user turns, the assistant header such as `<｜Assistant｜>`,
+which the generation prompt supplies, and what follows the end-of-turn token). Where each reply
+lies is read off the template itself (nanoseek/data/chat_template.py), not from marker names.
+Labels are the ids themselves (HF convention); targets are shifted when a batch is read.
 
 Packing. Whole conversations are packed first-fit (shuffled by (seed, epoch)) into rows of
 `seq_len + 1` tokens and the rest is padding. There is no attention mask between conversations
@@ -45,9 +45,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jinja2.exceptions import TemplateError
 
+from nanoseek.data.chat_template import CHAT_ROLES, assistant_spans
 from nanoseek.data.shards import depth_mask
-from nanoseek.data.tokenizer import ASSISTANT, CHAT_ROLES, Tokenizer
+from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model.loss import IGNORE_INDEX
 
 OVERLONG = ("truncate", "drop", "error")
@@ -179,40 +181,24 @@ def is_chat_file(path: str | os.PathLike) -> bool:
 def encode_chat(
     tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], where: str = ""
 ) -> Example:
-    """Messages -> ids (exactly `tokenizer.apply_chat_template(messages)`) and labels on the
-    assistant messages' tokens (content + eos), IGNORE_INDEX elsewhere."""
-    assistant_id = tokenizer.token_to_id(ASSISTANT)
+    """Messages -> ids (exactly `tokenizer.apply_chat_template(messages)`) and labels on each
+    assistant reply (its content and its end-of-turn token), IGNORE_INDEX elsewhere.
+
+    The reply spans come from the template itself (`chat_template.assistant_spans`), and a
+    token is labelled when the character it starts at lies in one, so the ids are those of
+    the whole rendered text whatever the template's markers are."""
     try:
-        texts = [
-            tokenizer.apply_chat_template(messages[:i], tokenize=False)
-            for i in range(len(messages) + 1)
-        ]
-    except ValueError as e:
+        text, spans = assistant_spans(tokenizer.render, messages, tokenizer.added_tokens)
+    except (ValueError, TemplateError) as e:
         raise SFTDataError(f"{where}: {e}") from None
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, (before, after) in enumerate(zip(texts, texts[1:])):
-        if not after.startswith(before):  # the template must render turn after turn
-            raise SFTDataError(
-                f"{where}: message {i} changes the text rendered before it "
-                "(system messages must come first)"
-            )
-        piece = tokenizer.encode(after[len(before) :])
-        if messages[i]["role"] == "assistant":
-            if not piece or piece[0] != assistant_id:
-                raise SFTDataError(f"{where}: assistant turn {i} does not start with {ASSISTANT}")
-            labels += [IGNORE_INDEX] + piece[1:]
-        else:
-            labels += [IGNORE_INDEX] * len(piece)
-        ids += piece
-    if texts[0]:  # anything rendered before the first message (bos): never a target
-        head = tokenizer.encode(texts[0])
-        ids, labels = head + ids, [IGNORE_INDEX] * len(head) + labels
-    if ids != tokenizer.encode(texts[-1]):  # a chat template whose turns do not start with
-        raise SFTDataError(  # an added token: text would merge across turn boundaries
-            f"{where}: encoding turn by turn differs from encoding the whole conversation; "
-            "the tokenizer's chat template must start every turn with a special token"
-        )
+    ids, offsets = tokenizer.encode_offsets(text)
+    labels = [IGNORE_INDEX] * len(ids)
+    k = 0  # spans and offsets both ascend: one pass
+    for j, (start, _) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k < len(spans) and start >= spans[k][0]:
+            labels[j] = ids[j]
     return Example(ids, labels, where)
 
 
