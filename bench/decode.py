@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nanoseek  # noqa: E402
 from bench.train_step import bench_config  # noqa: E402
 from nanoseek.infer import Engine, SamplingParams  # noqa: E402
+from nanoseek.machine import banner  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -160,6 +161,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
 
     tmp = None
     if args.model:

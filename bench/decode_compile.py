@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from nanoseek.machine import banner
+
 PIECES = ("eager", "project", "attention", "layer")
 
 
@@ -71,6 +73,7 @@ def main(argv=None) -> None:
     if args.piece:
         print(json.dumps(run_one(args.piece, args)))
         return
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
     print(f"batch 1, prompt 16 + {args.new_tokens} new tokens, fp32, {args.threads} thread(s), "
           f"torch {torch.__version__}")  # fmt: skip
     rows = {}

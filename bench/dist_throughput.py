@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanoseek import CausalLM, ModelConfig  # noqa: E402
 from nanoseek.data.shards import Batch  # noqa: E402
+from nanoseek.machine import banner  # noqa: E402
 from nanoseek.train.loop import Trainer  # noqa: E402
 from nanoseek.train.pretrain import PretrainOptions, make_balancer, make_loss_fn  # noqa: E402
 
@@ -171,6 +172,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
     common = [
         f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seq-len={args.seq_len}",
         f"--batch-size={args.batch_size}", f"--precision={args.precision}",

@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanoseek.machine import banner
+
 SHAPES = {"expert gate+up": (256, 512), "expert down": (256, 256), "head": (256, 8192)}
 
 
@@ -72,6 +74,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
     print(f"fp32, {args.threads} thread(s), {args.pool_mb} MB of weights cycled per shape")
     for name, (k, n) in SHAPES.items():
         nbytes = k * n * 4

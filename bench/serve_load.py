@@ -36,6 +36,7 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from nanoseek.machine import banner  # noqa: E402
 
 WORDS = "the cat sat on a mat two plus three is five what is the sum of seven and nine".split()
 
@@ -266,6 +267,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server (own server)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
 
     proc, tmp = None, None
     try:

@@ -39,6 +39,7 @@ import torch
 
 import nanoseek
 from nanoseek import ModelConfig
+from nanoseek.machine import banner, matmul_peak
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -95,19 +96,6 @@ def flops_per_token(c: ModelConfig, T: int) -> float:
     keys = (T + 1) / 2  # a query attends to this many keys on average under the causal mask
     attn_fwd = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * keys
     return 6 * active_matmul_params(c) + 3 * attn_fwd * c.num_hidden_layers
-
-
-def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 3) -> float:
-    """Best FLOP/s of n x n @ n x n in `dtype` on this machine."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up (oneDNN / MKL pick their kernels)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
 
 
 # ----------------------------------------------------------------------------------- models
@@ -206,6 +194,7 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
 
     config = bench_config()
     B, T = args.batch, args.seq

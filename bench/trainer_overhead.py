@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import bench_config  # noqa: E402 - the model-core benchmark's model
 
+from nanoseek.machine import banner  # noqa: E402
+
 SHAKESPEARE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt"
 )
@@ -76,6 +78,7 @@ def main(argv=None) -> None:
     warnings.simplefilter("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
     from nanoseek.analysis.plots import read_metrics
     from nanoseek.config import ModelConfig
     from nanoseek.train.pretrain import PretrainOptions, run_pretrain
