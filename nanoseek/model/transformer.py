@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer, sum_aux
-from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.model.mla import ATTN_IMPLS, MLA
 from nanoseek.model.moe import EXPERT_IMPLS, MoE, RoutedExperts
 from nanoseek.model.mtp import MTPLayer
+from nanoseek.model.mtp_objective import label_targets, mtp_objective
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding, yarn_inv_freq
 from nanoseek.model.router import Router
@@ -160,23 +159,9 @@ class CausalLM(nn.Module):
                 out.mtp_logits.append(self.lm_head(layer.shared_head.norm(h_k)))
 
         out.aux_loss = aux
-        if labels is not None:
-            # shift the labels, not the logits: slicing [B,T,V] logits would copy them
-            out.main_loss = lm_loss(out.logits, shift_labels(labels, 1))
-            loss = out.main_loss
-            for k, logits_k in enumerate(out.mtp_logits, start=1):
-                # depth k, position i predicts t_{i+k+1} [V3 eqs. 24-25]
-                out.mtp_losses.append(lm_loss(logits_k, shift_labels(labels, k + 1)))
-            if out.mtp_losses:
-                lam = self.config.mtp_loss_weight
-                loss = loss + lam / len(self.mtp) * torch.stack(out.mtp_losses).sum()
-            if aux is not None:
-                loss = loss + aux
-            out.loss = loss
+        if labels is not None:  # V3 eq. 25, safe at document boundaries given position_ids
+            packed = position_ids if position_ids.shape[-1] == T else None
+            obj = mtp_objective(out.logits, out.mtp_logits, label_targets(labels, packed),
+                                self.config.mtp_loss_weight, aux, depths=len(self.mtp))  # fmt: skip
+            out.main_loss, out.mtp_losses, out.loss = obj.main_loss, obj.mtp_losses, obj.loss
         return out
-
-
-def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
-    """labels [B,T] -> [B,T-shift+1]: entry i is labels[i + shift], IGNORE_INDEX in the last
-    position (whose target lies past the end). Lines up with logits of length T-shift+1."""
-    return F.pad(labels[:, shift:], (0, 1), value=IGNORE_INDEX)

@@ -44,6 +44,7 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.eval.sampling import SampleFn, engine_sample_fn, stop_ids
 from nanoseek.fsio import write_json
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
+from nanoseek.model.mtp_objective import mtp_objective
 from nanoseek.train.distill_losses import LOSSES, distill_loss
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
@@ -52,7 +53,6 @@ from nanoseek.train.sft import (
     SFTOptions,
     copy_tokenizer,
     describe,
-    mtp_losses,
     prepare_datasets,
     progress_bar,
     run_sft,
@@ -291,17 +291,9 @@ def make_loss_fn(teacher, opts: DistillOptions, vocab: int):
             opts.loss, out.logits[..., :vocab], t_logits[..., :vocab], targets != IGNORE_INDEX,
             beta=opts.beta, temperature=opts.temperature,
         )  # fmt: skip
-        ce = lm_loss(out.logits, targets)
-        loss = kd + opts.ce_weight * ce
-        parts = {"main_loss": ce.item(), "kd_loss": kd.item()}
-        mtp = mtp_losses(out, batch)
-        if mtp:
-            loss = loss + opts.mtp_lambda / len(mtp) * torch.stack(mtp).sum()
-            parts.update({f"mtp_loss_{k}": m.item() for k, m in enumerate(mtp, 1)})
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-            parts["aux_loss"] = out.aux_loss.item()
-        return loss, parts
+        obj = mtp_objective(out.logits, out.mtp_logits, batch.targets, opts.mtp_lambda,
+                            out.aux_loss, main_weight=opts.ce_weight)  # fmt: skip
+        return kd + obj.loss, {**obj.parts(), "kd_loss": kd.item()}
 
     return loss_fn
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.model.transformer import CausalLM, lm_loss
+from nanoseek.model.mtp_objective import mtp_objective
+from nanoseek.model.transformer import CausalLM
 from nanoseek.train.balance import gather_loads, load_stats, start_counting, update_bias
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
@@ -160,21 +161,15 @@ def model_config(opts: PretrainOptions, tokenizer) -> tuple[ModelConfig, str | N
 def make_loss_fn(opts: PretrainOptions):
     def loss_fn(model: CausalLM, batch, step: int):
         out = model(batch.inputs, mtp=True)
-        main = lm_loss(out.logits, batch.targets(0))
-        parts = {"main_loss": main.item()}
-        loss = main
-        if out.mtp_logits:
-            lam = piecewise(
-                step, opts.max_steps, opts.mtp_lambda, opts.mtp_lambda_final, opts.mtp_switch_frac
-            )
-            mtp = [lm_loss(lg, batch.targets(k)) for k, lg in enumerate(out.mtp_logits, 1)]
-            loss = loss + lam / len(mtp) * torch.stack(mtp).sum()  # [V3 eq. 25]
-            parts.update({f"mtp_loss_{k}": m.item() for k, m in enumerate(mtp, 1)})
+        # lambda 0.3 for the first part of training, then 0.1 [V3 §4.2]
+        lam = piecewise(
+            step, opts.max_steps, opts.mtp_lambda, opts.mtp_lambda_final, opts.mtp_switch_frac
+        )
+        obj = mtp_objective(out.logits, out.mtp_logits, batch.targets, lam, out.aux_loss)
+        parts = obj.parts()
+        if obj.mtp_losses:
             parts["mtp_lambda"] = lam
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-            parts["aux_loss"] = out.aux_loss.item()
-        return loss, parts
+        return obj.loss, parts
 
     return loss_fn
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.model.loss import IGNORE_INDEX, lm_loss
+from nanoseek.model.mtp_objective import mtp_objective
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
 from nanoseek.train.sft_data import (
@@ -192,34 +192,14 @@ def describe(stats: DataStats, ds: SFTDataset, val_batches: list | None) -> str:
     )
 
 
-def mtp_losses(out, batch) -> list[torch.Tensor]:
-    """One loss per MTP depth k on `batch.targets(k)`. A depth with no valid target in this
-    micro-batch (short conversations) gives a zero that keeps the module in the graph: lm_loss
-    would be NaN, and every rank must report the same metric keys."""
-    losses = []
-    for k, logits in enumerate(out.mtp_logits, start=1):
-        t = batch.targets(k)
-        losses.append(lm_loss(logits, t) if bool((t != IGNORE_INDEX).any()) else logits.sum() * 0)
-    return losses
-
-
 def make_loss_fn(mtp_lambda: float):
     """lm_loss on assistant tokens [+ mtp_lambda * mean MTP loss] [+ the balance loss]."""
 
     def loss_fn(model, batch, step: int):
         use_mtp = mtp_lambda > 0 and len(model.mtp) > 0
         out = model(batch.inputs, mtp=use_mtp, token_mask=batch.token_mask)
-        main = lm_loss(out.logits, batch.targets(0))
-        parts = {"main_loss": main.item()}
-        loss = main
-        mtp = mtp_losses(out, batch)
-        if mtp:
-            loss = loss + mtp_lambda / len(mtp) * torch.stack(mtp).sum()  # [V3 eq. 25]
-            parts.update({f"mtp_loss_{k}": m.item() for k, m in enumerate(mtp, 1)})
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-            parts["aux_loss"] = out.aux_loss.item()
-        return loss, parts
+        obj = mtp_objective(out.logits, out.mtp_logits, batch.targets, mtp_lambda, out.aux_loss)
+        return obj.loss, obj.parts()
 
     return loss_fn
 
