@@ -128,6 +128,17 @@ class ModelConfig:
             scale = scale * m * m
         return scale
 
+    @property
+    def has_correction_bias(self) -> bool:
+        """Does a checkpoint of this model hold the routers' `e_score_correction_bias`?
+
+        V3-style routing (sigmoid scores or `noaux_tc` selection [V3 eqs. 15-16]) does, as
+        DeepSeek-V3 and transformers' DeepseekV3 write it. V2-style routing (softmax with greedy
+        or group-limited selection) has no such tensor: DeepSeek-V2 checkpoints lack it and
+        transformers' DeepseekV2 reports it as unexpected.
+        """
+        return self.scoring_func == "sigmoid" or self.topk_method == "noaux_tc"
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Layer `layer_idx` (MTP layers count from num_hidden_layers) has a routed MoE."""
         return (
@@ -231,8 +242,13 @@ class ModelConfig:
             if kind not in ("yarn", "default", None):
                 bad("rope_scaling", f"type {kind!r} is not supported (use 'yarn' or null)")
             for key in _ROPE_FLOATS:
-                if key in self.rope_scaling and not _is_number(self.rope_scaling[key]):
+                value = self.rope_scaling.get(key)
+                if value is not None and not _is_number(value):  # null: the default
                     bad("rope_scaling", f"'{key}' must be a finite number")
+            if "truncate" in self.rope_scaling and not isinstance(
+                self.rope_scaling["truncate"], bool
+            ):
+                bad("rope_scaling", "'truncate' must be true or false")
             if kind == "yarn":
                 orig = self.rope_scaling.get("original_max_position_embeddings", 0)
                 if not _is_int(orig):

@@ -107,7 +107,7 @@ def _layer(c: ModelConfig, layer_idx: int) -> dict[str, int]:
         router, shared, routed = _moe_parts(c)
         parts["router"], parts["shared_experts"], parts["routed_experts"] = router, shared, routed
         parts["active_routed"] = routed // c.n_routed_experts * c.num_experts_per_tok
-        parts["moe_bias"] = c.n_routed_experts
+        parts["moe_bias"] = c.n_routed_experts if c.has_correction_bias else 0
     else:
         parts["dense_ffn"] = 3 * c.hidden_size * c.intermediate_size
     return parts

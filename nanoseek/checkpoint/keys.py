@@ -48,12 +48,16 @@ def split_expert_key(key: str) -> tuple[str, int, str] | None:
 def hf_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF key, tensor) for every tensor a checkpoint of `model` holds, experts split,
     MTP renamed, shared copies added. Tensors are views; nothing is copied here.
-    A tied head is not written (as transformers does): it is the embedding."""
+    A tied head is not written (as transformers does): it is the embedding. Neither is the router
+    bias of a V2-style (softmax-routed) model, which has no such tensor (`has_correction_bias`)."""
     L = model.config.num_hidden_layers
     tied = model.config.tie_word_embeddings
+    bias = model.config.has_correction_bias
     state = model.state_dict()
     for name, t in state.items():
         if name.startswith("rotary.") or (tied and name == "lm_head.weight"):
+            continue
+        if not bias and name.endswith("e_score_correction_bias"):
             continue
         hf = ours_to_hf(name, L)
         if hf.endswith("mlp.experts.gate_up_proj"):

@@ -14,13 +14,37 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.buffers import FixedDtypeBuffers
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 [arXiv 2309.00071 eq. 21]."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def yarn_attention_factor(rope_scaling: dict, factor: float) -> float:
+    """The cos/sin scale of a YaRN config, as transformers' `_compute_yarn_parameters` and
+    DeepSeek's Hugging Face code (`DeepseekV2YarnRotaryEmbedding`) compute it.
+
+    An explicit `attention_factor` wins. With both `mscale` and `mscale_all_dim` set it is
+    mscale(factor, mscale)/mscale(factor, mscale_all_dim): exactly 1 for V3 and V2-Lite, whose
+    temperature lives in the softmax scale instead (`ModelConfig.softmax_scale`). Otherwise it is
+    the paper's default 0.1 ln(factor) + 1 - a YaRN config without those keys (as many
+    fine-tunes and converters write) still gets its temperature, on the rotary channels.
+    """
+    explicit = rope_scaling.get("attention_factor")
+    if explicit is not None:
+        return float(explicit)
+    m, m_all = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if m and m_all:
+        return yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
+    return yarn_mscale(factor)
+
+
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Returns (inv_freq [R/2] fp32, cos/sin scale) for the config's rope scaling.
 
     YaRN [arXiv 2309.00071]: frequencies that rotate fewer than `beta_slow` times over the original
     context are interpolated by 1/factor, those rotating more than `beta_fast` times are kept, with a
-    linear ramp between. The cos/sin scale is mscale(factor, mscale)/mscale(factor, mscale_all_dim),
-    exactly 1 for V3 and V2-Lite: their attention temperature lives in the softmax scale instead.
+    linear ramp between; the ramp's ends are rounded outwards unless `truncate` is false (as in
+    transformers). The cos/sin scale is `yarn_attention_factor`.
     """
     dim, base = config.qk_rope_head_dim, config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -34,19 +58,15 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-
-    def mscale(m: float) -> float:
-        return 0.1 * m * math.log(factor) + 1.0 if m else 1.0
-
-    m, m_all = rs.get("mscale") or 0, rs.get("mscale_all_dim") or 0
-    scale = mscale(m) / mscale(m_all) if (m and m_all) else 1.0
-    return inv_freq, scale
+    return inv_freq, yarn_attention_factor(rs, factor)
 
 
 class RotaryEmbedding(FixedDtypeBuffers):

@@ -1,8 +1,8 @@
 """Parity with transformers' DeepseekV3ForCausalLM through checkpoints, both directions:
 our checkpoint -> their model, and their (randomised) model's `save_pretrained` -> ours.
 
-transformers' DeepseekV3 router is sigmoid + noaux_tc only, so softmax routing is not covered
-here. Its `save_pretrained` drops the MTP layers: we load those checkpoints without MTP.
+transformers' DeepseekV3 router is sigmoid + noaux_tc only; softmax (V2-style) routing is checked
+against DeepseekV2 in test_hf_v2.py. Its `save_pretrained` drops the MTP layers: we load those checkpoints without MTP.
 """
 
 import pytest
@@ -29,6 +29,13 @@ CASES = {
     "yarn_mscale": dict(
         rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 0.8}, q_lora_rank=None
     ),
+    # configs in the wild: no mscale keys -> transformers' default temperature 0.1 ln(8) + 1 on
+    # the rotary channels; only mscale_all_dim -> that default plus mscale_all_dim in the softmax
+    # scale; an explicit attention_factor; an untruncated ramp
+    "yarn_no_mscale": dict(rope_scaling=dict(YARN), q_lora_rank=None),
+    "yarn_mscale_all_dim_only": dict(rope_scaling={**YARN, "mscale_all_dim": 0.8}),
+    "yarn_attention_factor": dict(rope_scaling={**YARN, "attention_factor": 1.3}),
+    "yarn_no_truncate": dict(rope_scaling={**YARN, "truncate": False}),
     "tied": dict(tie_word_embeddings=True, num_nextn_predict_layers=0),
 }
 

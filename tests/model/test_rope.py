@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from nanoseek.model.rope import RotaryEmbedding, apply_rope, yarn_inv_freq
+from nanoseek.model.rope import RotaryEmbedding, apply_rope, yarn_attention_factor, yarn_inv_freq
 from tests.helpers import tiny_config
 
 
@@ -50,3 +51,27 @@ def test_yarn_frequencies_follow_the_formula():
 def test_frequencies_stay_fp32_in_bf16_model():
     rope = RotaryEmbedding(tiny_config()).to(torch.bfloat16)
     assert rope.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "keys, want",
+    [
+        ({"mscale": 1.0, "mscale_all_dim": 1.0}, 1.0),  # V3: the temperature is in softmax_scale
+        ({"mscale": 0.707, "mscale_all_dim": 0.707}, 1.0),  # V2-Lite
+        ({}, 0.1 * math.log(40) + 1),  # no keys: the YaRN paper's default, as transformers
+        ({"mscale": 0.0, "mscale_all_dim": 0.0}, 0.1 * math.log(40) + 1),  # zeros mean unset
+        ({"mscale_all_dim": 1.0}, 0.1 * math.log(40) + 1),  # one key alone: the default too
+        (
+            {"mscale": 1.0, "mscale_all_dim": 0.5},
+            (0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1),
+        ),
+        ({"attention_factor": 1.25, "mscale": 1.0, "mscale_all_dim": 1.0}, 1.25),  # explicit wins
+    ],
+)
+def test_yarn_attention_factor_defaults_like_transformers(keys, want):
+    rs = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, **keys}
+    assert yarn_attention_factor(rs, 40.0) == pytest.approx(want)
+    cfg = tiny_config(rope_scaling=rs, max_position_embeddings=163840)
+    assert yarn_inv_freq(cfg)[1] == pytest.approx(want)
+    cos0 = RotaryEmbedding(cfg)(torch.zeros(1))[0]  # cos(0) * scale on every channel
+    assert torch.allclose(cos0, torch.full_like(cos0, want))
