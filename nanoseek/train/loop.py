@@ -1,8 +1,9 @@
 """The one training loop every method (pre-training, SFT, distillation) runs on.
 
 A method supplies a loss function and data; the loop owns the rest: AdamW, the schedule,
-gradient accumulation, clipping, bf16 autocast, metrics (`metrics.jsonl` + a progress bar),
-validation, atomic checkpoints and exact resume.
+gradient accumulation, clipping, bf16 autocast, metrics (`metrics.jsonl`, a progress bar and,
+when asked, TensorBoard or W&B: nanoseek/train/tracking.py), validation, atomic checkpoints and
+exact resume.
 
 Loss normalisation: a micro-batch's mean loss is weighted by its share of the step's target
 tokens, so one step over k micro-batches equals one step over their concatenation.
@@ -39,6 +40,7 @@ from nanoseek.train.state import (
     save_checkpoint,
     set_rng_state,
 )
+from nanoseek.train.tracking import Trackers, open_trackers, parse_report_to
 
 __all__ = ["LoopOptions", "Trainer", "TrainingDiverged", "make_optimizer", "truncate_jsonl"]
 
@@ -75,6 +77,10 @@ class LoopOptions:
     # (without it, and without resume, such an `out` is an error: nanoseek/train/run_dir.py)
     overwrite: bool = False
     plot: bool = True
+    # experiment tracking as TRL's option of this name: none | tensorboard | wandb (a comma list,
+    # or all); metrics.jsonl and the plots are written either way (nanoseek/train/tracking.py)
+    report_to: str = "none"
+    run_name: str | None = None  # the tracker's run name; None: the name of `out`
     # scale-out, used under torchrun (docs/distributed.md); batch_size is then the GLOBAL number
     # of sequences per micro-batch, split over the ranks
     device: str = "cpu"  # cpu | cuda (rank r uses cuda:LOCAL_RANK); backend gloo | nccl
@@ -117,6 +123,7 @@ class Trainer:
             from nanoseek.fp8 import convert_for_fp8
 
             convert_for_fp8(model, self.parallel.is_main)
+        parse_report_to(opts.report_to)  # a typo fails now, not after the first step
         self.optimizer = make_optimizer(model, opts)
         self.step = 0
         self.metrics_path = os.path.join(opts.out, "metrics.jsonl")
@@ -270,6 +277,13 @@ class Trainer:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ the loop
+    def open_trackers(self) -> Trackers:
+        """The run's experiment trackers (`report_to`): opened on rank 0, empty elsewhere."""
+        opts = self.opts
+        return open_trackers(
+            opts.report_to, opts.out, opts.run_name, self.run_info, enabled=self.parallel.is_main
+        )
+
     def fit(self, progress=None) -> dict[str, Any]:
         """Train to `max_steps` from wherever `self.step` is; returns the last metrics."""
         opts, main = self.opts, self.parallel.is_main
@@ -277,7 +291,8 @@ class Trainer:
         data: Iterator = iter(self.train_data)
         last: dict[str, Any] = {}
         bar = progress(total=opts.max_steps, initial=self.step) if progress and main else None
-        with open(self.metrics_path, "a") if main else contextlib.nullcontext() as log:
+        log_file = open(self.metrics_path, "a") if main else contextlib.nullcontext()
+        with log_file as log, self.open_trackers() as trackers:
             while self.step < opts.max_steps:
                 t0 = time.perf_counter()
                 batches = [next(data) for _ in range(opts.grad_accum)]
@@ -299,6 +314,7 @@ class Trainer:
                     with naming(self.metrics_path):  # a full disk: one line naming the file
                         log.write(json.dumps(metrics) + "\n")
                         log.flush()
+                trackers.log(metrics, self.step)
                 last = metrics
                 if bar is not None:
                     bar.update(1)
