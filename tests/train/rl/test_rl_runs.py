@@ -38,6 +38,17 @@ def test_dynamic_sampling_runs_extra_rounds_until_bounded(model_dir, tmp_path): 
     assert last["completions_trained"] == 0 and last["skipped_update"] == 1.0
 
 
+def test_without_dynamic_sampling_one_round_per_step(model_dir, tmp_path):  # noqa: F811
+    # GRPO (the default) with no group ever having a signal: still one round of P prompts
+    opts = _opts(model_dir, tmp_path / "g", max_steps=2, eval_every=0, rewards={"format": 1.0},
+                 max_completion_length=4, max_extra_rounds=5)  # fmt: skip
+    with mock.patch.object(rl_step, "rollout_round", wraps=grpo_rollouts.rollout_round) as spy:
+        last = run_grpo(opts, progress=False)
+    assert [c.args[1:3] for c in spy.call_args_list] == [(0, 0), (1, 0)]  # (step, round)
+    assert spy.call_args_list[0].args[5].drawn == 2 * opts.prompts_per_step
+    assert "sampling/rounds" not in last
+
+
 def test_dapo_trains_on_a_full_batch_of_groups_with_signal(model_dir, tmp_path):  # noqa: F811
     # this random model never stops before max_completion_length, so the overlong filter would
     # mask every completion: it is turned off here (an explicit option over the preset)
