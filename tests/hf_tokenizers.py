@@ -85,28 +85,37 @@ DS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User�
 KINDS = {
     "chatml": Kind(
         CHATML,
-        {"bos_token": {"__type": "AddedToken", "content": "<s>", "special": True},
-         "eos_token": {"__type": "AddedToken", "content": "</s>"}, "pad_token": None},  # fmt: skip
+        {
+            "bos_token": {"__type": "AddedToken", "content": "<s>", "special": True},
+            "eos_token": {"__type": "AddedToken", "content": "</s>"},
+            "pad_token": None,
+        },
         ("<s>", "</s>", "<|im_start|>", "<|im_end|>"),
         "<|im_end|>",
     ),
     "llama3": Kind(
         LLAMA3,
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
-        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-         "<|eot_id|>"),  # fmt: skip
+        (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ),
         "<|eot_id|>",
     ),
     "r1": Kind(
         R1,
-        {"bos_token": {"__type": "AddedToken", "content": DS[0], "lstrip": False},
-         "eos_token": DS[1], "pad_token": DS[1]},  # fmt: skip
+        {
+            "bos_token": {"__type": "AddedToken", "content": DS[0], "lstrip": False},
+            "eos_token": DS[1],
+            "pad_token": DS[1],
+        },
         DS + ("<think>", "</think>"),
         DS[1],
     ),
-    "features": Kind(
-        FEATURES, {"bos_token": "<s>", "eos_token": "</s>"}, ("<s>", "</s>"), "</s>"
-    ),
+    "features": Kind(FEATURES, {"bos_token": "<s>", "eos_token": "</s>"}, ("<s>", "</s>"), "</s>"),
 }
 CORPUS_WORDS = "the cat sat on a mat and 2 + 3 = 5 so what is 7 plus 8 answer think".split()
 
@@ -134,10 +143,16 @@ def build(kind: str, out: str | Path, vocab_size: int = 400, declare_extra: bool
     backend.train_from_iterator(corpus(), trainer=trainer)
     backend.save(str(out / "tokenizer.json"))
     decoder = {
-        str(backend.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                      "rstrip": False, "single_word": False, "special": True}
+        str(backend.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t in k.specials
-    }  # fmt: skip
+    }
     if declare_extra:
         decoder[str(backend.get_vocab_size())] = {"content": "<|extra_0|>", "special": True}
     config = {
