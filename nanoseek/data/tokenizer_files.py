@@ -95,8 +95,8 @@ def read_special_tokens(d: Path, config: dict | None, backend: Backend) -> dict[
             if name in data and name not in declared:
                 declared[name] = token_string(data[name], f"{path}: field '{name}'")
     if not declared:  # nothing named anywhere: DeepSeek's names, where the vocabulary has them
-        declared = {k: v for k, v in DEFAULT_SPECIAL_TOKENS.items() if backend.token_to_id(v)
-                    is not None}  # fmt: skip
+        known = DEFAULT_SPECIAL_TOKENS.items()
+        declared = {k: v for k, v in known if backend.token_to_id(v) is not None}
     for name in ID_TOKENS:
         token = declared.get(name)
         if token is not None and backend.token_to_id(token) is None:
