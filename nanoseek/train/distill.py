@@ -426,14 +426,17 @@ def teacher_samples(
     rules of rejection sampling (`SampleFilter`, nanoseek/train/rejection.py).
     """
     from nanoseek.eval.sampling import sample_problems
-    from nanoseek.train.rejection import SampleFilter, to_conversation
+    from nanoseek.train.rejection import SampleFilter, reply_opening, to_conversation
 
     rows = sample_problems(
         teacher, tokenizer, problems, samples_per_prompt, system=system, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, sample_fn=sample_fn, chunk_size=batch_size,
     )  # fmt: skip
     filt = SampleFilter(task, keep_unverified=keep_unverified)
-    conversations = [to_conversation(s, system) for row in rows for s in row if filt.add(s)]
+    opening = reply_opening(tokenizer, system)
+    conversations = [
+        to_conversation(s, system, opening) for row in rows for s in row if filt.add(s)
+    ]
     return conversations, filt.counts()
 
 

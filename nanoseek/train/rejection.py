@@ -39,7 +39,7 @@ from nanoseek.eval.sampling import (
     sample_problems,
     stop_ids,
 )
-from nanoseek.tasks import Task, format_chat
+from nanoseek.tasks import Problem, Task, format_chat
 from nanoseek.tasks.extract import THINK_OPEN
 from nanoseek.tasks.rewards import format_reward, make_language_reward, readability_reward
 
@@ -132,11 +132,25 @@ class SampleFilter:
         }
 
 
-def to_conversation(s: Sample, system: bool | str = False) -> list[dict[str, str]]:
-    """A kept sample as SFT chat messages. The generation prompt ended in "<think>\\n" (chat) or
-    "<think>" (raw templates), so the assistant turn opens the think block before the text."""
+def reply_opening(tokenizer, system: bool | str = False) -> str:
+    """What the chat template's generation prompt already wrote into the assistant's reply
+    (R1's "<think>\n"; nothing for ChatML or Llama-3): a sample continues it, so the SFT
+    reply is that opening plus the sample's text. "<think>\n" for tokenizers without a template."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        return f"{THINK_OPEN}\n"
+    probe = format_chat(Problem("probe", "probe", "?", "0"), system=system, include_answer=False)
+    try:
+        return tokenizer.chat_turn(probe).opened
+    except ValueError:
+        return f"{THINK_OPEN}\n"
+
+
+def to_conversation(s: Sample, system: bool | str = False,
+                    opening: str = f"{THINK_OPEN}\n") -> list[dict[str, str]]:  # fmt: skip
+    """A kept sample as SFT chat messages: the prompt, then the reply as the model produced it
+    after the generation prompt (`opening`, see `reply_opening`, then the sampled text)."""
     messages = format_chat(s.problem, system=system, include_answer=False)
-    messages.append({"role": "assistant", "content": f"{THINK_OPEN}\n{s.text}"})
+    messages.append({"role": "assistant", "content": opening + s.text})
     return messages
 
 
@@ -222,7 +236,8 @@ def run_rejection(
         task, min_language=opts.min_language, min_readability=opts.min_readability,
         language=opts.language, keep_unverified=opts.keep_unverified,
     )  # fmt: skip
-    kept = [to_conversation(s, opts.system) for row in rows for s in row if filt.add(s)]
+    opening = reply_opening(tokenizer, opts.system)
+    kept = [to_conversation(s, opts.system, opening) for row in rows for s in row if filt.add(s)]
     write_chat_jsonl(kept, opts.out)
     stats = {
         **filt.counts(),

@@ -45,7 +45,9 @@ from nanoseek.train.sft_data import (
     task_conversations,
 )
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+)  # fmt: skip
 
 
 @dataclass

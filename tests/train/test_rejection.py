@@ -147,3 +147,22 @@ def test_cli_rejection_sample_with_the_engine(tmp_path, tok_dir, capsys):  # noq
     assert json.load(open(stats_path(out)))["samples"] == 4
     assert main(["rejection-sample", "--model", model, "--task", "nope", "--out", out]) == 2
     assert "valid tasks:" in capsys.readouterr().err
+
+
+def test_the_sft_reply_continues_the_templates_generation_prompt(tmp_path, tok):  # noqa: F811
+    """R1's template opens "<think>\\n" in the generation prompt, ChatML opens nothing: the
+    kept reply starts with exactly what the prompt already wrote, so SFT targets continue where
+    a generation starts."""
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.train.rejection import reply_opening, to_conversation
+    from tests.hf_tokenizers import build
+
+    assert reply_opening(tok) == "<think>\n"
+    chatml = Tokenizer.load(build("chatml", tmp_path / "chatml"))
+    assert reply_opening(chatml) == ""
+    problem = get_task("addition").generate(1, "train", seed=0)[0]
+    sample = Sample(problem, "7 + 8 = 15</think> <answer>15</answer>", 9, True)
+    reply = to_conversation(sample, opening=reply_opening(chatml))[-1]
+    assert reply == {"role": "assistant", "content": sample.text}
+    reply = to_conversation(sample, opening=reply_opening(tok))[-1]
+    assert reply["content"] == "<think>\n" + sample.text
