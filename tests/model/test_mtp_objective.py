@@ -38,16 +38,16 @@ def test_hand_computed_eq_25():
     obj = mtp_objective(logits, [mtp1, mtp2], targets.__getitem__, mtp_lambda=0.3)
     main = (right + wrong) / 2  # position 2 ignored
     l1, l2 = (right + wrong) / 2, wrong
-    assert math.isclose(obj.main_loss.item(), main, rel_tol=1e-6)
+    assert math.isclose(obj.main_loss.item(), main, rel_tol=1e-5)
     assert [round(m.item(), 5) for m in obj.mtp_losses] == [round(l1, 5), round(l2, 5)]
     # lambda / D * sum over depths, D = 2
-    assert math.isclose(obj.loss.item(), main + 0.3 / 2 * (l1 + l2), rel_tol=1e-6)
+    assert math.isclose(obj.loss.item(), main + 0.3 / 2 * (l1 + l2), rel_tol=1e-5)
     # D given explicitly (a model with 3 modules whose deepest had no room) divides by 3
     obj3 = mtp_objective(logits, [mtp1, mtp2], targets.__getitem__, 0.3, depths=3)
-    assert math.isclose(obj3.loss.item(), main + 0.1 * (l1 + l2), rel_tol=1e-6)
+    assert math.isclose(obj3.loss.item(), main + 0.1 * (l1 + l2), rel_tol=1e-5)
     aux = torch.tensor(0.25)
     weighted = mtp_objective(logits, [mtp1], targets.__getitem__, 0.3, aux, main_weight=0.5)
-    assert math.isclose(weighted.loss.item(), 0.5 * main + 0.3 * l1 + 0.25, rel_tol=1e-6)
+    assert math.isclose(weighted.loss.item(), 0.5 * main + 0.3 * l1 + 0.25, rel_tol=1e-5)
     assert weighted.parts() == {"main_loss": weighted.main_loss.item(),
                                 "mtp_loss_1": weighted.mtp_losses[0].item(), "aux_loss": 0.25}  # fmt: skip
     # lambda 0: no MTP term at all
@@ -95,18 +95,18 @@ def test_model_loss_equals_the_pretraining_and_sft_objectives():
     loss_p, parts = pretrain_loss_fn(opts)(model, batch, step=3)
     inputs = batch.inputs  # [2,12]
     out = model(inputs, labels=inputs)
-    assert torch.allclose(loss_p, out.loss, rtol=1e-6, atol=1e-7)
-    assert math.isclose(parts["main_loss"], out.main_loss.item(), rel_tol=1e-6)
+    assert torch.allclose(loss_p, out.loss, rtol=1e-5, atol=1e-6)
+    assert math.isclose(parts["main_loss"], out.main_loss.item(), rel_tol=1e-5)
     assert len(out.mtp_losses) == 2
     for k in (1, 2):
-        assert math.isclose(parts[f"mtp_loss_{k}"], out.mtp_losses[k - 1].item(), rel_tol=1e-6)
+        assert math.isclose(parts[f"mtp_loss_{k}"], out.mtp_losses[k - 1].item(), rel_tol=1e-5)
     # SFT: labels masked outside the replies; the SFT loss function on those targets
     labels = inputs.masked_fill(torch.arange(12) < 4, IG)
     out = model(inputs, labels=labels)
     loss_s, sparts = sft_loss_fn(0.1)(model, SFTLikeBatch(inputs, label_targets(labels)), step=0)
-    assert torch.allclose(loss_s, out.loss, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(loss_s, out.loss, rtol=1e-5, atol=1e-6)
     for k in (1, 2):
-        assert math.isclose(sparts[f"mtp_loss_{k}"], out.mtp_losses[k - 1].item(), rel_tol=1e-6)
+        assert math.isclose(sparts[f"mtp_loss_{k}"], out.mtp_losses[k - 1].item(), rel_tol=1e-5)
     # packed documents (positions restarting): no loss across the boundary
     pos = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]), torch.arange(12)])
     out = model(inputs, labels=inputs, position_ids=pos)
