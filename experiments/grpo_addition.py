@@ -102,7 +102,7 @@ def pick_base(base_out: str, band: tuple[float, float], level: int, n: int, opts
     for step, ckpt in checkpoint_dirs(base_out):
         if str(step) not in found:
             model, tok = load_model(ckpt)
-            r = evaluate(Rollouts(model, tok.eos_id, 256), tok, problems,
+            r = evaluate(Rollouts(model, tok.stop_ids, 256), tok, problems,
                          dataclasses.replace(opts, top_p=0.95), samples=4, temperature=0.6,
                          seed=seed + 3)  # fmt: skip
             found[str(step)] = {"pass@1": r["accuracy"], "pass@4": r["pass@4"], "path": ckpt}
@@ -128,7 +128,7 @@ def evaluate_dir(model_dir: str, level: int, n: int, opts: GRPOOptions, seed: in
 
     model, tok = load_model(model_dir)
     problems = held_out([get_task(TASK)], n, seed, level)
-    rollouts = Rollouts(model, tok.eos_id, 256)
+    rollouts = Rollouts(model, tok.stop_ids, 256)
     greedy = evaluate(rollouts, tok, problems, opts)
     r1 = evaluate(rollouts, tok, problems, dataclasses.replace(opts, top_p=0.95), samples=8,
                   temperature=0.6, seed=seed + 1)  # fmt: skip

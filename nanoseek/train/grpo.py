@@ -223,7 +223,7 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     trainer = Trainer(model, loop_opts, make_loss_fn(opts), None, extra_files=tok_files,
                       run_info=to_dict(opts), parallel=par)  # fmt: skip
     rows = opts.prompts_per_step * opts.num_generations
-    rollouts = Rollouts(replica or model, tokenizer.eos_id, rows, par)
+    rollouts = Rollouts(replica or model, tokenizer.stop_ids, rows, par)
     step, train_s = 0, 0.0
     if resume:
         step = _resume(opts.out, trainer, sampler, watch)
@@ -234,12 +234,13 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     main = par.is_main
     last: dict = {}
     bar = _bar(opts.max_steps, step) if progress and main else None
-    with _logs(opts.out, main) as (log, samples_log):
+    with _logs(opts.out, main) as (log, samples_log), trainer.open_trackers() as trackers:
         if step == 0 and eval_problems:
             ev = evaluate(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
             last = {"step": 0, **{f"eval_{k}": v for k, v in ev.items()}}
             log.write(json.dumps(last) + "\n")
             log.flush()
+            trackers.log(last, 0)
         while step < opts.max_steps and not (opts.max_time_s and train_s >= opts.max_time_s):
             t0 = time.perf_counter()
             m, shown = grpo_step(opts, step, model, ref, trainer, rollouts, tokenizer, sampler)
@@ -258,6 +259,7 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
                 m.setdefault("warnings", []).append(msg)
             log.write(json.dumps(m) + "\n")
             log.flush()
+            trackers.log(m, step)
             for s in shown:
                 samples_log.write(json.dumps({"step": step, **s}) + "\n")
             samples_log.flush()

@@ -74,15 +74,16 @@ def encode_prompt(tokenizer, question: str, template: str, prefill: bool) -> lis
 
 
 def sampling(
-    opts, n: int, seed: int, step: int, eos_id: int, temperature: float, first: int = 0
-) -> list:
+    opts, n: int, seed: int, step: int, stop_ids: tuple[int, ...], temperature: float,
+    first: int = 0,
+) -> list:  # fmt: skip
     """SamplingParams for completions first .. first + n - 1 of a step; each has its own seed
     (see `request_seed`). Extra rollout rounds of a step (dynamic sampling) continue the index."""
     from nanoseek.infer import SamplingParams
 
     return [SamplingParams(max_new_tokens=opts.max_completion_length, temperature=temperature,
                            top_p=opts.top_p, seed=request_seed(seed, step, i), logprobs=True,
-                           stop_token_ids=(eos_id,)) for i in range(first, first + n)]  # fmt: skip
+                           stop_token_ids=tuple(stop_ids)) for i in range(first, first + n)]  # fmt: skip
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -103,8 +104,9 @@ class Rollouts:
     them in order. Each completion has its own seed, so the tokens do not depend on which rank
     generated them."""
 
-    def __init__(self, model, eos_id: int, rows: int, par=None):
-        self.model, self.eos_id, self.par = model, eos_id, par
+    def __init__(self, model, stop_ids: tuple[int, ...], rows: int, par=None):
+        # eos and the chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`)
+        self.model, self.stop_ids, self.par = model, tuple(stop_ids), par
         self.world = par.world_size if par is not None and par.distributed else 1
         self.rows = -(-rows // self.world)
         self.engine = None
@@ -159,12 +161,12 @@ def rollout_round(
     problems = sampler.take(opts.prompts_per_step)
     prompts = [encode_prompt(tokenizer, p.question, opts.template, opts.prefill) for p in problems]
     n = len(prompts) * G
-    params = sampling(opts, n, opts.seed, step, tokenizer.eos_id, opts.temperature, round_ * n)
+    params = sampling(opts, n, opts.seed, step, rollouts.stop_ids, opts.temperature, round_ * n)
     done = rollouts.generate([p for p in prompts for _ in range(G)], params)
     names, weights = rewards_from_spec(opts.rewards)
     rows = []
     for i, c in enumerate(done):
-        comp = completion_ids(c.token_ids, tokenizer.eos_id)
+        comp = completion_ids(c.token_ids, rollouts.stop_ids)
         text = tokenizer.decode(comp, skip_special_tokens=True)
         s = stats.add(score(names, weights, problems[i // G], text))
         rows.append(dict(problem=problems[i // G], prompt=prompts[i // G], completion=comp,
@@ -173,9 +175,12 @@ def rollout_round(
     return [rows[g * G : (g + 1) * G] for g in range(len(problems))]
 
 
-def completion_ids(tokens: list[int], eos_id: int) -> list[int]:
-    """The completion up to and including the first eos (nothing after it counts)."""
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else list(tokens)
+def completion_ids(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """The completion up to and including the first stop token (nothing after it counts)."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return list(tokens)
 
 
 @torch.no_grad()
@@ -194,12 +199,12 @@ def evaluate(
 
     prompts = [encode_prompt(tokenizer, p.question, opts.template, opts.prefill) for p in problems]
     n = samples if temperature > 0 else 1
-    params = sampling(opts, len(prompts) * n, seed, -1, rollouts.eos_id, temperature)
+    params = sampling(opts, len(prompts) * n, seed, -1, rollouts.stop_ids, temperature)
     done = rollouts.generate([p for p in prompts for _ in range(n)], params)
     right, fmt, lengths, clipped = [], 0.0, [], 0
     for i, c in enumerate(done):
         text = tokenizer.decode(
-            completion_ids(c.token_ids, rollouts.eos_id), skip_special_tokens=True
+            completion_ids(c.token_ids, rollouts.stop_ids), skip_special_tokens=True
         )
         right.append(accuracy_reward(problems[i // n], text))
         fmt += format_reward(problems[i // n], text)

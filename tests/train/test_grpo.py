@@ -317,3 +317,27 @@ def test_max_time_s_must_not_be_negative(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="max_time_s"):
         _opts(model_dir, tmp_path, max_time_s=-1.0).validate()
     _opts(model_dir, tmp_path, max_time_s=0.0).validate()  # 0: no limit
+
+
+def test_grpo_reports_to_tensorboard(model_dir, tmp_path):
+    """GRPO logs outside Trainer.fit; its steps reach the tracker with TRL's names."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = _opts(model_dir, tmp_path / "tb", max_steps=2, report_to="tensorboard")
+    run_grpo(opts, progress=False)
+    events = EventAccumulator(os.path.join(opts.out, "tensorboard"))
+    events.Reload()
+    rewards = events.Scalars("train/reward")
+    assert [e.step for e in rewards] == [1, 2]
+    assert [e.value for e in rewards] == pytest.approx([r["reward"] for r in _records(opts.out)
+                                                        if "reward" in r])  # fmt: skip
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 2]
+
+
+def test_rollouts_stop_on_every_stop_id():
+    from nanoseek.train.grpo_rollouts import completion_ids
+
+    assert completion_ids([5, 6, 9, 7], (1, 9)) == [5, 6, 9]  # an end-of-turn token
+    assert completion_ids([5, 1, 9], (1, 9)) == [5, 1]  # eos
+    assert completion_ids([5, 6], (1, 9)) == [5, 6]  # truncated

@@ -19,8 +19,8 @@ def _records(out):
 
 def test_extra_rounds_continue_the_seed_index():
     opts = _opts("unused", "unused")
-    first = sampling(opts, 4, 7, 3, 0, 1.0)
-    extra = sampling(opts, 4, 7, 3, 0, 1.0, first=4)
+    first = sampling(opts, 4, 7, 3, (0,), 1.0)
+    extra = sampling(opts, 4, 7, 3, (0,), 1.0, first=4)
     assert [p.seed for p in first] == [request_seed(7, 3, i) for i in range(4)]
     assert [p.seed for p in extra] == [request_seed(7, 3, i) for i in range(4, 8)]
 
