@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 
-from nanoseek.cli.common import QUANTIZE_HELP, Command, positive_int
+from nanoseek.cli.common import QUANTIZE_HELP, Command, nonnegative_int, positive_int
 
 
 # ------------------------------------------------------------------------------ pretrain
@@ -69,7 +69,11 @@ def _add_chat_data(p: argparse.ArgumentParser, task_help: str) -> None:
 
 def _add_sft(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory to fine-tune (with its tokenizer)")
-    _add_chat_data(p, "task name or task JSONL: also train on its worked solutions (cold start)")
+    _add_chat_data(
+        p,
+        "task name or task JSONL: also train on its worked solutions (cold start); a file is a "
+        "training set, gone through whole (--task_n=N draws N, in epochs without replacement)",
+    )
     p.epilog = (
         "Any field of SFTOptions (nanoseek/train/sft.py) as --key=value, e.g. --epochs=2 "
         "--lr=1e-4 --seq_len=1024 --overlong=drop --mtp_lambda=0 --task_n=2000."
@@ -161,8 +165,17 @@ def _print_done(last: dict, out: str, summary: str | None = None) -> None:
 # ------------------------------------------------------------------------------ eval
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("--task", required=True, help="task name or task JSONL file")
-    p.add_argument("--n", type=positive_int, default=100, help="held-out problems")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="task name, or a task JSONL file: a test set, evaluated whole (rows with a "
+        '"split" field: their test rows only)',
+    )
+    p.add_argument(
+        "--n",
+        type=nonnegative_int,
+        help="held-out problems; default and 0: all of a task file's, 100 of a generated task",
+    )
     p.add_argument(
         "--k", type=positive_int, default=1, help="samples per problem: pass@1 and pass@k"
     )
@@ -185,11 +198,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from nanoseek.eval import evaluate_checkpoint, format_result
-    from nanoseek.train.sft_data import resolve_task
+    from nanoseek.tasks.resolve import DEFAULT_EVAL_N, resolve_task
 
-    task = resolve_task(args.task)  # an unknown name fails before the model loads
+    # a file given for evaluation is a test set; an unknown name fails before the model loads
+    task = resolve_task(args.task, split="test")
+    n = args.n if args.n is not None else (0 if task.count("test") is not None else DEFAULT_EVAL_N)
     result = evaluate_checkpoint(
-        args.model, task, args.tokenizer, args.device, n_problems=args.n, k=args.k,
+        args.model, task, args.tokenizer, args.device, n_problems=n, k=args.k,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         template=args.template, seed=args.seed, level=args.level, quantize=args.quantize,
     )  # fmt: skip
@@ -200,7 +215,9 @@ def run_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ rejection
 def _add_rejection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory to sample from")
-    p.add_argument("--task", help="task name or task JSONL file (prompts: its train split)")
+    p.add_argument(
+        "--task", help="task name or task JSONL file (prompts: its train split; all of a file)"
+    )
     p.add_argument("--n-prompts", type=positive_int, help="distinct problems")
     p.add_argument("--samples", type=positive_int, help="completions per problem")
     p.add_argument("--out", help="SFT chat JSONL to write (statistics go to OUT.json)")
@@ -240,7 +257,16 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
         "kind", choices=("r1-zero", "r1"), help="r1-zero: GRPO from the base; r1: four stages"
     )
     p.add_argument("--model", help="base checkpoint directory (pre-trained, with its tokenizer)")
-    p.add_argument("--task", help="task name or task JSONL file")
+    p.add_argument(
+        "--task",
+        help="task name or task JSONL file (without --eval_task, a file keeps a 10%% hash test "
+        "split: every stage is evaluated on problems no stage trained on)",
+    )
+    p.add_argument(
+        "--eval_task",
+        help="task JSONL file (or name) every stage is evaluated on, whole; --task is then "
+        "trained on whole",
+    )
     p.add_argument("--out", help="pipeline directory (one sub-directory per stage)")
     p.add_argument("--config", help="TOML/JSON: top-level options plus [sft] [grpo] ... tables")
     p.epilog = (
@@ -255,8 +281,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from nanoseek.train.pipeline import build_pipeline_options, run_pipeline
 
     opts = build_pipeline_options(
-        args.config, args.overrides, model=args.model, task=args.task, out=args.out
-    )
+        args.config, args.overrides, model=args.model, task=args.task, out=args.out,
+        eval_task=args.eval_task,
+    )  # fmt: skip
     run_pipeline(args.kind, opts)
     print(f"summary in {os.path.join(opts.out, 'summary.md')}")
     return 0

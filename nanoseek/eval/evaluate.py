@@ -6,7 +6,8 @@
     result["accuracy"], result["pass@k"]
 
 Problems come from the task's **test** split (hash-split by content, so no training stage ever
-saw them; nanoseek/tasks/base.py), each asked `k` times. `accuracy` is pass@1 = the mean share of
+saw them; nanoseek/tasks/base.py; a task file given as a test set is all test split, and
+n_problems = 0 evaluates every problem of it: nanoseek/tasks/resolve.py), each asked `k` times. `accuracy` is pass@1 = the mean share of
 correct samples, `pass@k` the unbiased estimator from those k samples (passk.py). With k = 1 and
 no temperature given, decoding is greedy; with k > 1 it defaults to R1's evaluation temperature
 0.6 [R1 §3], since k greedy samples would all be the same.
@@ -35,10 +36,18 @@ def default_temperature(k: int) -> float:
 
 
 def heldout_problems(task: Task, n: int, seed: int = 0, level: int | None = None):
-    """`n` distinct problems of the task's test split (deterministic in seed and level). A small
-    problem space (1-digit sums have ~5 held-out problems) gives all it has, with a warning."""
-    if n < 1:
-        raise ValueError(f"number of problems must be >= 1, got {n}")
+    """`n` distinct problems of the task's test split (deterministic in seed and level); n = 0:
+    every one of a task file's. A small problem space (1-digit sums have ~5 held-out problems)
+    gives all it has, with a warning."""
+    if n < 0:
+        raise ValueError(f"number of problems must be >= 0 (0: all of a task file), got {n}")
+    if n == 0:
+        n = task.count("test", level) or 0
+        if n == 0:
+            raise TaskError(
+                f"task {task.name!r} generates problems without end: give the number of "
+                "problems to evaluate (n >= 1); n = 0 (all) is for task files"
+            )
     problems: list = []
     try:
         for p in task.stream("test", seed, level, unique=True):
@@ -57,11 +66,12 @@ def heldout_problems(task: Task, n: int, seed: int = 0, level: int | None = None
     return problems
 
 
-def resolve(task: str | Task) -> Task:
-    """A Task, a registered name or a task JSONL file; an unknown name lists the valid ones."""
-    from nanoseek.train.sft_data import resolve_task
+def resolve(task: str | Task, split: str | None = None) -> Task:
+    """A Task, a registered name or a task JSONL file (its rows without a "split" field all
+    `split`; None: the hash split); an unknown name lists the valid ones."""
+    from nanoseek.tasks.resolve import resolve_task
 
-    return resolve_task(task) if isinstance(task, str) else task
+    return resolve_task(task, split=split) if isinstance(task, str) else task
 
 
 def score_samples(task: Task, samples: Sequence[Sequence[Sample]], k: int) -> dict:

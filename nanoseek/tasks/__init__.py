@@ -2,7 +2,8 @@
 
 Pure Python (no torch). Built-in tasks, registered on import:
 `arithmetic` (+ - * mixed), `addition`, `subtraction`, `multiplication`, `countdown`,
-`linear_equation`. Add your own with `register_task` or from a JSONL file with `JsonlTask`.
+`linear_equation`. Add your own with `register_task` or from a JSONL file with `JsonlTask`
+(`resolve_task` turns a `--task` value, name or file, into a Task).
 
     from nanoseek.tasks import get_task, format_prompt
     task = get_task("countdown")
@@ -35,8 +36,9 @@ from nanoseek.tasks.extract import (
     extract_tag,
     parse_number,
 )
-from nanoseek.tasks.jsonl import JsonlTask, load_jsonl
+from nanoseek.tasks.jsonl import JsonlTask, is_task_file, load_jsonl
 from nanoseek.tasks.linear_equation import LinearEquationTask
+from nanoseek.tasks.resolve import resolve_task
 from nanoseek.tasks.safe_eval import SafeEvalError, safe_eval, try_eval
 from nanoseek.tasks.templates import (
     R1_ZERO_SYSTEM,
@@ -72,10 +74,12 @@ __all__ = [
     "format_document",
     "format_prompt",
     "get_task",
+    "is_task_file",
     "list_tasks",
     "load_jsonl",
     "parse_number",
     "register_task",
+    "resolve_task",
     "safe_eval",
     "split_of",
     "try_eval",

@@ -54,7 +54,9 @@ class Problem:
 
     `solution` is a worked, step-by-step solution whose last line states `answer`; tests check
     that every generated `answer` verifies, so the corpus never teaches a wrong result. `key` is
-    the canonical content the split is derived from (empty: the question text).
+    the canonical content the split is derived from (empty: the question text). `pinned_split`
+    overrides that hash for problems whose split their source states (a task file given as a
+    training or a test set, a JSONL row's "split" field); generated problems never set it.
     """
 
     id: str
@@ -65,10 +67,11 @@ class Problem:
     level: int = 1
     key: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    pinned_split: str | None = None
 
     @property
     def split(self) -> str:
-        return split_of(self.key or self.question)
+        return self.pinned_split or split_of(self.key or self.question)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +119,11 @@ class Task(ABC):
         """Strict check of a model completion: the answer must be inside `<answer>`/`\\boxed{}`."""
         answer = extract_answer(completion, fallback="none")
         return answer is not None and self.verify(problem, answer)
+
+    def count(self, split: str, level: int | None = None) -> int | None:
+        """How many distinct problems `split` holds (at `level`), or None when the task
+        generates them without a known end (every built-in family)."""
+        return None
 
     def make_problem(
         self, key: str, question: str, answer: str, solution: str, level: int, **metadata: Any

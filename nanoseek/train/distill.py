@@ -475,9 +475,12 @@ def _teacher_data(opts: DistillOptions, tok_src: str, resume: bool, sample_fn) -
     stats_path = os.path.join(opts.out, "teacher_samples.json")
     teacher = None
     if not (resume and os.path.exists(stats_path)):  # the stats file is written last
-        task = resolve_task(opts.task)
+        from nanoseek.tasks.resolve import draws
+
+        task = resolve_task(opts.task, split=None if opts.task_holdout else "train")
+        n = draws(task, opts.task_n, "train", opts.task_level)
         problems = list({p.id: p for p in task.generate(
-            opts.task_n, "train", seed=opts.seed, level=opts.task_level)}.values())  # fmt: skip
+            n, "train", seed=opts.seed, level=opts.task_level)}.values())  # fmt: skip
         teacher = load_teacher(opts.teacher)
         convs, counts = teacher_samples(
             teacher, tokenizer, task, problems, sample_fn or default_sample_fn(tokenizer),

@@ -20,6 +20,12 @@ Stages (each writes OUT/<stage>/, its model in OUT/<stage>/model):
                   -> final_rl: GRPO from rejection_sft [§2.3.4: "RL for all scenarios"; with
                      only rule-based tasks at hand, it is reasoning RL again]
 
+Splits. Every stage is evaluated on problems no stage trained on. Without `eval_task`, a task file
+keeps the 10% hash split of generated tasks: SFT, RL and rejection sampling draw from its train
+part, evaluation from its test part (rows with a "split" field keep theirs). With `eval_task`
+(e.g. `--task train.jsonl --eval_task test.jsonl`), the stages train on the task file whole and
+are evaluated on the eval_task file whole (`eval_n=0`: every problem of it).
+
 Checkpointing. A finished stage leaves OUT/<stage>/DONE (JSON: metrics, held-out evaluation,
 wall time) and is skipped on a re-run; a stage without DONE is re-entered with resume=True, so
 the trainers continue from their last checkpoint (rejection sampling reruns only if its
@@ -59,12 +65,15 @@ DONE = "DONE"
 class PipelineOptions:
     model: str = ""  # the base checkpoint directory (pre-trained, with its tokenizer)
     task: str = ""  # task name or task JSONL: SFT data, RL prompts, rejection prompts, eval
+    # a task file (or name) to evaluate every stage on instead of `task`'s held-out split: a
+    # test set, evaluated whole; `task` is then a training set, trained on whole
+    eval_task: str | None = None
     out: str = "runs/pipeline"
     level: int | None = None  # task level of every stage; None: all levels
     template: str = CHAT  # prompt format of the tuned stages (r1); chat | short | r1zero
     base_template: str = "short"  # the base model's format (the pre-training corpus'); r1-zero
     # trains and evaluates every stage in it, r1 evaluates the base row in it
-    eval_n: int = 100  # held-out problems per evaluation
+    eval_n: int = 100  # held-out problems per evaluation; 0: every one of a task file
     eval_k: int = 4  # samples per problem: pass@1 is their mean, pass@k from all of them
     eval_temperature: float | None = None  # None: greedy for k = 1, else 0.6 (R1's)
     eval_max_new_tokens: int = 256
@@ -81,8 +90,33 @@ class PipelineOptions:
     rejection_sft: dict[str, Any] = field(default_factory=dict)
     final_grpo: dict[str, Any] = field(default_factory=dict)
 
+    def separate_eval(self) -> bool:
+        """Is an eval_task given that is not `task` itself (so `task` is trained on whole)?"""
+        from nanoseek.tasks.resolve import same_file
+
+        e = self.eval_task
+        return bool(e) and e != self.task and not same_file(e, self.task)
+
+    def evaluated(self):
+        """The task every stage is evaluated on: a name, or a resolved task file (a test set
+        when separate, else its hash split)."""
+        from nanoseek.tasks.resolve import resolve_task
+
+        name = self.eval_task if self.separate_eval() else self.task
+        if not os.path.isfile(name):
+            return name
+        return resolve_task(name, split="test" if self.separate_eval() else None)
+
+    def holdout(self, task: str | None) -> bool:
+        """Must a trainer given `task` keep a file's hash test split out? When it is the file
+        every stage is evaluated on."""
+        from nanoseek.tasks.resolve import same_file
+
+        evaluated = self.eval_task if self.separate_eval() else self.task
+        return task == evaluated or same_file(task, evaluated)
+
     def validate(self) -> None:
-        from nanoseek.train.sft_data import resolve_task
+        from nanoseek.tasks.resolve import resolve_task
 
         if not self.model or not os.path.isdir(self.model):
             raise ConfigError(f"option 'model': {self.model!r} is not a checkpoint directory")
@@ -92,6 +126,18 @@ class PipelineOptions:
         if self.cold_start_data and not os.path.isfile(self.cold_start_data):
             raise ConfigError(f"option 'cold_start_data': no such file {self.cold_start_data!r}")
         tasks = [task] + ([resolve_task(self.cold_start_task)] if self.cold_start_task else [])
+        if self.separate_eval():
+            evaluated = resolve_task(self.eval_task, split="test")
+            if self.cold_start_task and self.holdout(self.cold_start_task):
+                raise ConfigError(
+                    f"option 'cold_start_task': {self.cold_start_task} is the eval_task, "
+                    "which is evaluated whole: training on it would train on test problems"
+                )
+            if self.eval_n == 0 and evaluated.count("test", self.level) is None:
+                raise ConfigError("option 'eval_n': 0 (all problems) is for task files")
+            tasks.append(evaluated)
+        elif self.eval_n == 0 and task.count("test", self.level) is None:
+            raise ConfigError("option 'eval_n': 0 (all problems) is for task files")
         for t in tasks:
             if self.level is not None and self.level not in t.levels:
                 raise ConfigError(
@@ -100,7 +146,9 @@ class PipelineOptions:
                 )
         check_template(self.template)
         check_template(self.base_template)
-        for name in ("eval_n", "eval_k", "eval_max_new_tokens", "cold_start_n"):
+        if self.eval_n < 0:
+            raise ConfigError(f"option 'eval_n' must be >= 0 (0: all), got {self.eval_n}")
+        for name in ("eval_k", "eval_max_new_tokens", "cold_start_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
 
@@ -228,6 +276,7 @@ class Pipeline:
         opts.validate()
         self.kind, self.opts = kind, opts
         self.runners = (runners or Runners()).resolved()
+        self.eval_target = opts.evaluated()  # resolved once: a file is read once
         self._grpo_cls = grpo_options
         self.stages = self._plan()
 
@@ -272,8 +321,9 @@ class Pipeline:
         if o.cold_start_data:
             wired = {"model": o.model, "out": d, "data": [o.cold_start_data], "task": None}
         else:
-            wired = {"model": o.model, "out": d, "task": o.cold_start_task or o.task,
-                     "task_level": o.level}  # fmt: skip
+            task = o.cold_start_task or o.task
+            wired = {"model": o.model, "out": d, "task": task, "task_level": o.level,
+                     "task_holdout": o.holdout(task)}  # fmt: skip
         sft = stage_options(SFTOptions, "sft", wired, defaults, o.sft)
         metrics = self.runners.sft(sft, True, progress)
         return os.path.join(d, "model"), metrics
@@ -285,7 +335,8 @@ class Pipeline:
         o = self.opts
         samples = os.path.join(d, "samples.jsonl")
         wired = {"model": self.model_of("reasoning_rl"), "task": o.task, "out": samples,
-                 "level": o.level, "template": o.template}  # fmt: skip
+                 "level": o.level, "template": o.template,
+                 "task_holdout": o.holdout(o.task)}  # fmt: skip
         rs = stage_options(RejectionOptions, "rejection", wired, {"seed": o.seed}, o.rejection)
         if not os.path.exists(stats_path(samples)):  # written last: the sampling finished
             self.runners.rejection(rs, progress)
@@ -315,9 +366,12 @@ class Pipeline:
         cls = self._grpo_cls or grpo_options_class()
         names = {f.name for f in dataclasses.fields(cls)}
         defaults = {"rewards": dict(rewards), "seed": o.seed}
-        # GRPOOptions.task is a list (a task mix); the pipeline trains on its one task
+        # GRPOOptions.task is a list (a task mix); the pipeline trains on its one task. Without
+        # an `eval_task` option GRPO keeps a task file's hash split (its own held-out
+        # evaluation draws from the same file), which trains on none of a separate eval_task.
         wired = {"model": model, "out": d, "task": [o.task], "task_level": o.level,
-                 "template": template}  # fmt: skip
+                 "template": template,
+                 "eval_task": o.eval_task if o.separate_eval() else None}  # fmt: skip
         wired = {k: v for k, v in wired.items() if k in names}
         grpo = stage_options(cls, section, wired, defaults, *layers)
         metrics = self.runners.grpo(grpo, True, progress)
@@ -327,7 +381,7 @@ class Pipeline:
     def evaluate(self, model_dir: str, template: str) -> dict:
         o = self.opts
         return self.runners.evaluate(
-            model_dir, o.task, n_problems=o.eval_n, k=o.eval_k, temperature=o.eval_temperature,
+            model_dir, self.eval_target, n_problems=o.eval_n, k=o.eval_k, temperature=o.eval_temperature,
             max_new_tokens=o.eval_max_new_tokens, template=template, seed=o.seed, level=o.level,
         )  # fmt: skip
 
@@ -380,17 +434,20 @@ class Pipeline:
                 "format_rate": ev["format_rate"],
                 "mean_length": ev["mean_length"],
                 "truncated": ev["truncated"],
+                **({"n_problems": ev["n_problems"]} if "n_problems" in ev else {}),
                 "wall_s": done["wall_s"],
                 "model": done["model"],
                 **({"rejection": done["metrics"]["rejection"]}
                    if "rejection" in (done.get("metrics") or {}) else {}),
             })  # fmt: skip
         o = self.opts
+        n_eval = next((r["n_problems"] for r in rows if "n_problems" in r), o.eval_n)
         summary = {
             "kind": self.kind,
             "task": o.task,
+            "eval_task": o.eval_task if o.separate_eval() else o.task,
             "level": o.level,
-            "eval": {"n_problems": o.eval_n, "k": o.eval_k, "split": "test"},
+            "eval": {"n_problems": n_eval, "k": o.eval_k, "split": "test"},
             "stages": rows,
         }
         table = format_table(summary)
@@ -404,8 +461,10 @@ def format_table(summary: dict) -> str:
     """The stage table as Markdown."""
     k = summary["eval"]["k"]
     level = "all levels" if summary["level"] is None else f"level {summary['level']}"
+    evaluated = summary.get("eval_task") or summary["task"]
+    on = summary["task"] if evaluated == summary["task"] else f"{summary['task']} -> {evaluated}"
     lines = [
-        f"{summary['kind']} pipeline on {summary['task']} ({level}), held-out test split: "
+        f"{summary['kind']} pipeline on {on} ({level}), held-out test split: "
         f"{summary['eval']['n_problems']} problems x {k} samples",
         "",
         f"| stage | template | pass@1 | pass@{k} | format | mean length | truncated | wall time |",

@@ -159,6 +159,9 @@ def to_conversation(s: Sample, system: bool | str = False,
 class RejectionOptions:
     model: str = ""  # checkpoint directory to sample from (the reasoning-RL model in R1)
     task: str = ""  # task name or task JSONL file; prompts come from its train split
+    # a task file is a training set, all of it prompts (rows' own "split" fields still rule);
+    # True keeps its 10% hash test split out, for a file that is also evaluated on (pipeline)
+    task_holdout: bool = False
     out: str = "runs/rejection/samples.jsonl"  # SFT chat JSONL; statistics go to OUT.json
     tokenizer: str | None = None  # tokenizer directory; None: the model directory
     n_prompts: int = 200  # distinct train problems
@@ -215,7 +218,7 @@ def run_rejection(
     from nanoseek.train.sft_data import resolve_task, write_chat_jsonl
 
     opts.validate()
-    task = resolve_task(opts.task)
+    task = resolve_task(opts.task, split=None if opts.task_holdout else "train")
     tokenizer = Tokenizer.load(tokenizer_dir(opts.model, opts.tokenizer))
     model = load(opts.model, dtype=torch.float32)
     problems = task.generate(opts.n_prompts, "train", seed=opts.seed, level=opts.level,

@@ -2,6 +2,7 @@
 
     nanoseek sft --model runs/tiny/model --data chats.jsonl --out runs/sft
     nanoseek sft --model runs/tiny/model --task countdown --task_n=2000 --out runs/cold
+    nanoseek sft --model runs/tiny/model --task train.jsonl --epochs=2 --out runs/sft  # whole file
     nanoseek sft --config sft.toml --epochs=2 --lr=1e-4
 
 What this method adds to the loop:
@@ -57,7 +58,12 @@ class ChatDataOptions:
     data: list[str] = field(default_factory=list)  # chat JSONL and/or text files
     text_field: str = "text"  # JSONL field / Parquet column of plain-text files
     task: str | None = None  # also: conversations from this task's worked solutions
-    task_n: int = 1000  # problems drawn from the task's train split
+    # problems drawn from the task's train split, a task file's in epochs without replacement;
+    # None: each problem of a task file once, 1000 of a generated task
+    task_n: int | None = None
+    # a task file is a training set, trained on whole (rows' own "split" fields still rule);
+    # True keeps its 10% hash test split out, for a file that is also evaluated on (pipeline)
+    task_holdout: bool = False
     task_level: int | None = None  # None: every level of the task
     task_system: bool = False  # put the R1-Zero instruction in a system message
     seq_len: int = 512  # model inputs per row; a row holds seq_len + 1 tokens
@@ -70,7 +76,7 @@ class ChatDataOptions:
             raise ConfigError("no data: give --data FILE... and/or --task NAME")
         if self.task:
             resolve_task(self.task)  # an unknown name fails now, listing the valid ones
-            if self.task_n < 1:
+            if self.task_n is not None and self.task_n < 1:
                 raise ConfigError(f"option 'task_n' must be >= 1, got {self.task_n}")
         if self.overlong not in OVERLONG:
             raise ConfigError(f"option 'overlong' must be one of {OVERLONG}, got {self.overlong!r}")
@@ -151,8 +157,9 @@ def prepare_datasets(
     convs = []
     if opts.task:
         convs = task_conversations(
-            opts.task, opts.task_n, seed=seed, level=opts.task_level, system=opts.task_system
-        )
+            opts.task, opts.task_n, seed=seed, level=opts.task_level, system=opts.task_system,
+            holdout=opts.task_holdout,
+        )  # fmt: skip
     L = opts.seq_len + 1
     examples, stats = load_examples(
         opts.data, tokenizer, L, overlong=opts.overlong, text_field=opts.text_field,

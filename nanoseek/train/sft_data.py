@@ -51,6 +51,8 @@ from nanoseek.data.chat_template import CHAT_ROLES, assistant_spans
 from nanoseek.data.shards import depth_mask
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model.loss import IGNORE_INDEX
+from nanoseek.tasks.jsonl import is_task_file
+from nanoseek.tasks.resolve import draws, resolve_task  # noqa: F401 - resolve_task: old home
 
 OVERLONG = ("truncate", "drop", "error")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -267,6 +269,11 @@ def load_examples(
             stats.label_tokens += ex.n_labels
 
     for path in paths:
+        if is_task_file(path):
+            raise SFTDataError(
+                f"{path}: a task file (question/answer lines), not chat or text data: "
+                f"pass it as --task {path}"
+            )
         if is_chat_file(path):
             for where, messages in read_chat_jsonl(path):
                 add(
@@ -306,31 +313,24 @@ def split_examples(
 
 
 # ------------------------------------------------------------------------------ from a task
-def resolve_task(name: str):
-    """A registered task name, or a task JSONL file ({"question", "answer", "solution"} lines);
-    an unknown name raises an error listing the valid ones."""
-    from nanoseek.tasks import JsonlTask, get_task
-
-    if os.path.isfile(name):
-        return JsonlTask(Path(name).stem, name)
-    return get_task(name)
-
-
 def task_conversations(
     task: str,
-    n: int,
+    n: int | None,
     *,
     split: str = "train",
     seed: int = 0,
     level: int | None = None,
     system: bool | str = False,
+    holdout: bool = True,
 ) -> list[tuple[str, list[dict[str, str]]]]:
     """`n` problems of a task (name or JSONL file) as SFT conversations with the worked solution
-    (`format_chat`): the R1 cold-start data [R1 §2.3.1] for tasks that come with solutions."""
+    (`format_chat`): the R1 cold-start data [R1 §2.3.1] for tasks that come with solutions.
+    A task file is drawn in epochs without replacement (n = None: each problem once); with
+    `holdout` it keeps its hash test split out, else all of it is `split`."""
     from nanoseek.tasks import format_chat
 
-    t = resolve_task(task)
-    problems = t.generate(n, split=split, seed=seed, level=level)
+    t = resolve_task(task, split=None if holdout else split)
+    problems = t.generate(draws(t, n, split, level), split=split, seed=seed, level=level)
     missing = [p.id for p in problems if not p.solution]
     if missing:
         raise SFTDataError(f"task {task!r}: problem {missing[0]} has no worked solution for SFT")
