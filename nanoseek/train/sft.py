@@ -32,6 +32,7 @@ import torch
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.mtp_objective import mtp_objective
+from nanoseek.tasks.jsonl import is_task_file
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
 from nanoseek.train.sft_data import (
@@ -78,6 +79,12 @@ class ChatDataOptions:
             resolve_task(self.task)  # an unknown name fails now, listing the valid ones
             if self.task_n is not None and self.task_n < 1:
                 raise ConfigError(f"option 'task_n' must be >= 1, got {self.task_n}")
+        for path in self.data:  # fail before the model loads
+            if is_task_file(path):
+                raise ConfigError(
+                    f"{path}: a task file (question/answer lines), not chat or text data: "
+                    f"pass it as --task {path}"
+                )
         if self.overlong not in OVERLONG:
             raise ConfigError(f"option 'overlong' must be one of {OVERLONG}, got {self.overlong!r}")
         if not 0 <= self.val_fraction < 1:
