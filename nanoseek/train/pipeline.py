@@ -442,6 +442,8 @@ class Pipeline:
             })  # fmt: skip
         o = self.opts
         n_eval = next((r["n_problems"] for r in rows if "n_problems" in r), o.eval_n)
+        if not n_eval and not isinstance(self.eval_target, str):  # eval_n = 0: the whole file
+            n_eval = self.eval_target.count("test", o.level)
         summary = {
             "kind": self.kind,
             "task": o.task,
