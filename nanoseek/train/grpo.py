@@ -82,6 +82,9 @@ class GRPOOptions(LoopOptions):
     tokenizer: str | None = None  # tokenizer directory; None: the model directory
     task: list[str] = field(default_factory=lambda: ["countdown"])  # names or task JSONL files
     task_level: int | None = None  # None: every level of the task
+    # a task file evaluated whole; the --task files are then trained on whole. None: held-out
+    # problems are the hash test split of the training tasks, never trained on
+    eval_task: str | None = None
     # "short" matches the built-in pre-training corpus; "r1zero" the paper's template; "chat" the
     # tokenizer's chat template (after `nanoseek sft`). The format reward depends on it.
     template: str = "short"
@@ -127,8 +130,8 @@ class GRPOOptions(LoopOptions):
 
     def validate(self) -> None:
         from nanoseek.tasks import TEMPLATES
+        from nanoseek.tasks.resolve import resolve_task
         from nanoseek.tasks.rewards import rewards_from_spec
-        from nanoseek.train.sft_data import resolve_task
 
         if not self.model or not os.path.isdir(self.model):
             raise ConfigError(f"option 'model': {self.model!r} is not a checkpoint directory")
@@ -156,6 +159,8 @@ class GRPOOptions(LoopOptions):
             self.rl()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.eval_task:
+            resolve_task(self.eval_task, split="test")  # a bad name or file fails now
         for t in self.task:
             task = resolve_task(t)  # unknown names fail now, listing the valid ones
             for name in ("task_level", "eval_level"):
@@ -192,9 +197,9 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
 
 def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     from nanoseek.dist.checkpoint import export_hf
+    from nanoseek.tasks.resolve import resolve_task, same_file
     from nanoseek.train.run_dir import claim_out_dir
     from nanoseek.train.sft import load_for_training, write_run_files
-    from nanoseek.train.sft_data import resolve_task
 
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -202,11 +207,14 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     # beta = 0: no reference copy at all (memory of a second model saved)
     ref = frozen_copy(model).to(par.device) if opts.beta != 0 else None
     replica = frozen_copy(model).to(par.device) if par.distributed else None
-    tasks = [resolve_task(t) for t in opts.task]
+    # a separate evaluation file: train on the task files whole, evaluate on that file whole
+    apart = bool(opts.eval_task) and not any(same_file(t, opts.eval_task) for t in opts.task)
+    tasks = [resolve_task(t, split="train" if apart else None) for t in opts.task]
+    eval_tasks = [resolve_task(opts.eval_task, split="test")] if apart else tasks
     sampler = PromptSampler(tasks, opts.seed, opts.task_level)
     watch = Watch(opts.warn_after)
     level = opts.eval_level if opts.eval_level is not None else opts.task_level
-    eval_problems = held_out(tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
+    eval_problems = held_out(eval_tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
 
     if par.distributed and opts.max_time_s:
         raise ConfigError("option 'max_time_s' works in one process only (ranks would disagree "

@@ -341,3 +341,45 @@ def test_rollouts_stop_on_every_stop_id():
     assert completion_ids([5, 6, 9, 7], (1, 9)) == [5, 6, 9]  # an end-of-turn token
     assert completion_ids([5, 1, 9], (1, 9)) == [5, 1]  # eos
     assert completion_ids([5, 6], (1, 9)) == [5, 6]  # truncated
+
+
+def test_eval_task_file_is_evaluated_whole_and_the_task_file_trained_whole(
+    model_dir, tmp_path, monkeypatch
+):
+    from nanoseek.train import grpo
+
+    def write(path, rows):
+        with open(path, "w") as f:
+            for q, a in rows:
+                f.write(json.dumps({"question": q, "answer": a}) + "\n")
+        return str(path)
+
+    train = write(tmp_path / "train.jsonl", [(f"What is {i} + 1?", i + 1) for i in range(8)])
+    test = write(tmp_path / "test.jsonl", [(f"What is {i} + 2?", i + 2) for i in range(3)])
+    seen = {}
+
+    def fake_held_out(tasks, n, seed, level):
+        seen["eval"] = [t.count("test", level) for t in tasks]
+        return []
+
+    real_sampler = grpo.PromptSampler
+
+    def sampler(tasks, seed, level):
+        seen["train"] = [t.count("train", level) for t in tasks]
+        return real_sampler(tasks, seed, level)
+
+    monkeypatch.setattr(grpo, "held_out", fake_held_out)
+    monkeypatch.setattr(grpo, "PromptSampler", sampler)
+    opts = _opts(model_dir, tmp_path / "files", task=[train], eval_task=test, task_level=None,
+                 max_steps=1, rewards={"accuracy": 1.0})  # fmt: skip
+    run_grpo(opts, progress=False)
+    assert seen == {"train": [8], "eval": [3]}
+    # without eval_task the file keeps the hash split: what is evaluated is never trained on
+    opts = _opts(model_dir, tmp_path / "one", task=[train], task_level=None, max_steps=1,
+                 rewards={"accuracy": 1.0})  # fmt: skip
+    run_grpo(opts, progress=False)
+    assert seen["train"][0] + seen["eval"][0] == 8
+    from nanoseek.tasks import TaskError
+
+    with pytest.raises(TaskError, match="nope.jsonl: no such task file"):
+        _opts(model_dir, tmp_path / "bad", eval_task=str(tmp_path / "nope.jsonl")).validate()
