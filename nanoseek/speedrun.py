@@ -78,10 +78,8 @@ class SpeedrunOptions:
     # others), short enough that the direct answers stay mostly wrong: at 1800 steps seed 0's
     # base had learnt to add two-digit numbers without working (94%), leaving RL nothing to find
     pretrain_steps: int = 1500
-    # the base is the newest pre-training checkpoint (of the second half) whose pass@1 on
-    # train-split problems of the task is at most this (train/base_choice.py): when the direct
-    # answers become right moves with the seed (seed 0 learnt them by step 1500 with two
-    # threads: 92%), and a base that solves the task leaves RL nothing to find
+    # base: the newest checkpoint (second half) with train-split pass@1 <= this (base_choice.py):
+    # when the direct answers become right moves with the seed (seed 0: 92% at step 1500)
     base_max_pass1: float = 0.35
     seq_len: int = 128
     batch_size: int = 16
@@ -94,26 +92,28 @@ class SpeedrunOptions:
     # 4e-4 with mu = 2 collapsed a tiny model's accuracy within 40 steps in our trials
     grpo_lr: float = 2e-4
     r1_zero_steps: int = 50
-    grpo_steps: int = 40  # reasoning RL and the final RL, each
+    # reasoning RL supplies the rejection-sampling data: at 40 steps seed 2's reached 58.9% and
+    # the final model 86.9% (below R1-Zero's 92.5%); at 80 steps 88.8%, and the final 97.8%
+    reasoning_rl_steps: int = 80
+    final_rl_steps: int = 40
     max_new_tokens: int = 128  # completions of RL, rejection sampling and evaluation
     # cold-start examples: drawn like the corpus (same tasks, levels, direct share) and written
     # in the chat format, so the cold start teaches the chat template, not the RL task's habit
     cold_start_n: int = 300
-    # cold start: ~8 epochs over its 300 examples, to carry the base's abilities into the chat
-    # template (100 steps left the seed-1 base at 1.8% pass@1 in it, 300 at 15.1%, about its
-    # 11.6% in its own template; reasoning RL from there: 91.5%)
+    # ~8 epochs over the 300 examples carry the base's abilities into the chat template (100
+    # steps left the seed-1 base at 1.8% pass@1 in it, 300 at 15.1%, about its own 11.6%)
     sft_steps: int = 300
     sft_lr: float = 1e-3  # cold start and rejection SFT
-    # a correct worked solution of an addition is unique: one sample per prompt, many prompts.
-    # The SFT of the base needs ~200 steps over them to carry the worked skill into the chat
-    # template: with 800 prompts x 2 samples (618 kept, 93 steps) seed 2's rejection SFT fell
-    # to 7.6% pass@1 (from its teacher's 58.9%); with 3000 x 1 (1608 kept, 240 steps), 73.8%
+    # one sample per prompt (a correct worked sum is unique), many prompts: the SFT of the base
+    # needs ~200 steps (seed 2: 800 x 2 samples, 93 steps: 7.6%; 3000 x 1, 240 steps: 73.8%)
     rejection_prompts: int = 3000
     rejection_samples: int = 1
     rejection_sft_epochs: float = 3.0
     eval_n: int = 200  # held-out problems per evaluation
     eval_k: int = 4  # samples per problem (pass@1 = their mean, at R1's temperature 0.6)
-    distill_steps: int = 200
+    # the student learns to copy the operands late: seed 2's distilled student was at 0.8%
+    # after 200 steps, 53.1% after 350 and 55.8% after 500 (its teacher at 86.9%)
+    distill_steps: int = 400
     distill_examples: int = 4000  # worked solutions the student sees (and the teacher scores)
     student_layers: int = 2  # the student: the preset with this many layers
     spec_prompts: int = 8
@@ -181,7 +181,8 @@ class SpeedrunOptions:
             return self
         return dataclasses.replace(
             self, corpus_docs=2000, vocab_size=512, pretrain_steps=12, fp8_steps=4,
-            cold_start_n=16, sft_steps=3, grpo_steps=2, r1_zero_steps=2, rejection_prompts=6,
+            cold_start_n=16, sft_steps=3, reasoning_rl_steps=2, final_rl_steps=2, r1_zero_steps=2,
+            rejection_prompts=6,
             rejection_samples=2, eval_n=4, eval_k=2, distill_steps=3, distill_examples=32,
             spec_prompts=1, spec_new_tokens=12, batch_size=4, seq_len=64, grpo_generations=2,
             grpo_prompts=2, max_new_tokens=32, rejection_sft_epochs=1.0,
@@ -338,8 +339,8 @@ def stage_r1(ctx: Context) -> dict:
         f"--sft.max_steps={o.sft_steps}", "--sft.batch_size=8", f"--sft.seq_len={o.seq_len * 2}",
         f"--sft.lr={o.sft_lr}", f"--sft.eval_every={max(1, o.sft_steps // 3)}",
         f"--sft.save_every={max(1, o.sft_steps // 3)}",
-        *grpo_overrides(o, "grpo", o.grpo_steps),
-        *grpo_overrides(o, "final_grpo", o.grpo_steps),
+        *grpo_overrides(o, "grpo", o.reasoning_rl_steps),
+        *grpo_overrides(o, "final_grpo", o.final_rl_steps),
         f"--rejection.n_prompts={o.rejection_prompts}",
         f"--rejection.samples={o.rejection_samples}", "--rejection.temperature=1.0",  # diverse samples: duplicates are dropped
         f"--rejection.max_new_tokens={o.max_new_tokens}",
@@ -502,7 +503,7 @@ ESTIMATES: dict[str, Callable[[SpeedrunOptions], float]] = {
     "r1": lambda o: (
         30
         + o.sft_steps * 0.15
-        + o.grpo_steps * 0.9 * 2
+        + (o.reasoning_rl_steps + o.final_rl_steps) * 0.9
         + o.rejection_prompts * o.rejection_samples * (0.01 + 0.004 * o.rejection_sft_epochs)
         + 6 * o.eval_n * o.eval_k * 0.005
     ),

@@ -142,8 +142,8 @@ def test_bad_options_name_the_field():
         SpeedrunOptions(preset="huge").validate()
     with pytest.raises(ConfigError, match="option 'level'"):
         SpeedrunOptions(level=99).validate()
-    with pytest.raises(ConfigError, match="option 'grpo_steps' must be >= 1"):
-        SpeedrunOptions(grpo_steps=0).validate()
+    with pytest.raises(ConfigError, match="option 'reasoning_rl_steps' must be >= 1"):
+        SpeedrunOptions(reasoning_rl_steps=0).validate()
     with pytest.raises(ConfigError, match="option 'grpo_generations' must be >= 2"):
         SpeedrunOptions(grpo_generations=1).validate()
     with pytest.raises(ConfigError, match="option 'sft_lr' must be > 0"):
@@ -172,11 +172,11 @@ def test_cli_runs_the_stages_and_points_at_the_result(tmp_path, monkeypatch, cap
     monkeypatch.setattr("nanoseek.speedrun_report.write_report",
                         lambda opts, *a: {"stages": {s: read_done(os.path.join(opts.out, s))
                                                      for s in ALL if s != "fp8_vs_bf16"}})  # fmt: skip
-    assert main(["speedrun", "--out", out, "--smoke", "--grpo_steps=3"]) == 0
+    assert main(["speedrun", "--out", out, "--smoke", "--final_rl_steps=3"]) == 0
     printed = capsys.readouterr().out
     assert f"nanoseek chat {os.path.join(out, 'r1', 'final_rl', 'model')}" in printed
     saved = json.load(open(os.path.join(out, "speedrun.json")))["options"]
-    assert saved["smoke"] is True and saved["grpo_steps"] == 3 and saved["fp8"] is False
+    assert saved["smoke"] is True and saved["final_rl_steps"] == 3 and saved["fp8"] is False
     assert main(["speedrun", "--out", str(tmp_path / "b"), "--eval_n=0"]) == 2
     assert "option 'eval_n' must be >= 1" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "b"), "--bogus=1"]) == 2
