@@ -211,7 +211,7 @@ def test_targets_align_with_model_outputs(tok, shard_dir):
     """targets(k) has the shape of MTP module k's logits for inputs of length T."""
     from helpers import random_model, tiny_config
 
-    from nanoseek.model.transformer import IGNORE_INDEX as MODEL_IGNORE
+    from nanoseek.model import IGNORE_INDEX as MODEL_IGNORE
 
     assert IGNORE_INDEX == MODEL_IGNORE
     cfg = tiny_config(vocab_size=tok.vocab_size, num_nextn_predict_layers=2)
