@@ -42,6 +42,7 @@ import torch
 from nanoseek.config import ConfigError
 from nanoseek.eval.sampling import CHAT
 from nanoseek.machine import machine_info
+from nanoseek.speedrun_report import write_report
 from nanoseek.train.pipeline import DONE, duration, read_done, write_json
 
 STAGES = (
@@ -124,7 +125,7 @@ class SpeedrunOptions:
     def validate(self) -> None:
         from nanoseek.config import ModelConfig
         from nanoseek.presets import PRESETS
-        from nanoseek.train.sft_data import resolve_task
+        from nanoseek.tasks.resolve import resolve_task
 
         if self.preset not in PRESETS:
             raise ConfigError(f"option 'preset': {self.preset!r}; presets: {', '.join(PRESETS)}")
@@ -209,7 +210,7 @@ def stage_tokenizer(ctx: Context) -> dict:
 
     from nanoseek.data.corpus import write_chat_corpus, write_corpus
     from nanoseek.data.tokenizer import train_tokenizer
-    from nanoseek.train.sft_data import resolve_task
+    from nanoseek.tasks.resolve import resolve_task
 
     o = ctx.opts
     corpus = ctx.dir("tokenizer", "corpus.jsonl")
@@ -538,8 +539,6 @@ def check_same_options(opts: SpeedrunOptions) -> None:
 
 def run_speedrun(opts: SpeedrunOptions, progress: bool = True) -> dict:
     """Run (or skip) every stage; returns the report card's data (also OUT/report.md)."""
-    from nanoseek.speedrun_report import write_report
-
     opts.validate()
     if opts.threads:
         torch.set_num_threads(opts.threads)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING
 
-from nanoseek.speedrun import SpeedrunOptions
 from nanoseek.train.pipeline import duration, read_done, write_json
+
+if TYPE_CHECKING:  # the main job imports this module: only its annotations name the options
+    from nanoseek.speedrun import SpeedrunOptions
 
 
 def write_report(opts: SpeedrunOptions, eff: SpeedrunOptions, stages: list[str],

@@ -101,9 +101,7 @@ class Stubs:
 
 @pytest.fixture
 def no_report(monkeypatch):
-    import nanoseek.speedrun_report as report
-
-    monkeypatch.setattr(report, "write_report", lambda *a, **k: {"stages": {}})
+    monkeypatch.setattr(speedrun, "write_report", lambda *a, **k: {"stages": {}})
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path, monkeypatch,
@@ -169,7 +167,7 @@ def test_cli_runs_the_stages_and_points_at_the_result(tmp_path, monkeypatch, cap
     runners = stubs.runners()
     runners["r1"] = lambda ctx: {"final_model": ctx.dir("r1", "final_rl", "model")}
     monkeypatch.setattr(speedrun, "RUNNERS", runners)
-    monkeypatch.setattr("nanoseek.speedrun_report.write_report",
+    monkeypatch.setattr(speedrun, "write_report",
                         lambda opts, *a: {"stages": {s: read_done(os.path.join(opts.out, s))
                                                      for s in ALL if s != "fp8_vs_bf16"}})  # fmt: skip
     assert main(["speedrun", "--out", out, "--smoke", "--final_rl_steps=3"]) == 0

@@ -45,6 +45,7 @@ from nanoseek.eval.sampling import SampleFn, engine_sample_fn, stop_ids
 from nanoseek.fsio import write_json
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.model.mtp_objective import mtp_objective
+from nanoseek.tasks.resolve import resolve_task
 from nanoseek.train.distill_losses import LOSSES, distill_loss
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
@@ -62,7 +63,7 @@ from nanoseek.train.sft import (
     write_run_files,
 )
 from nanoseek.train.sft import make_loss_fn as sft_loss_fn
-from nanoseek.train.sft_data import Example, SFTBatch, collate, resolve_task, write_chat_jsonl
+from nanoseek.train.sft_data import Example, SFTBatch, collate, write_chat_jsonl
 
 MODES = ("logit", "sequence")
 

@@ -180,7 +180,7 @@ class RejectionOptions:
     seed: int = 0
 
     def validate(self) -> None:
-        from nanoseek.train.sft_data import resolve_task
+        from nanoseek.tasks.resolve import resolve_task
 
         if not self.model or not os.path.isdir(self.model):
             raise ConfigError(f"option 'model': {self.model!r} is not a checkpoint directory")
@@ -214,8 +214,9 @@ def run_rejection(
 
     from nanoseek.checkpoint.io import load
     from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.tasks.resolve import resolve_task
     from nanoseek.train.sft import tokenizer_dir
-    from nanoseek.train.sft_data import resolve_task, write_chat_jsonl
+    from nanoseek.train.sft_data import write_chat_jsonl
 
     opts.validate()
     task = resolve_task(opts.task, split=None if opts.task_holdout else "train")
