@@ -122,6 +122,29 @@ def test_sequence_balance_loss_formula():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_masked_sequence_balance_loss_counts_real_tokens_only():
+    """Padding changes nothing: a padded sequence's loss equals the unpadded one's, computed by
+    hand over its real tokens (T_real in f_i's denominator and in P_i's mean)."""
+    cfg = tiny_config(aux_loss_alpha=0.01)
+    moe = MoE(cfg).train()
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    torch.manual_seed(2)
+    real, T = 4, 7  # 4 real tokens, 3 of padding
+    scores = torch.rand(1, T, E)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])[None]
+    mask = torch.tensor([[True] * real + [False] * (T - real)])
+    f = torch.zeros(E)
+    for t in range(real):
+        for e in idx[0, t]:
+            f[e] += E / (K * real)
+    P = (scores[0, :real] / scores[0, :real].sum(-1, keepdim=True)).mean(0)
+    expected = 0.01 * (f * P).sum()
+    assert moe.sequence_balance_loss(scores, idx, mask).item() == pytest.approx(expected.item(),
+                                                                                  rel=1e-6)  # fmt: skip
+    unpadded = moe.sequence_balance_loss(scores[:, :real], idx[:, :real])
+    assert unpadded.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_max_violation():
     assert max_violation(torch.tensor([10, 10, 10, 10])) == 0.0
     assert max_violation(torch.tensor([20, 10, 5, 5])) == pytest.approx(1.0)

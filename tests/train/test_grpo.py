@@ -383,3 +383,14 @@ def test_eval_task_file_is_evaluated_whole_and_the_task_file_trained_whole(
 
     with pytest.raises(TaskError, match="nope.jsonl: no such task file"):
         _opts(model_dir, tmp_path / "bad", eval_task=str(tmp_path / "nope.jsonl")).validate()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_policy_logprobs_use_the_sampling_temperature(model_dir, tmp_path, temperature):
+    """Before the first update the policy is the sampler: its recomputed log-probs (at the
+    rollouts' temperature) equal the engine's. Without the temperature they would not."""
+    opts = _opts(model_dir, tmp_path / f"t{temperature}", max_steps=1, eval_every=0,
+                 temperature=temperature)  # fmt: skip
+    run_grpo(opts, progress=False)
+    (step,) = [r for r in _records(opts.out) if r.get("step") == 1]
+    assert step["rollout_logprob_diff"] < 1e-3, step["rollout_logprob_diff"]
