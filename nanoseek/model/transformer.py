@@ -135,6 +135,7 @@ class CausalLM(nn.Module):
         for the router statistics. `mtp=False` skips the MTP modules (inference).
         """
         B, T = input_ids.shape
+        packed = position_ids  # given positions may restart per document (packed sequences)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rope(position_ids)
@@ -160,7 +161,6 @@ class CausalLM(nn.Module):
 
         out.aux_loss = aux
         if labels is not None:  # V3 eq. 25, safe at document boundaries given position_ids
-            packed = position_ids if position_ids.shape[-1] == T else None
             obj = mtp_objective(out.logits, out.mtp_logits, label_targets(labels, packed),
                                 self.config.mtp_loss_weight, aux, depths=len(self.mtp))  # fmt: skip
             out.main_loss, out.mtp_losses, out.loss = obj.main_loss, obj.mtp_losses, obj.loss

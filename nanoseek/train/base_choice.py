@@ -74,7 +74,8 @@ def choose_base(
     if os.path.isfile(cache):
         with open(cache) as f:
             done = json.load(f)
-        if done.get("model") and os.path.isfile(os.path.join(done["model"], "config.json")):
+        same = done.get("max_pass1") == max_pass1
+        if same and os.path.isfile(os.path.join(done.get("model", ""), "config.json")):
             return done
     candidates = [(s, p) for s, p in checkpoint_dirs(run_dir) if s >= min_step]
     if not candidates:

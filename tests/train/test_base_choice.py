@@ -82,6 +82,9 @@ def test_rerun_reads_the_cached_choice(tmp_path, scripted):
     n = len(calls)
     assert choose_base(run, "sum", 2, max_pass1=0.35, log=lambda *_: None) == first
     assert len(calls) == n
+    # another threshold is another choice: measured again, not read from the cache
+    assert choose_base(run, "sum", 2, max_pass1=0.95, log=lambda *_: None)["step"] == 200
+    assert len(calls) == n + 1
 
 
 def test_bad_threshold_is_refused(tmp_path):
