@@ -91,7 +91,7 @@ def pick_base(base_out: str, band: tuple[float, float], level: int, n: int, opts
     (4 samples at T 0.6, top-p 0.95) lies in `band`; SystemExit naming the accuracies when none
     does. Accuracies are cached in `path`, so a re-run evaluates only new checkpoints."""
     from nanoseek.tasks import get_task
-    from nanoseek.train.state import checkpoint_dirs
+    from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 
     # selection must not see the held-out problems: the train split only
     problems = get_task(TASK).generate(n, "train", seed=seed, level=level, unique=True)

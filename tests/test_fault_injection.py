@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs, load_state
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.train.state import checkpoint_dirs, load_state
 from tests.helpers import tiny_config
 
 STEPS = 16
@@ -130,7 +130,7 @@ def assert_finished_like_reference(out, reference):
 # (function, calls before the kill at most): each kill lands within the first few saves
 KILL_POINTS = [
     ("nanoseek.checkpoint.io.save_file", 3),  # model weights of a checkpoint: mid-save
-    ("nanoseek.train.state.save_file", 3),  # the trainer state, before the weights
+    ("nanoseek.checkpoint.trainer_state.save_file", 3),  # the trainer state, before the weights
     ("os.rename", 3),  # publishing a checkpoint or the tokenizer folder
     ("os.replace", 6),  # options.json, shards, shard renames inside a checkpoint, logs
     ("os.fsync", 10),  # between a write and the rename that publishes it

@@ -11,9 +11,9 @@ from safetensors import SafetensorError
 import nanoseek
 from nanoseek import fsio
 from nanoseek.checkpoint import io
+from nanoseek.checkpoint import trainer_state as state_mod
 from nanoseek.data.shards import ShardWriter, TokenShard
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
-from nanoseek.train import state as state_mod
 from nanoseek.train.run_dir import clean_staging
 from tests.helpers import random_model, tiny_config
 

@@ -13,8 +13,9 @@ Layout of the sharded state (one flat dict, the same keys whatever the mesh):
 - `optim.<param name>.<state>` likewise (AdamW moments per expert; `step` once per parameter).
 
 Checkpoints written by one process (the HF directory + trainer state of
-nanoseek/train/state.py) resume on M ranks too (`load_full`), and a sharded one on one process
-(`load_sharded` without a process group): a run saved with N processes resumes with M.
+nanoseek/checkpoint/trainer_state.py) resume on M ranks too (`load_full`), and a sharded one on
+one process (`load_sharded` without a process group): a run saved with N processes resumes
+with M.
 Footgun: on several nodes OUT must be a shared filesystem (each rank writes its own shard file).
 Reading goes through nanoseek/dist/safe_dcp.py: DCP's own reader would unpickle the index and
 non-tensor values, running whatever code a crafted checkpoint holds.
@@ -30,7 +31,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from nanoseek.checkpoint.io import CheckpointError
-from nanoseek.train.state import prune, write_state
+from nanoseek.checkpoint.trainer_state import prune, write_state
 
 SHARDS = "dcp"
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 from nanoseek.fsio import copy_dir, write_json
-from nanoseek.train.state import checkpoint_dirs
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -305,7 +305,7 @@ def frozen_copy(model):
 
 # ------------------------------------------------------------------------------ checkpoints
 def _save(opts, step, trainer, sampler, watch) -> str:
-    from nanoseek.train.state import rng_state
+    from nanoseek.checkpoint.trainer_state import rng_state
 
     state = {
         "step": step,
@@ -321,7 +321,7 @@ def _resume(out: str, trainer, sampler, watch) -> int:
     """Restore the latest checkpoint in `out`; returns its GRPO step (0: none). The frozen
     reference stays the initial model (`opts.model`), not the checkpoint."""
     from nanoseek.checkpoint.io import CheckpointError
-    from nanoseek.train.state import set_rng_state
+    from nanoseek.checkpoint.trainer_state import set_rng_state
 
     state = trainer.load_latest()
     # lines written after the checkpoint are redone; without one, all of them (the step-0

@@ -29,17 +29,11 @@ import torch
 from torch.autograd.graph import increment_version
 
 from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.checkpoint.trainer_state import load_state, rng_state, save_checkpoint, set_rng_state
 from nanoseek.dist.parallel import SingleProcess
 from nanoseek.fsio import naming
-from nanoseek.train.run_dir import truncate_jsonl
+from nanoseek.train.run_dir import resumable_checkpoint, truncate_jsonl
 from nanoseek.train.schedule import lr_at
-from nanoseek.train.state import (
-    load_state,
-    resumable_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from nanoseek.train.tracking import Trackers, open_trackers, parse_report_to
 
 __all__ = ["LoopOptions", "Trainer", "TrainingDiverged", "make_optimizer", "truncate_jsonl"]

@@ -4,6 +4,10 @@
   one-line error, unless `overwrite` asks to clear that run first: checkpoints are pruned by
   step number, so an old run's later steps would outrank (and delete) the new run's, metrics
   would interleave, and a later resume would pick up the old run.
+- On resume the newest checkpoint that reads whole is the one resumed; newer broken ones
+  (a torn trainer state, a truncated weight file or DCP shard) are set aside as
+  `step-N.corrupt` with a warning, and a run whose checkpoints are all broken is an error,
+  never a silent restart from step 0.
 - On resume the per-step logs (metrics.jsonl, completions.jsonl) are cut back to the resumed
   step, so after any sequence of kills they hold exactly one row per step; a line torn by a
   kill mid-write is dropped with a warning naming the file.
@@ -18,8 +22,15 @@ import os
 import re
 import shutil
 import warnings
+from typing import Any
 
+from safetensors import safe_open
+
+from nanoseek.checkpoint.io import CheckpointError, weight_map
+from nanoseek.checkpoint.trainer_state import load_state, step_dirs
 from nanoseek.config import ConfigError
+from nanoseek.dist.checkpoint import SHARDS, is_sharded
+from nanoseek.dist.safe_dcp import check_shards
 
 # what a training run writes and a new run must not mix with; cleared by `overwrite`
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "completions.jsonl", "model")
@@ -27,11 +38,12 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "completions.jsonl", "model")
 _ALSO_CLEARED = ("teacher_samples.jsonl", "teacher_samples.json", "student_init")
 
 # staging names: nanoseek/checkpoint/io.py (`<dir>.tmp-<pid>-<hex>`, `<dir>.old-<pid>-<hex>`),
-# nanoseek/train/state.py (`.state-<pid>`), nanoseek/dist/checkpoint.py (`.step-N.partial`)
+# nanoseek/checkpoint/trainer_state.py (`.state-<pid>`), nanoseek/dist/checkpoint.py (`.step-N.partial`)
 _TMP = re.compile(r"^(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 _OLD = re.compile(r"^(?P<final>.+)\.old-(?P<pid>\d+)-[0-9a-f]+$")
 _STATE = re.compile(r"^\.state-(?P<pid>\d+)$")
 _PARTIAL = re.compile(r"^\.step-\d+\.partial$")
+SET_ASIDE = ".corrupt"  # step-N.corrupt: a checkpoint resume skipped, kept for inspection
 
 
 def previous_run(out: str) -> list[str]:
@@ -148,3 +160,45 @@ def truncate_jsonl(path: str, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_weights(path: str) -> None:
+    """Cheap checks that a checkpoint's weights are whole: every safetensors header reads and
+    covers its file, or every DCP shard named by the index is there at full length."""
+    if is_sharded(path) or os.path.isdir(os.path.join(path, SHARDS)):
+        check_shards(os.path.join(path, SHARDS))
+        return
+    for file in sorted(set(weight_map(path).values())):  # paths inside `path`
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+            raise CheckpointError(f"{file}: corrupt or truncated ({e})") from None
+
+
+def resumable_checkpoint(out_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """(path, trainer state) of the newest checkpoint in `out_dir` that reads whole; None when
+    there is none. Newer ones that do not are set aside as `step-N.corrupt`, with a warning
+    saying why (else they would outrank the resumed run's own checkpoints); when every
+    checkpoint is broken this is an error rather than a silent restart from step 0."""
+    skipped: list[tuple[str, str]] = []
+    for _, path in reversed(step_dirs(out_dir)):
+        try:
+            state = load_state(path)
+            check_weights(path)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            continue
+        for bad, why in skipped:
+            aside = bad + SET_ASIDE
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(bad, aside)
+            warnings.warn(f"skipped checkpoint {bad} (set aside as {aside}): {why}", stacklevel=2)
+        return path, state
+    if skipped:
+        reasons = "; ".join(why for _, why in skipped)
+        raise CheckpointError(
+            f"{os.path.join(out_dir, 'checkpoints')}: no intact checkpoint to resume from "
+            f"({reasons}); move them away, or start afresh with --overwrite"
+        )
+    return None

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from nanoseek import load
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 from nanoseek.dist.checkpoint import consolidate
 from nanoseek.train.pretrain import PretrainOptions, run_pretrain
-from nanoseek.train.state import checkpoint_dirs
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

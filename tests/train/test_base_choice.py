@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from nanoseek.checkpoint.trainer_state import STATE_NAME
 from nanoseek.train import base_choice
 from nanoseek.train.base_choice import choose_base, train_split_accuracy
-from nanoseek.train.state import STATE_NAME
 from tests.train.test_sft import make_model_dir, tok_dir  # noqa: F401 - fixtures
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanoseek import CausalLM, load, save
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 from nanoseek.cli import main
 from nanoseek.config import ConfigError
 from nanoseek.data.corpus import generate_corpus
@@ -17,7 +18,6 @@ from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.tasks.rewards import register_reward
 from nanoseek.train import grpo
 from nanoseek.train.grpo import GRPOOptions, make_batches, make_loss_fn, run_grpo
-from nanoseek.train.state import checkpoint_dirs
 from tests.helpers import tiny_config
 
 # A reward with variance even for a random model: GRPO gets a signal to act on.

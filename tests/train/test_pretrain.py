@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 from nanoseek.train.loop import TrainingDiverged
 from nanoseek.train.options import build
 from nanoseek.train.pretrain import PretrainOptions, run_pretrain
-from nanoseek.train.state import checkpoint_dirs
 from tests.helpers import tiny_config
 
 

@@ -11,11 +11,11 @@ import shutil
 import pytest
 
 from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 from nanoseek.cli import main
 from nanoseek.config import ConfigError
 from nanoseek.train.pretrain import run_pretrain
 from nanoseek.train.run_dir import claim_out_dir, clean_staging, truncate_jsonl
-from nanoseek.train.state import checkpoint_dirs
 from tests.train.test_pretrain import _losses, _opts
 
 

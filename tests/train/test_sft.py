@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanoseek import CausalLM, load, save
+from nanoseek.checkpoint.trainer_state import checkpoint_dirs
 from nanoseek.cli import main
 from nanoseek.data.corpus import generate_corpus
 from nanoseek.data.tokenizer import EOS, Tokenizer, train_tokenizer
@@ -28,7 +29,6 @@ from nanoseek.train.sft_data import (
     task_conversations,
     write_chat_jsonl,
 )
-from nanoseek.train.state import checkpoint_dirs
 from tests.helpers import tiny_config
 
 CONV = [

@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from nanoseek.checkpoint.io import CheckpointError
-from nanoseek.cli import main
-from nanoseek.train.state import (
+from nanoseek.checkpoint.trainer_state import (
     LEGACY_NAME,
     STATE_NAME,
     TENSORS_NAME,
     load_state,
-    resumable_checkpoint,
     rng_state,
     save_checkpoint,
     write_state,
 )
+from nanoseek.cli import main
+from nanoseek.train.run_dir import resumable_checkpoint
 from tests.helpers import random_model, tiny_config
 
 

@@ -13,6 +13,10 @@ No pickle anywhere: people share checkpoints and resume other people's runs, and
 file can run any code in it. JSON holds the plain values, tagged where JSON has no type of its
 own (tuples, dicts with non-string keys, numpy arrays; tensors by name in the safetensors
 file). A `trainer_state.pt` of older versions is refused, never unpickled.
+
+A sharded run writes the same trainer-state files beside its DCP shards
+(nanoseek/dist/checkpoint.py); choosing the checkpoint a run resumes from, setting aside broken
+ones, is nanoseek/train/run_dir.py's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from typing import Any
 
 import numpy as np
@@ -39,7 +42,6 @@ TENSORS_NAME = "trainer_state.tensors"
 LEGACY_NAME = "trainer_state.pt"
 FORMAT = "nanoseek-trainer-state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-SET_ASIDE = ".corrupt"  # step-N.corrupt: a checkpoint resume skipped, kept for inspection
 
 
 # ------------------------------------------------------------------------ RNG
@@ -175,7 +177,8 @@ def load_state(checkpoint_dir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ discovery
-def _step_dirs(out_dir: str) -> list[tuple[int, str]]:
+def step_dirs(out_dir: str) -> list[tuple[int, str]]:
+    """Every OUT/checkpoints/step-N folder, complete or not, oldest first."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
@@ -190,62 +193,12 @@ def _step_dirs(out_dir: str) -> list[tuple[int, str]]:
 
 def checkpoint_dirs(out_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints under OUT/checkpoints, oldest first."""
-    return [(s, p) for s, p in _step_dirs(out_dir) if os.path.exists(os.path.join(p, STATE_NAME))]
+    return [(s, p) for s, p in step_dirs(out_dir) if os.path.exists(os.path.join(p, STATE_NAME))]
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
     found = checkpoint_dirs(out_dir)
     return found[-1][1] if found else None
-
-
-def check_weights(path: str) -> None:
-    """Cheap checks that a checkpoint's weights are whole: every safetensors header reads and
-    covers its file, or every DCP shard named by the index is there at full length."""
-    from nanoseek.dist.checkpoint import SHARDS, is_sharded
-
-    if is_sharded(path) or os.path.isdir(os.path.join(path, SHARDS)):
-        from nanoseek.dist.safe_dcp import check_shards
-
-        check_shards(os.path.join(path, SHARDS))
-        return
-    from safetensors import safe_open
-
-    from nanoseek.checkpoint.io import weight_map
-
-    for file in sorted(set(weight_map(path).values())):  # paths inside `path`
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-            raise CheckpointError(f"{file}: corrupt or truncated ({e})") from None
-
-
-def resumable_checkpoint(out_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """(path, trainer state) of the newest checkpoint in `out_dir` that reads whole; None when
-    there is none. Newer ones that do not are set aside as `step-N.corrupt`, with a warning
-    saying why (else they would outrank the resumed run's own checkpoints); when every
-    checkpoint is broken this is an error rather than a silent restart from step 0."""
-    skipped: list[tuple[str, str]] = []
-    for _, path in reversed(_step_dirs(out_dir)):
-        try:
-            state = load_state(path)
-            check_weights(path)
-        except CheckpointError as e:
-            skipped.append((path, str(e)))
-            continue
-        for bad, why in skipped:
-            aside = bad + SET_ASIDE
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(bad, aside)
-            warnings.warn(f"skipped checkpoint {bad} (set aside as {aside}): {why}", stacklevel=2)
-        return path, state
-    if skipped:
-        reasons = "; ".join(why for _, why in skipped)
-        raise CheckpointError(
-            f"{os.path.join(out_dir, 'checkpoints')}: no intact checkpoint to resume from "
-            f"({reasons}); move them away, or start afresh with --overwrite"
-        )
-    return None
 
 
 # ------------------------------------------------------------------------ save
