@@ -5,6 +5,10 @@ Every projection weight of attention, dense FFN, experts and shared experts is s
     W[i, j] = W_fp8[i, j] * scale_inv[i // 128, j // 128]
 Edge blocks may be smaller than 128 (V3's kv_a_proj_with_mqa has 576 rows: its last row block
 holds 64); expanding the scales and cropping handles them exactly.
+
+The block maths is nanoseek/fp8/quant.py's 128x128 weight tiling (the one FP8 training uses
+[V3 §3.3.2]); this module adds what a file format needs on top: which keys are FP8, shape
+checks that name the tensor, and a refusal to store inf/nan.
 """
 
 from __future__ import annotations
@@ -13,8 +17,17 @@ import re
 
 import torch
 
-BLOCK = 128
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from nanoseek.fp8.quant import BLOCK, FP8_MAX, Quantized, ceil_div, quantize_128x128
+
+__all__ = [
+    "BLOCK",
+    "FP8_MAX",
+    "QUANTIZATION_CONFIG",
+    "block_dequantize",
+    "block_quantize",
+    "is_quantized_key",
+]
+
 QUANTIZATION_CONFIG = {
     "quant_method": "fp8",
     "fmt": "e4m3",
@@ -37,45 +50,29 @@ def is_quantized_key(key: str) -> bool:
 
 
 def block_dequantize(
-    w_fp8: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block: int = BLOCK,
-    dtype: torch.dtype = torch.float32,
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """w_fp8 [out,in] float8, scale_inv [ceil(out/b), ceil(in/b)] fp32 -> [out,in] `dtype`,
+    """w_fp8 [out,in] float8, scale_inv [ceil(out/128), ceil(in/128)] fp32 -> [out,in] `dtype`,
     computed in fp32 (exactly w_fp8.float() * scale) before the cast to `dtype`."""
     if w_fp8.dim() != 2:
         raise ValueError(f"block FP8 weights must be 2D, got shape {tuple(w_fp8.shape)}")
     out_f, in_f = w_fp8.shape
-    rows, cols = -(-out_f // block), -(-in_f // block)
+    rows, cols = ceil_div(out_f, BLOCK), ceil_div(in_f, BLOCK)
     if tuple(scale_inv.shape) != (rows, cols):
         raise ValueError(
             f"scale_inv has shape {tuple(scale_inv.shape)}, expected ({rows}, {cols}) "
-            f"for a [{out_f}, {in_f}] weight in {block}x{block} blocks"
+            f"for a [{out_f}, {in_f}] weight in {BLOCK}x{BLOCK} blocks"
         )
-    scale = (
-        scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
-    )
-    return (w_fp8.float() * scale).to(dtype)
+    # contiguous: a ragged weight comes back as a cropped view, and safetensors stores only
+    # contiguous tensors
+    return Quantized(w_fp8, scale_inv.float(), BLOCK).dequantize(dtype).contiguous()
 
 
-def block_quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out,in] -> (w_fp8 [out,in] float8_e4m3fn, scale_inv [ceil(out/b), ceil(in/b)] fp32),
+def block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out,in] -> (w_fp8 [out,in] float8_e4m3fn, scale_inv [ceil(out/128), ceil(in/128)] fp32),
     per block s = amax(|block|)/448 so the block's largest value maps to the largest fp8.
     An all-zero block gets s = 1 (any s would do; 0 would divide by zero)."""
     if w.dim() != 2:
         raise ValueError(f"block FP8 weights must be 2D, got shape {tuple(w.shape)}")
-    out_f, in_f = w.shape
-    rows, cols = -(-out_f // block), -(-in_f // block)
-    if out_f % block == 0 and in_f % block == 0:  # every V3 weight but kv_a_proj: no padding copy
-        padded = w.float()
-    else:
-        padded = w.float().new_zeros(rows * block, cols * block)
-        padded[:out_f, :in_f] = w.float()
-    blocks = padded.view(rows, block, cols, block)
-    amax = blocks.abs().amax(dim=(1, 3))  # [rows, cols]
-    if not torch.isfinite(amax).all():  # amax propagates inf and nan: one check per block
-        raise ValueError("cannot quantise a weight with inf/nan entries to FP8")
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(rows * block, cols * block)
-    return q[:out_f, :in_f].contiguous().to(torch.float8_e4m3fn), scale.contiguous()
+    q = quantize_128x128(w, check_finite=True)
+    return q.data, q.scale

@@ -110,7 +110,7 @@ def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     e4m3's largest finite value [V3 §3.3.2]. With `pow2` the scale is rounded *up* to a power
     of two (then amax / scale lies in (224, 448]): scaling becomes exact, so quantising an
     already-quantised tensor, or dequantising in any order, is lossless. An all-zero tile gets
-    scale 1 (any would do; 0 would divide by zero), like nanoseek/checkpoint/fp8_format.py."""
+    scale 1 (any would do; 0 would divide by zero), as in the official FP8 release."""
     scale = amax.float() / FP8_MAX
     if pow2:
         # frexp is exact: scale = m * 2^e with m in [0.5, 1); m == 0.5 is already a power of 2
@@ -142,13 +142,19 @@ def quantize_1x128(x: torch.Tensor, pow2: bool = False) -> Quantized:
     return Quantized(q, scale, 1)
 
 
-def quantize_128x128(w: torch.Tensor, pow2: bool = False) -> Quantized:
-    """Weights: w [..., R, C] (R = out features, C = in features) -> 128x128 blocks."""
+def quantize_128x128(w: torch.Tensor, pow2: bool = False, check_finite: bool = False) -> Quantized:
+    """Weights: w [..., R, C] (R = out features, C = in features) -> 128x128 blocks.
+    `check_finite`: ValueError on an inf/nan entry (one check of the block amaxes, which
+    propagate both; it waits for the device, so the training GEMMs leave it off and the
+    checkpoint writer, nanoseek/checkpoint/fp8_format.py, turns it on)."""
     *lead, R, C = w.shape
     Rb, Cb = ceil_div(R, BLOCK), ceil_div(C, BLOCK)
     wp = _pad_last2(w.float(), Rb * BLOCK, Cb * BLOCK)
     blocks = wp.reshape(*lead, Rb, BLOCK, Cb, BLOCK)
-    scale = scale_from_amax(blocks.abs().amax(dim=(-3, -1)), pow2)  # [..., Rb, Cb]
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., Rb, Cb]
+    if check_finite and not torch.isfinite(amax).all():
+        raise ValueError("cannot quantise a weight with inf/nan entries to FP8")
+    scale = scale_from_amax(amax, pow2)
     q = _to_fp8(blocks / scale[..., :, None, :, None]).reshape(*lead, Rb * BLOCK, Cb * BLOCK)
     if (Rb * BLOCK, Cb * BLOCK) != (R, C):
         q = q[..., :R, :C].contiguous()

@@ -70,6 +70,28 @@ def test_block_quantize_ragged(shape):
         assert torch.all(err <= bound * (1 + 1e-6)), (i, j, (err / bound).max())
 
 
+def test_block_quantize_is_the_release_definition_bit_for_bit():
+    """Each block of the release format, written out one block at a time: s = amax / 448
+    (1 for an all-zero block), codes = e4m3(block / s). The writer (nanoseek/fp8/quant.py's
+    128x128 tiling underneath) must match it bit for bit, ragged edges and bf16 input included."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(576, 300, generator=g) * 0.02).bfloat16()  # V3's kv_a_proj_with_mqa rows
+    w[:128, 256:] = 0
+    w[300, 5] = 3e-8  # a subnormal code in its block
+    q, scale = block_quantize(w)
+    for i, j, r, c in blocks(*w.shape):
+        block = w[r, c].float()
+        amax = block.abs().max()
+        s = amax / FP8_MAX if amax > 0 else torch.tensor(1.0)
+        codes = (block / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        assert scale[i, j] == s, (i, j)
+        assert torch.equal(q[r, c].view(torch.uint8), codes.view(torch.uint8)), (i, j)
+    assert q.is_contiguous() and scale.is_contiguous()
+    # and a hand-computed block: amax 896 -> s = 2; 3 / 2 = 1.5 and 1 / 2 = 0.5 are exact codes
+    q, scale = block_quantize(torch.tensor([[896.0, 3.0], [-1.0, 0.0]]))
+    assert scale.tolist() == [[2.0]] and q.float().tolist() == [[448.0, 1.5], [-0.5, 0.0]]
+
+
 def test_block_dequantize_to_bf16_and_bad_shapes():
     q, scale = block_quantize(torch.randn(300, 130))
     assert torch.equal(
@@ -81,6 +103,10 @@ def test_block_dequantize_to_bf16_and_bad_shapes():
         block_dequantize(q[None], scale)
     with pytest.raises(ValueError, match="inf/nan"):
         block_quantize(torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(ValueError, match="inf/nan"):
+        block_quantize(torch.full((130, 3), float("nan")))  # nan in a ragged block
+    with pytest.raises(ValueError, match="2D"):
+        block_quantize(torch.zeros(2, 128, 128))
 
 
 def test_which_keys_are_fp8():
