@@ -49,6 +49,8 @@ from nanoseek.data.chat_template import (
     render_chat,
 )
 from nanoseek.data.sources import read_documents
+from nanoseek.data.tokenizer_files import read_tokenizer_dir
+from nanoseek.fsio import atomic_dir, naming, write_bytes
 
 __all__ = ["CHAT_ROLES", "Tokenizer", "render_chat", "train_tokenizer"]
 
@@ -91,10 +93,6 @@ CHAT_TEMPLATE = (  # one tag a line; `-` trims the newlines between tags
     "{{- '" + ASSISTANT + THINK_OPEN + "\\n' -}}\n"
     "{%- endif -%}\n"
 )
-# the named special tokens transformers hands a chat template (`special_tokens_map`)
-SPECIAL_TOKEN_NAMES = (
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
-)  # fmt: skip
 DEFAULT_SPECIAL_TOKENS = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
 
 
@@ -263,8 +261,6 @@ class Tokenizer:
         kill never leaves a tokenizer.json of one tokenizer beside the config of another; in a
         folder holding anything else each file is replaced on its own. Files already holding
         these bytes are not rewritten (a resumed run keeps its tokenizer untouched)."""
-        from nanoseek.fsio import atomic_dir, naming, write_bytes
-
         out = Path(out_dir)
         config = default_config() if self.config is None else dict(self.config)
         for name, token in self.special_tokens.items():  # from special_tokens_map.json, say
@@ -301,9 +297,7 @@ class Tokenizer:
         and a model's `config.json`); see `tokenizer_files.read_tokenizer_dir`. A file that
         does not parse, a special token the vocabulary lacks, or a chat template that does not
         compile and render a one-message chat, is a ConfigError naming the file and field."""
-        from nanoseek.data.tokenizer_files import read_tokenizer_dir
-
-        return read_tokenizer_dir(cls, Path(path))
+        return read_tokenizer_dir(cls, Path(path), DEFAULT_SPECIAL_TOKENS)
 
 
 def _build_backend(max_digits: int) -> Backend:

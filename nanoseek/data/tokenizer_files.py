@@ -21,15 +21,24 @@ the directory: JSON is parsed, and the template only ever runs in Jinja's sandbo
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from jinja2.exceptions import TemplateError
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from nanoseek.config import ConfigError
-from nanoseek.data.tokenizer import DEFAULT_SPECIAL_TOKENS, SPECIAL_TOKEN_NAMES, Tokenizer
+
+if TYPE_CHECKING:  # tokenizer.py imports this module to load; the class is only named here
+    from nanoseek.data.tokenizer import Tokenizer
 
 ID_TOKENS = ("bos_token", "eos_token", "pad_token")  # those whose ids nanoseek uses
+# the named special tokens transformers hands a chat template (`special_tokens_map`)
+SPECIAL_TOKEN_NAMES = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"
+)  # fmt: skip
 
 
 def read_json_object(path: Path) -> dict:
@@ -83,8 +92,11 @@ def read_template(d: Path, config: dict | None) -> tuple[str | None, str]:
     return template, where
 
 
-def read_special_tokens(d: Path, config: dict | None, backend: Backend) -> dict[str, str | None]:
-    """The named special tokens the directory declares (None where it says null)."""
+def read_special_tokens(
+    d: Path, config: dict | None, backend: Backend, defaults: Mapping[str, str]
+) -> dict[str, str | None]:
+    """The named special tokens the directory declares (None where it says null); one that
+    names none gets those of `defaults` its vocabulary has."""
     declared: dict[str, str | None] = {}
     sources = [(d / "tokenizer_config.json", config)]
     if (d / "special_tokens_map.json").is_file():
@@ -95,7 +107,7 @@ def read_special_tokens(d: Path, config: dict | None, backend: Backend) -> dict[
             if name in data and name not in declared:
                 declared[name] = token_string(data[name], f"{path}: field '{name}'")
     if not declared:  # nothing named anywhere: DeepSeek's names, where the vocabulary has them
-        known = DEFAULT_SPECIAL_TOKENS.items()
+        known = defaults.items()
         declared = {k: v for k, v in known if backend.token_to_id(v) is not None}
     for name in ID_TOKENS:
         token = declared.get(name)
@@ -165,16 +177,15 @@ def model_token_ids(d: Path, vocab_size: int) -> tuple[int | None, list[int]]:
     return (bos[0] if bos else None), ids("eos_token_id")
 
 
-def read_tokenizer_dir(cls: type[Tokenizer], d: Path) -> Tokenizer:
-    """`Tokenizer.load`: see the module docstring."""
-    from jinja2.exceptions import TemplateError
-
+def read_tokenizer_dir(cls: type[Tokenizer], d: Path, defaults: Mapping[str, str]) -> Tokenizer:
+    """`Tokenizer.load`: see the module docstring; `defaults` are the special tokens of a
+    directory that names none (DeepSeek's, for nanoseek's oldest saves)."""
     backend = read_backend(d)
     config_path = d / "tokenizer_config.json"
     config = read_json_object(config_path) if config_path.is_file() else None
     template, where = read_template(d, config)
     add_declared_tokens(backend, config, config_path)
-    special = read_special_tokens(d, config, backend)
+    special = read_special_tokens(d, config, backend, defaults)
     bos_id, eos_ids = model_token_ids(d, backend.get_vocab_size(with_added_tokens=True))
     if special.get("eos_token") is None and not eos_ids:
         raise ConfigError(
