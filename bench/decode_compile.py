@@ -5,11 +5,12 @@
 
 Greedy decoding of the model-core benchmark model (bench/decode.py's `bench_config`, random
 weights, fp32) with the inference engine, first eager, then with one piece of the decode path
-(nanoseek/infer/decode.py) wrapped in `torch.compile`, each in a fresh process so the compiled
-functions never leak into the eager run:
-    project    DecodeLayer.project: q/kv projections, norms, complex RoPE (static shapes)
-    attention  latent_attention: absorbed attention over the cache (dynamic key length)
-    layer      DecodeLayer.forward: the whole block (graph breaks at the cache and the sparse MoE)
+(the model's own modules over the latent cache) wrapped in `torch.compile`, each in a fresh
+process so the compiled functions never leak into the eager run:
+    project    MLA.project: q/kv projections, norms, complex RoPE (static shapes)
+    attention  MLA.attend_absorbed: absorbed attention over the cache (dynamic key length)
+    layer      DecoderLayer.forward: the whole block (graph breaks at the cache and the few-token
+               MoE dispatch)
 Prints tokens/s of the second (warm) call, the first call's time (compilation included), and
 whether the tokens equal the eager run's.
 """
@@ -38,16 +39,17 @@ def run_one(piece: str, args) -> dict:
     from decode import bench_config
 
     import nanoseek
-    import nanoseek.infer.decode as d
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.model.block import DecoderLayer
+    from nanoseek.model.mla import MLA
 
     if piece == "project":
-        d.DecodeLayer.project = torch.compile(d.DecodeLayer.project, dynamic=False)
+        MLA.project = torch.compile(MLA.project, dynamic=False)
     elif piece == "attention":
-        d.latent_attention = torch.compile(d.latent_attention, dynamic=True)
+        MLA.attend_absorbed = torch.compile(MLA.attend_absorbed, dynamic=True)
     elif piece == "layer":
-        d.DecodeLayer.forward = torch.compile(d.DecodeLayer.forward, dynamic=True)
+        DecoderLayer.forward = torch.compile(DecoderLayer.forward, dynamic=True)
     cfg = bench_config()
     torch.manual_seed(args.seed)
     model = nanoseek.CausalLM(cfg).eval()

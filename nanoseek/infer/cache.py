@@ -18,12 +18,17 @@ p..p+T-1 writes all T entries before any query reads them, and a query at positi
 to keys at positions <= p, so garbage is never read. Rolling back rejected speculative tokens is
 therefore just lowering `lengths[b]`; nothing is erased.
 
+The cache owns the lengths: a forward over it (`CacheStep`) commits its rows' new lengths when
+it ends, `rollback` lowers them, `move_row` and `reset` move or clear them; readers see a tuple.
+
 Rows are slots of a running batch. The engine keeps running sequences in rows 0..n-1 so that a
 step reads `kv[:, :n]` (a view) instead of gathering scattered rows; `move_row` fills the hole a
 finished sequence leaves.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +51,12 @@ class LatentCache:
         self.kv = torch.zeros(
             num_layers, max_batch, max_seq_len, kv_lora_rank + rope_dim, dtype=dtype, device=device
         )  # [L,B,S,C+R]
-        self.lengths = [0] * max_batch  # valid positions per row (host ints: no device sync)
+        self._lengths = [0] * max_batch  # valid positions per row (host ints: no device sync)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Valid positions per row (read-only: see the module docstring for who changes them)."""
+        return tuple(self._lengths)
 
     # ------------------------------------------------------------------ views
     def layer(self, layer: int, row0: int, rows: int, seq: int) -> torch.Tensor:
@@ -83,18 +93,26 @@ class LatentCache:
         self.kv[layer, row0 : row0 + B, :T, C:] = k_rope
 
     # ------------------------------------------------------------------ bookkeeping
+    def commit(self, row0: int, lengths: list[int]) -> None:
+        """Rows row0.. now hold `lengths` valid positions (the end of a forward over them)."""
+        self._lengths[row0 : row0 + len(lengths)] = lengths
+
     def rollback(self, row: int, length: int) -> None:
-        """Forget positions >= length of `row` (rejected drafts): entries past the length are
-        garbage by the invariant, so only the length moves."""
-        assert 0 <= length <= self.lengths[row], (row, length, self.lengths[row])
-        self.lengths[row] = length
+        """Forget positions >= length of `row` (rejected drafts, padding): entries past the
+        length are garbage by the invariant, so only the length moves."""
+        assert 0 <= length <= self._lengths[row], (row, length, self._lengths[row])
+        self._lengths[row] = length
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src`'s valid entries (all layers) into row `dst`; `src` becomes free."""
-        n = self.lengths[src]
+        n = self._lengths[src]
         if src != dst:
             self.kv[:, dst, :n] = self.kv[:, src, :n]
-        self.lengths[dst], self.lengths[src] = n, 0
+        self._lengths[dst], self._lengths[src] = n, 0
+
+    def reset(self) -> None:
+        """Every row empty (the buffer is kept: its entries are garbage by the invariant)."""
+        self._lengths = [0] * self.max_batch
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token costs over all cached layers."""
@@ -103,3 +121,43 @@ class LatentCache:
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class CacheStep:
+    """One forward over rows row0..row0+B-1 of a cache: what the model's modules read from it
+    (MLA.forward, DecoderLayer.forward, Backbone.forward take it as `cache`)."""
+
+    cache: LatentCache
+    row0: int
+    positions: torch.Tensor  # [B,T] int64: the new tokens' positions
+    seq: int  # key positions to read, S = max position + 1
+    prefill: bool  # every row starts at 0: attend over the fresh latents (plain attention)
+    weights: object  # what multiplies (nanoseek/model/weights.py)
+    freqs: torch.Tensor | None = None  # decode: cos + i sin [B,T,1,R/2] complex64
+    bias: torch.Tensor | None = None  # decode: [B,T*H|1,S] additive mask, 0 or -inf
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)
+
+
+class LayerCache:
+    """Layer i's view of a `CacheStep`: MLA writes the new latents through it."""
+
+    __slots__ = ("step", "i", "prefill", "weights", "freqs", "bias")
+
+    def __init__(self, step: CacheStep, i: int):
+        self.step, self.i = step, i
+        self.prefill, self.weights, self.freqs, self.bias = (
+            step.prefill, step.weights, step.freqs, step.bias
+        )  # fmt: skip
+
+    def write(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor | None:
+        """Store the new tokens' latents c_kv [B,T,C], k_rope [B,T,R]. A decode step gets back
+        the layer's [B,S,C+R] entries to attend over (the cached positions and the new ones)."""
+        st = self.step
+        if st.prefill:
+            st.cache.write_prefix(self.i, st.row0, c_kv, k_rope)
+            return None
+        st.cache.write(self.i, st.row0, st.positions, c_kv, k_rope)
+        return st.cache.layer(self.i, st.row0, c_kv.shape[0], st.seq)

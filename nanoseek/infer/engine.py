@@ -195,6 +195,18 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reset(self) -> None:
+        """Drop every request, waiting or running, without a final delta, and empty the cache:
+        what a server does after a failed step left rows half-updated. Thread-safe."""
+        with self._lock:
+            self.waiting.clear()
+            self._aborts.clear()
+        for req in self.running:
+            req.row = -1
+        self.running.clear()
+        self._batch = None
+        self.runner.reset()
+
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def step(self) -> list[Delta]:
@@ -320,9 +332,7 @@ class Engine:
             tokens, lps = self.speculator.step(seqs, sb)
         else:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.model.device)
-            logits, _ = self.runner.decode(ids)
-            for row in range(len(seqs)):
-                self.runner.cache.lengths[row] += 1
+            logits, _ = self.runner.decode(ids)  # commits each row's length + 1
             logits = logits[:, -1]
             tok = sb.sample(logits)
             tokens = [[t] for t in tok.tolist()]

@@ -95,7 +95,10 @@ class MTPSpeculator:
             runner.mtp_forward(h[:, : T - 1], input_ids[:, 1:], row0, [0] * len(seqs))
         for b, seq in enumerate(seqs):
             n = len(seq.prompt_ids)
-            runner.mtp_cache.lengths[row0 + b] = n - 1
+            if T > 1:
+                runner.mtp_cache.rollback(row0 + b, n - 1)  # the padding is garbage
+            else:
+                runner.mtp_cache.commit(row0 + b, [0])
             seq.mtp_hidden = h[b, n - 1 : n].clone()  # [c=1,D]: h_{n-1} (not all of h)
             seq.mtp_next = [seq.output_ids[-1]]  # t_n, the pending token
 
@@ -123,7 +126,7 @@ class MTPSpeculator:
         logits, g = runner.mtp_forward(h_in, ids_in, 0, list(m))
         q_logits, g_last = logits[rows, last], g[rows, last]  # [B,Vocab], [B,D]
         for b in range(B):
-            runner.mtp_cache.lengths[b] = n[b]  # true entries only; drafts below are not kept
+            runner.mtp_cache.rollback(b, n[b])  # true entries only (rows were padded to c_max)
 
         drafts, qs = [], []
         for j in range(k):
@@ -139,6 +142,9 @@ class MTPSpeculator:
                 logits, g = runner.mtp_forward(g_last[:, None], d[:, None], 0, start)
                 q_logits, g_last = logits[:, 0], g[:, 0]
         drafts = torch.stack(drafts, dim=1)  # [B,k]
+        if k > 1:  # the drafts' own entries are not kept
+            for b in range(B):
+                runner.mtp_cache.rollback(b, n[b])
 
         # 2. verify all drafts with one main forward over [t_n, d_1..d_k]
         pending = torch.tensor([s.output_ids[-1] for s in seqs], device=dev)
@@ -162,7 +168,7 @@ class MTPSpeculator:
         out_tokens, out_lps = [], []
         for b, s in enumerate(seqs):
             a = acc[b]
-            runner.cache.lengths[b] = n[b] + a + 1
+            runner.cache.rollback(b, n[b] + a + 1)  # verify committed n + k + 1
             s.mtp_hidden = h[b, : a + 1]
             s.mtp_next = toks[b][: a + 1]
             out_tokens.append(toks[b][: a + 1])

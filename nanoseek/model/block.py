@@ -1,4 +1,7 @@
-"""One pre-norm transformer block: x + MLA(norm(x)), then h + FFN(norm(h)), FFN dense or MoE."""
+"""One pre-norm transformer block: x + MLA(norm(x)), then h + FFN(norm(h)), FFN dense or MoE.
+
+The same forward serves training (no cache), prefill and decode (a cache view, see MLA.forward).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MoE
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.weights import MODULE_WEIGHTS
 
 
 class DecoderLayer(nn.Module):
@@ -25,14 +29,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, token_mask=None):
-        """x [B,T,D] -> (x [B,T,D], balance loss (MoE in training) or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, token_mask=None, cache=None):
+        """x [B,T,D] -> (x [B,T,D], balance loss (MoE in training) or None). `cache`: this
+        layer's view of a latent cache, whose `weights` also multiply the FFN (inference)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = self.post_attention_layernorm(x)
+        weights = MODULE_WEIGHTS if cache is None else cache.weights
         if isinstance(self.mlp, MoE):
-            y, aux = self.mlp(h, token_mask)
+            y, aux = self.mlp(h, token_mask, weights)
         else:
-            y, aux = self.mlp(h), None
+            y, aux = self.mlp(h, weights), None
         return x + y, aux
 
 

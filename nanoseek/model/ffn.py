@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.weights import MODULE_WEIGHTS
+
 
 class SwiGLU(nn.Module):
     """Dense FFN of the first layers, and the shared experts of MoE layers."""
@@ -16,5 +18,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, weights=MODULE_WEIGHTS) -> torch.Tensor:
+        """x [...,D] -> [...,D]; `weights` multiplies (nanoseek/model/weights.py)."""
+        gate, up = weights.linear(x, self.gate_proj, self.up_proj)
+        return weights.linear(F.silu(gate) * up, self.down_proj)[0]

@@ -20,7 +20,8 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import apply_rope
+from nanoseek.model.rope import apply_rope, apply_rope_complex
+from nanoseek.model.weights import MODULE_WEIGHTS
 
 ATTN_IMPLS = ("sdpa", "eager", "absorbed")
 
@@ -58,34 +59,39 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, c.hidden_size, bias=bias)
 
     # ------------------------------------------------------------------ projections
-    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B,T,D] -> q_nope [B,T,H,N], q_rope [B,T,H,R] (rotated). cos/sin [B|1,T,1,R/2]."""
+    def project(self, x, cos, sin, weights=MODULE_WEIGHTS, freqs=None):
+        """x [B,T,D] -> q_nope [B,T,H,N], q_rope [B,T,H,R] (rotated), and what a cache keeps:
+        c_kv [B,T,C] (normalised), k_rope [B,T,R] (rotated). cos/sin [B|1,T,1,R/2]; `freqs`
+        (cos + i sin, complex64) rotates with one complex multiply instead."""
         B, T, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [V3 eqs. 1-3]
-        q = q.view(B, T, self.n_heads, self.qk_dim)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin)
-
-    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B,T,D] -> c_kv [B,T,C] (normalised), k_rope [B,T,R] (rotated): what a cache keeps."""
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv = weights.linear(x, first, self.kv_a_proj_with_mqa)
+        if self.q_lora_rank is not None:
+            (q,) = weights.linear(self.q_a_layernorm(q), self.q_b_proj)  # [V3 eqs. 1-3]
+        q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1
+        )
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [V3 eq. 1]
-        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [V3 eq. 3]
-        return c_kv, k_rope
+        if freqs is None:
+            q_rope = apply_rope(q_rope, cos, sin)
+            k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [V3 eq. 3]
+        else:
+            q_rope = apply_rope_complex(q_rope, freqs)
+            k_rope = apply_rope_complex(k_rope, freqs[:, :, 0])
+        return q_nope, q_rope, c_kv, k_rope
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W_UK [H,N,C], W_UV [H,V,C]. Views, no copy: they follow the
-        weights through optimizer steps and `load_state_dict`, so the split is done once."""
+        weights through optimizer steps and `load_state_dict`."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     # ------------------------------------------------------------------ attention cores
     def attend_plain(self, q_nope, q_rope, c_kv, k_rope, mask=None, impl: str = "sdpa"):
         """Decompressed attention. q_* [B,T,H,*], c_kv [B,S,C], k_rope [B,S,R]; mask is None
-        (causal, T == S) or a bool [B|1, 1|H, T, S] with True = attend. Returns [B,T,H,V]."""
+        (causal, queries at the last T of S positions) or a bool [B|1, 1|H, T, S] with
+        True = attend. Returns [B,T,H,V]."""
         B, S, _ = c_kv.shape
         H = self.n_heads
         kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)  # [V3 eqs. 2, 4]
@@ -109,29 +115,61 @@ class MLA(nn.Module):
             out = scores.softmax(-1).to(v.dtype) @ v
         return out.transpose(1, 2)  # [B,T,H,V]
 
-    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask=None):
-        """Attention over the latent [V3 §2.1.1 'absorb']; same arguments and result as
-        `attend_plain`. Scores: (q_nope W_UK) . c_kv + q_rope . k_rope; values: c_kv, then W_UV."""
-        w_uk, w_uv = self.absorbed_weights()
-        T, S = q_nope.shape[1], c_kv.shape[1]
-        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)  # [B,H,T,C]
-        scores = torch.einsum("bhtc,bsc->bhts", q_lat, c_kv)
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
-        scores = scores.float() * self.softmax_scale
-        scores = scores.masked_fill(~_mask_or_causal(mask, T, S, c_kv.device), float("-inf"))
-        o_lat = torch.einsum("bhts,bsc->bthc", scores.softmax(-1).to(c_kv.dtype), c_kv)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B,T,H,V]
+    def attend_absorbed(self, q_nope, q_rope, kv, bias, weights=MODULE_WEIGHTS):
+        """Attention over the latent [V3 §2.1.1 'absorb'; V2 §2.1] as multi-query attention:
+        every head shares the keys [c_KV ; k_rope] and the values c_KV, so heads fold into query
+        rows, `[q_nope W_UK ; q_rope] . [c_KV ; k_rope]` is one batched matmul with the mask as
+        its additive bias, and W_UV maps the latent output back per head.
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None):
-        """x [B,T,D] -> [B,T,D]. Causal self-attention when mask is None."""
+        q_nope [B,T,H,N], q_rope [B,T,H,R], kv [B,S,C+R] (c_KV then k_rope: the cache's
+        layout), bias [B|1, T*H|1, S] (0 or -inf; rows are (t, h) pairs). Returns [B,T,H*V];
+        `attend_plain` is the reference."""
+        B, T, H, N = q_nope.shape
+        C = self.kv_lora_rank
+        w_uk, w_uv_t = weights.absorbed(self)  # [H,N,C], [H,C,V]
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H,BT,C]
+        q = torch.cat((q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)), dim=-1)  # [BT,H,C+R]
+        scores = torch.baddbmm(
+            bias, q.view(B, T * H, -1), kv.transpose(1, 2), alpha=self.softmax_scale
+        )  # [B,TH,S]
+        p = scores.float().softmax(-1).to(kv.dtype)
+        o_lat = torch.bmm(p, kv[..., :C])  # [B,TH,C]
+        o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]
+        return o.transpose(0, 1).reshape(B, T, -1)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        """x [B,T,D] -> [B,T,D]. Without `cache`: causal self-attention over x (mask None) or
+        under `mask`. With `cache` (one layer's view of a latent cache, nanoseek/infer/cache.py)
+        the new latents are written to it first; a prefill (every row from position 0) attends
+        over the fresh latents like training, a decode or verification step attends absorbed
+        over the whole cache, each row under its own causal bias."""
         B, T, _ = x.shape
-        q_nope, q_rope = self.project_q(x, cos, sin)
-        c_kv, k_rope = self.project_latent(x, cos, sin)
+        weights = MODULE_WEIGHTS if cache is None else cache.weights
+        freqs = None if cache is None else cache.freqs
+        q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin, weights, freqs)
+        if cache is not None and not cache.prefill:
+            kv = cache.write(c_kv, k_rope)  # [B,S,C+R]: the cached positions and the new ones
+            out = self.attend_absorbed(q_nope, q_rope, kv, cache.bias, weights)
+            return weights.linear(out, self.o_proj)[0]
+        if cache is not None:
+            cache.write(c_kv, k_rope)
         if self.attn_impl == "absorbed":
-            out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+            kv = torch.cat((c_kv, k_rope), dim=-1)
+            out = self.attend_absorbed(q_nope, q_rope, kv, attention_bias(mask, T, self.n_heads, x))
         else:
             out = self.attend_plain(q_nope, q_rope, c_kv, k_rope, mask, impl=self.attn_impl)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+        return weights.linear(out.reshape(B, T, -1), self.o_proj)[0]
+
+
+def attention_bias(mask, T: int, H: int, x: torch.Tensor) -> torch.Tensor:
+    """A bool mask [B|1, 1|H, T, S] (None: causal over T keys) as the additive bias
+    `attend_absorbed` takes: [B|1, T*H, S], 0 where attended, -inf elsewhere."""
+    allowed = _mask_or_causal(mask, T, T, x.device)
+    if allowed.dim() == 2:
+        allowed = allowed[None, None]  # [1,1,T,S]
+    allowed = allowed.transpose(1, 2).expand(allowed.shape[0], T, H, allowed.shape[-1])
+    bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+    return bias.masked_fill_(~allowed, float("-inf")).flatten(1, 2)
 
 
 def causal_attention_cpu(q, k, v, scale: float, blocks: int | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.buffers import FixedDtypeBuffers
 from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.router import Router
+from nanoseek.model.weights import MODULE_WEIGHTS
 
 EXPERT_IMPLS = ("grouped", "looped")
 
@@ -68,8 +69,13 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     return torch.cat([p @ w_t[e] for e, p in enumerate(parts)], dim=0)
 
 
-@torch.compiler.disable  # torch's fake (tracing) kernel for it admits only bf16 inputs
 def _grouped_mm_eager(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """fp32 grouped GEMM: torch's fake (tracing) kernel for it admits only bf16 inputs, so
+    compiled code takes a custom op with its own (nanoseek/model/grouped_mm.py)."""
+    if torch.compiler.is_compiling():
+        from nanoseek.model.grouped_mm import grouped_mm
+
+        return grouped_mm(x, w_t, offs)
     return torch._grouped_mm(x, w_t, offs=offs)
 
 
@@ -199,18 +205,26 @@ class MoE(FixedDtypeBuffers):
             "expert_load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False
         )
         self.count_load = False
+        self.few_tokens = 64  # inference: up to this many tokens take `forward_few`
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, weights=MODULE_WEIGHTS
+    ):
         """x [B,T,D] -> (y [B,T,D], sequence-wise balance loss (scalar tensor) or None).
 
         token_mask [B,T] bool marks real tokens (padding is neither counted nor balanced).
+        Outside training, at most `few_tokens` tokens (decode, verification, short prompts)
+        take `forward_few`, which runs only the chosen experts; `weights` multiplies
+        (nanoseek/model/weights.py).
         """
         B, T, D = x.shape
+        if B * T <= self.few_tokens and not self.training and not torch.is_grad_enabled():
+            return self.forward_few(x, weights), None
         flat = x.reshape(-1, D)
-        weights, indices, scores = self.gate(flat)  # [N,K], [N,K], [N,E]
-        y = self.experts(flat, indices, weights, impl=self.experts_impl).view(B, T, D)
+        gate_weights, indices, scores = self.gate(flat)  # [N,K], [N,K], [N,E]
+        y = self.experts(flat, indices, gate_weights, impl=self.experts_impl).view(B, T, D)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self.shared_experts(x, weights)
         if self.count_load and self.training:
             with torch.no_grad():
                 real = torch.ones_like(indices) if token_mask is None else token_mask.reshape(-1, 1)
@@ -222,6 +236,50 @@ class MoE(FixedDtypeBuffers):
             mask = token_mask if token_mask is None or self.seq_aux else token_mask.reshape(1, -1)
             aux = self.sequence_balance_loss(scores.view(shape), indices.view(shape), mask)
         return y, aux
+
+    def forward_few(self, x: torch.Tensor, weights=MODULE_WEIGHTS) -> torch.Tensor:
+        """The MoE output for a handful of tokens: x [B,T,D] -> [B,T,D]; `forward`'s grouped
+        path is the reference.
+
+        The grouped path pads every expert's row block and reads all E experts' weights; here
+        only the chosen experts run, on exactly their rows:
+        - one or two tokens: K GEMVs per token, no gathers;
+        - more: the token-expert pairs sorted by expert (one sort, one gather, one scatter-add),
+          one GEMM pair per chosen expert on its contiguous rows.
+        Measured alternative, not kept: every expert on every token as two batched matmuls with
+        zero weights for the unchosen was no faster even at 8-16 tokens, where the bytes of
+        expert weights read, not the kernel count, decide. Costs one host sync for the indices
+        (free on CPU, a stall on GPU).
+        """
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        gate_weights, indices, _ = self.gate(flat)  # [N,K] fp32, [N,K]
+        gate_up = weights.experts(self.experts.gate_up_proj)  # E x W^T [D,2F]
+        down = weights.experts(self.experts.down_proj)  # E x W^T [F,D]
+        mm = weights.mm
+        shared = self.shared_experts
+        y = torch.zeros_like(flat) if shared is None else shared(flat, weights)
+        # experts that take another input dtype (int8 kernels: bf16) get it cast once here, not
+        # around every GEMM; their outputs are accumulated into y in x's dtype
+        xe = flat if weights.expert_dtype is None else flat.to(weights.expert_dtype)
+        if flat.shape[0] <= 2:  # K GEMVs per token, no gathers
+            for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
+                xn, yn = xe[n], y[n]
+                for e, w in zip(es, ws):
+                    gate, up = mm(xn, gate_up[e]).chunk(2)
+                    yn.add_(mm(F.silu(gate).mul_(up), down[e]), alpha=w)
+            return y.view(B, T, D)
+        K = indices.shape[1]
+        expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
+        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        token = order // K  # [M]
+        outs = []
+        for e, rows in enumerate(xe[token].split(counts)):
+            if rows.shape[0]:
+                gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
+                outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
+        out = torch.cat(outs).to(y.dtype) * gate_weights.reshape(-1)[order].to(y.dtype)[:, None]
+        return y.index_add_(0, token, out).view(B, T, D)
 
     def sequence_balance_loss(self, scores, indices, token_mask=None):
         """[V3 eqs. 17-20] alpha * sum_i f_i P_i per sequence, averaged over sequences.

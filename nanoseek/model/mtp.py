@@ -17,6 +17,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.weights import MODULE_WEIGHTS
 
 
 class SharedHead(nn.Module):
@@ -36,8 +37,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h_prev, emb_next, cos, sin, mask=None, token_mask=None):
+    def forward(self, h_prev, emb_next, cos, sin, mask=None, token_mask=None, cache=None):
         """h_prev [B,T',D] (depth k-1 at positions i), emb_next [B,T',D] (emb of t_{i+k}) ->
-        (h [B,T',D] before the norm, balance loss or None)."""
-        x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))  # eq. 21
-        return super().forward(x, cos, sin, mask, token_mask)  # eq. 22
+        (h [B,T',D] before the norm, balance loss or None). Training and speculative drafting
+        (with `cache`, the module's own latent cache) run this same forward."""
+        weights = MODULE_WEIGHTS if cache is None else cache.weights
+        x = torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1)
+        (x,) = weights.linear(x, self.eh_proj)  # eq. 21
+        return super().forward(x, cos, sin, mask, token_mask, cache)  # eq. 22

@@ -18,8 +18,11 @@ class RMSNorm(nn.Module):
         # the same order as transformers' DeepseekV3RMSNorm, so bf16 outputs agree bit for bit.
         # F.rms_norm already accumulates bf16 input in fp32 (bit-identical to casting x first),
         # so no fp32 copy of x is made (saves two casts forward and two backward per norm).
-        y = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        return self.weight * y
+        dim = (x.shape[-1],)
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # inference in fp32: the weight inside the kernel gives the same bits, one kernel
+            return F.rms_norm(x, dim, self.weight, self.eps)
+        return self.weight * F.rms_norm(x, dim, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

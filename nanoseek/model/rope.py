@@ -96,3 +96,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """`apply_rope(x, cos, sin)` as one complex multiply (fewer kernels: what decoding a few
+    tokens wants). freqs = cos + i sin (complex64) broadcastable to [..., R/2]. Same layout as
+    `apply_rope`: rotated real parts first, then rotated imaginary parts; fp32 inside."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., R/2]
+    out = torch.view_as_real(xc * freqs)  # [..., R/2, 2]
+    return out.transpose(-1, -2).reshape(x.shape).to(x.dtype)

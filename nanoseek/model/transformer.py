@@ -21,6 +21,7 @@ from nanoseek.model.mtp_objective import label_targets, mtp_objective
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding, yarn_inv_freq
 from nanoseek.model.router import Router
+from nanoseek.model.weights import MODULE_WEIGHTS
 
 
 @dataclass
@@ -44,6 +45,16 @@ class Backbone(nn.Module):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, cos, sin, token_mask=None, cache=None):
+        """input_ids [B,T] -> (h [B,T,D] the last block's output before the norm, the summed
+        balance loss or None). `cache` (inference): a step over a latent cache whose
+        `layer(i)` is layer i's view (nanoseek/infer/cache.py)."""
+        h, aux = self.embed_tokens(input_ids), None  # [B,T,D]
+        for i, layer in enumerate(self.layers):
+            h, a = layer(h, cos, sin, None, token_mask, None if cache is None else cache.layer(i))
+            aux = sum_aux(aux, a)
+        return h, aux
 
 
 class CausalLM(nn.Module):
@@ -120,6 +131,12 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions)
         return cos.unsqueeze(2), sin.unsqueeze(2)
 
+    def logits(self, h, weights=MODULE_WEIGHTS, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Hidden states [...,D] -> logits [...,V]: the final norm (or an MTP module's `norm`)
+        and the output head, which the MTP modules share [V3 §2.2]."""
+        norm = self.model.norm if norm is None else norm
+        return weights.linear(norm(h), self.lm_head)[0]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -139,14 +156,11 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rope(position_ids)
-        emb = self.model.embed_tokens(input_ids)  # [B,T,D]
-        h, aux = emb, None
-        for layer in self.model.layers:
-            h, a = layer(h, cos, sin, None, token_mask)
-            aux = sum_aux(aux, a)
-        out = CausalLMOutput(logits=self.lm_head(self.model.norm(h)), hidden_states=h)
+        h, aux = self.model(input_ids, cos, sin, token_mask)
+        out = CausalLMOutput(logits=self.logits(h), hidden_states=h)
 
         if mtp:
+            emb = self.model.embed_tokens(input_ids)  # [B,T,D]
             h_k = h
             for k, layer in enumerate(self.mtp, start=1):
                 if T - k <= 0:
@@ -157,7 +171,7 @@ class CausalLM(nn.Module):
                     h_k[:, : T - k], emb[:, k:], cos[:, : T - k], sin[:, : T - k], None, tm
                 )
                 aux = sum_aux(aux, a)
-                out.mtp_logits.append(self.lm_head(layer.shared_head.norm(h_k)))
+                out.mtp_logits.append(self.logits(h_k, norm=layer.shared_head.norm))
 
         out.aux_loss = aux
         if labels is not None:  # V3 eq. 25, safe at document boundaries given position_ids

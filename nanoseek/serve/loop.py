@@ -243,10 +243,5 @@ class EngineLoop:
                 self._post(self._dispatch, deltas)
 
     def _reset_engine(self) -> None:
-        # Engine has no reset(): after a failed step its rows may be half-updated, so drop every
-        # request (the cache needs no clearing: a row's entries past its length are never read,
-        # and prefill writes a new request's row from position 0)
-        with self.engine._lock:
-            self.engine.waiting.clear()
-        self.engine.running.clear()
-        self.engine._batch = None
+        # after a failed step the engine's rows may be half-updated: drop every request
+        self.engine.reset()

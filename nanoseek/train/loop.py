@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class LoopOptions:
     # fp32 | bf16 (autocast, fp32 master weights) | fp8 (the projections and experts become FP8
     # GEMMs with fine-grained scaling, nanoseek/fp8, for every method; the rest runs as bf16)
     precision: str = "bf16"
+    # compile the training forward and backward of every decoder layer (torch.compile, one graph
+    # per layer kind, no graph breaks, nanoseek/model/compile.py); evaluation and generation stay
+    # eager. The first step pays the compilation (logged once); inductor caches it on disk
+    compile: bool = False
     seed: int = 1337
     eval_every: int = 100
     eval_batches: int = 8
@@ -119,6 +124,12 @@ class Trainer:
             convert_for_fp8(model, self.parallel.is_main)
         parse_report_to(opts.report_to)  # a typo fails now, not after the first step
         self.optimizer = make_optimizer(model, opts)
+        self.compiler = None
+        if opts.compile:
+            from nanoseek.model.compile import TrainingCompiler
+
+            self.compiler = TrainingCompiler(model)  # after the FP8 conversion: its GEMMs too
+        self._compile_logged = False
         self.step = 0
         self.metrics_path = os.path.join(opts.out, "metrics.jsonl")
 
@@ -208,6 +219,20 @@ class Trainer:
             return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def compiled(self):
+        """The compiled layers for a training forward (`compile`), else nothing; evaluation and
+        generation never enter it, so they run the eager modules."""
+        return self.compiler() if self.compiler is not None else contextlib.nullcontext()
+
+    def _log_compile(self, metrics: dict[str, float]) -> None:
+        """After the first compiled step: its compile time, once, and in that step's metrics."""
+        if self.compiler is None or self._compile_logged:
+            return
+        self._compile_logged = True
+        metrics["compile_s"] = self.compiler.compile_s
+        if self.parallel.is_main:
+            print(f"compiled in {self.compiler.compile_s:.1f} s", file=sys.stderr, flush=True)
+
     def train_step(self, batches: list[Any]) -> dict[str, float]:
         model, opts = self.model, self.opts
         lr = lr_at(
@@ -230,7 +255,7 @@ class Trainer:
         for i, (batch, n) in enumerate(zip(batches, counts)):
             par.grad_sync(model, i == len(batches) - 1)  # FSDP: reduce after the last one
             batch = par.to_device(batch)
-            with self.autocast():
+            with self.autocast(), self.compiled():
                 loss, parts = self.loss_fn(model, batch, self.step)
             (loss * (n / total)).backward()  # the graph is freed micro-batch by micro-batch
             loss_value += loss.item() * n / total
@@ -249,6 +274,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update(loss=loss_value, lr=lr, grad_norm=grad_norm, target_tokens=total)
+        self._log_compile(metrics)
         if self.after_step is not None:
             metrics.update(self.after_step(self.step))
         self.step += 1
@@ -346,7 +372,7 @@ def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:
         # 2x for bf16, whose update it computes in fp32
         opt = torch.optim.AdamW(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2), fused=True)
         # footgun: the fused kernel leaves the parameters' version counters alone, and the
-        # decode caches (nanoseek/infer/decode.py: GRPO rollouts, in-training evaluation) see
+        # decode caches (nanoseek/infer/weights.py: GRPO rollouts, in-training evaluation) see
         # new weights by those counters
         opt.register_step_post_hook(lambda opt, args, kwargs: increment_version(params))
         return opt

@@ -1,5 +1,6 @@
 """LatentCache: per-row writes at own positions, rollback, row moves, sizes."""
 
+import pytest
 import torch
 
 from nanoseek.infer.cache import LatentCache
@@ -38,7 +39,7 @@ def test_write_prefix_equals_write_at_zero():
 def test_rollback_keeps_entries_and_moves_only_the_length():
     cache = make()
     cache.write(0, 0, torch.arange(6)[None], torch.randn(1, 6, C), torch.randn(1, 6, R))
-    cache.lengths[0] = 6
+    cache.commit(0, [6])
     before = cache.kv.clone()
     cache.rollback(0, 4)  # positions 4, 5 rejected: garbage from now on
     assert cache.lengths[0] == 4 and torch.equal(cache.kv, before)
@@ -52,8 +53,20 @@ def test_move_row_copies_valid_entries_of_all_layers():
     cache = make()
     cache.write(0, 2, torch.arange(3)[None], torch.randn(1, 3, C), torch.randn(1, 3, R))
     cache.write(1, 2, torch.arange(3)[None], torch.randn(1, 3, C), torch.randn(1, 3, R))
-    cache.lengths[2] = 3
+    cache.commit(2, [3])
     want = cache.kv[:, 2, :3].clone()
     cache.move_row(2, 0)
     assert cache.lengths[0] == 3 and cache.lengths[2] == 0
     assert torch.equal(cache.kv[:, 0, :3], want)
+
+
+def test_lengths_change_only_through_the_cache():
+    cache = make()
+    cache.commit(0, [5, 2])
+    assert cache.lengths[:2] == (5, 2)
+    with pytest.raises(TypeError):
+        cache.lengths[0] = 1  # read-only: commit, rollback, move_row, reset
+    with pytest.raises(AssertionError):
+        cache.rollback(1, 3)  # rollback never lengthens
+    cache.reset()
+    assert set(cache.lengths) == {0}

@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.infer.decode import DecodeWeights, latent_attention, rope, sparse_moe
 from nanoseek.infer.runner import ModelRunner
-from nanoseek.model.rope import apply_rope
 from tests.helpers import random_model, tiny_config
 
 ATOL = 1e-4
@@ -35,7 +33,7 @@ def test_cached_decode_equals_recompute(case):
     torch.testing.assert_close(logits, full[:, 5], atol=ATOL, rtol=0)
     for t in range(6, 20):
         logits, _ = runner.decode(ids[:, t : t + 1])
-        runner.cache.lengths[:2] = [t + 1, t + 1]
+        assert runner.cache.lengths[:2] == (t + 1, t + 1)  # the runner commits the lengths
         torch.testing.assert_close(logits[:, 0], full[:, t], atol=ATOL, rtol=0)
 
 
@@ -56,7 +54,6 @@ def test_batch_of_different_lengths_equals_each_alone():
     for i in range(4):  # decode: each row at its own position
         logits, _ = batch.decode(nxt)
         steps.append(logits[:, 0])
-        batch.cache.lengths[:3] = [n + i + 1 for n in lens]
         nxt = torch.stack([ids[b, n + i + 1] for b, n in enumerate(lens)])[:, None]
     for b, n in enumerate(lens):
         alone = model(ids[b : b + 1, : n + 4], mtp=False).logits[0]
@@ -78,73 +75,6 @@ def test_multi_token_decode_equals_one_by_one():
     for b in range(2):
         alone = model(torch.cat((ids[b, : start[b]], chunk[b]))[None], mtp=False).logits[0]
         torch.testing.assert_close(logits[b], alone[start[b] :], atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("T", [1, 3])
-@torch.inference_mode()
-def test_latent_attention_equals_plain(T):
-    """The decode attention over [c_kv ; k_rope] equals MLA's plain (decompressed) attention and
-    its own absorbed reference, with per-row positions."""
-    cfg = tiny_config()
-    model = random_model(cfg)
-    runner = ModelRunner(model, max_batch=2, max_seq_len=32)
-    mla, dl = model.model.layers[0].self_attn, runner.decode_layers[0]
-    start = [7, 11]
-    runner.prefill(ids_for(cfg, 2, 11), [11, 11], row0=0)
-    st = runner.make_step(0, start, T)
-    x = torch.randn(2, T, cfg.hidden_size)
-    q_nope, q_rope = mla.project_q(x, st.cos, st.sin)
-    c_kv, k_rope = mla.project_latent(x, st.cos, st.sin)
-    runner.cache.write(0, 0, st.positions, c_kv, k_rope)
-    kv = runner.cache.layer(0, 0, 2, st.seq)
-    got = latent_attention(q_nope, q_rope, kv, dl.w_uk, dl.w_uv, mla.softmax_scale, st.bias)
-    mask = (torch.arange(st.seq) <= st.positions[:, :, None])[:, None]  # [B,1,T,S]
-    c, r = kv[..., : cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank :]
-    for ref in (
-        mla.attend_plain(q_nope, q_rope, c, r, mask),
-        mla.attend_plain(q_nope, q_rope, c, r, mask, impl="eager"),
-        mla.attend_absorbed(q_nope, q_rope, c, r, mask),
-    ):
-        torch.testing.assert_close(got, ref.reshape(2, T, -1), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("case", CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@torch.inference_mode()
-def test_decode_projections_equal_the_modules(case, dtype):
-    """Complex RoPE and the fused projections give MLA.project_q / project_latent's tensors,
-    channel layout included (the cache mixes prefill and decode entries)."""
-    cfg = tiny_config(**CONFIGS[case])
-    model = random_model(cfg).to(dtype)
-    runner = ModelRunner(model, max_batch=2, max_seq_len=64)
-    st = runner.make_step(0, [3, 40], 2)
-    x = torch.randn(2, 2, cfg.hidden_size, dtype=dtype)
-    mla = model.model.layers[0].self_attn
-    got = runner.decode_layers[0].project(x, st.freqs)
-    want = (*mla.project_q(x, st.cos, st.sin), *mla.project_latent(x, st.cos, st.sin))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
-    y = torch.randn(5, cfg.qk_rope_head_dim)
-    torch.testing.assert_close(
-        rope(y, st.freqs[0, 0, 0]), apply_rope(y, st.cos[0, 0], st.sin[0, 0])
-    )
-
-
-@pytest.mark.parametrize("N", [1, 3, 9])
-@pytest.mark.parametrize("transpose", [True, False])
-@torch.inference_mode()
-def test_sparse_moe_equals_module(N, transpose):
-    cfg = tiny_config()
-    moe = random_model(cfg).model.layers[1].mlp
-    dw = DecodeWeights(transpose)
-    for w in (moe.experts.gate_up_proj, moe.experts.down_proj):
-        dw.add(w)
-    shared = moe.shared_experts
-    dw.add(shared.gate_proj.weight, shared.up_proj.weight)  # one GEMM for gate and up
-    dw.add(shared.down_proj.weight)
-    x = torch.randn(1, N, cfg.hidden_size)
-    torch.testing.assert_close(sparse_moe(moe, x, dw), moe(x)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_weights_follow_training_updates():
@@ -183,7 +113,9 @@ def test_mtp_cached_equals_model_mtp_logits():
 
 @torch.inference_mode()
 def test_bf16_decode_close_to_recompute():
-    cfg = tiny_config()
+    # every expert chosen: bf16 rounding can flip a near-tie top-k choice between two ways of
+    # computing the same sum (a legitimate ~30% logit change); without choices, only rounding
+    cfg = tiny_config(num_experts_per_tok=8, n_group=1, topk_group=1)
     model = random_model(cfg).to(torch.bfloat16)
     ids = ids_for(cfg, 1, 10)
     full = model(ids, mtp=False).logits.float()
@@ -192,11 +124,10 @@ def test_bf16_decode_close_to_recompute():
     runner.prefill(ids[:, :5], [5], row0=0)
     for t in range(5, 10):
         logits, _ = runner.decode(ids[:, t : t + 1])
-        runner.cache.lengths[0] = t + 1
         assert (logits[0, 0] - full[0, t]).abs().max() < 0.1 * full[0, t].abs().max()
 
 
 def test_sequence_past_max_seq_len_is_refused():
     runner = ModelRunner(random_model(tiny_config()), max_batch=1, max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len"):
-        runner.make_step(0, [6], 3)
+        runner.make_step(runner.cache, 0, [6], 3)

@@ -1,0 +1,124 @@
+"""Decode-time weight layouts: the `weights` object the model's forward multiplies with when
+the engine decodes (nanoseek/model/weights.py has the interface and the modules' own layout).
+
+Shape legend: H heads, N nope head dim, C kv latent rank, V value head dim, E experts.
+
+Decoding a few tokens on CPU is bound by reading weights and by per-kernel overhead, so the
+engine keeps the matrices a decode step multiplies in the layout that streams fastest:
+- every matrix as a contiguous W^T [in, out] copy: for a few rows, MKL streams that layout
+  1.3-3x faster than the [out, in] layout F.linear reads (lm_head: ~3x) once weights fall out of
+  cache, which they do every step. Off on GPU, where F.linear's layout is the fast one;
+- projections of the same input (q_a and kv_a, gate and up) as one W^T of their concatenation:
+  one GEMM instead of several;
+- MLA's absorbed weights W_UK [H,N,C] and W_UV^T [H,C,V] as contiguous copies: views of
+  kv_b_proj would be copied by every batched matmul of every step;
+- or, with `quantize="int8"`, weight-only int8 copies of the projections, experts and head
+  (nanoseek/infer/quant.py).
+Entries are made on first use and re-made when a weight changes (`refresh`, keyed on the
+tensor's storage and version counter), so an optimizer step is seen by the next generate call
+(GRPO rollouts rely on it). They cost one extra copy of those weights (`nbytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanoseek.infer.quant import QUANTIZE, Int8Weight, mm
+
+
+@dataclass
+class _Entry:
+    weights: tuple[torch.Tensor, ...]  # the module weights it was made from
+    kind: str  # "t": W^T (fused when several) or int8; "absorbed": MLA's W_UK, W_UV^T
+    mla: nn.Module | None = None
+    key: tuple | None = None  # (storage, version) of each weight when it was made
+    value: object = None  # the copy (or view)
+    split: list | None = None  # per-expert pieces of a stacked expert weight
+
+
+class DecodeWeights:
+    """Copies of the weights in the decode layout; see the module docstring."""
+
+    def __init__(self, transpose: bool, quantize: str | None = None):
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        self.transpose, self.quantize = transpose, quantize
+        # int8 kernels take bf16 activations: the experts' input is cast once per layer
+        self.expert_dtype = torch.bfloat16 if quantize else None
+        self._entries: dict[tuple, _Entry] = {}
+
+    # ------------------------------------------------------------------ the weights interface
+    def linear(self, x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+        """Each module's output for input x [...,in], from one GEMM over their fused W^T."""
+        y = mm(x, self._entry("t", *(m.weight for m in modules)).value)  # [..., sum of outs]
+        if len(modules) == 1:
+            b = modules[0].bias
+            return (y if b is None else y + b,)
+        outs = y.split([m.weight.shape[0] for m in modules], dim=-1)
+        return tuple(o if m.bias is None else o + m.bias for o, m in zip(outs, modules))
+
+    def experts(self, param: torch.Tensor) -> list:
+        """The E experts' W^T (or Int8Weight) of a stacked [E, out, in] weight, split once per
+        refresh (indexing a tensor per expert per step is an operator call each)."""
+        entry = self._entry("t", param)
+        if entry.split is None:
+            entry.split = [entry.value[e] for e in range(param.shape[0])]
+        return entry.split
+
+    mm = staticmethod(mm)
+
+    def absorbed(self, mla: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H,N,C] and W_UV^T [H,C,V], contiguous (never quantised)."""
+        return self._entry("absorbed", mla.kv_b_proj.weight, mla=mla).value
+
+    # ------------------------------------------------------------------ bookkeeping
+    def refresh(self) -> None:
+        """Re-make the entries whose weights changed since they were made (once per step)."""
+        for entry in self._entries.values():
+            self._update(entry)
+
+    def nbytes(self) -> int:
+        """Extra memory the copies take (W^T views cost nothing)."""
+        total = 0
+        for e in self._entries.values():
+            if e.kind == "absorbed":
+                total += sum(t.numel() * t.element_size() for t in e.value)
+            elif isinstance(e.value, Int8Weight):
+                total += e.value.nbytes
+            elif self.transpose or len(e.weights) > 1:
+                total += e.value.numel() * e.value.element_size()
+        return total
+
+    def _entry(self, kind: str, *weights: torch.Tensor, mla: nn.Module | None = None) -> _Entry:
+        key = (kind, *map(id, weights))
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = entry = _Entry(weights, kind, mla)
+            self._update(entry)
+        return entry
+
+    def _update(self, e: _Entry) -> None:
+        # in-place updates (optimizer steps, load_state_dict) bump _version; weights created
+        # under inference_mode have no version counter (and no optimizer to change them).
+        # Fused optimizer kernels (torch.optim.AdamW(fused=True)) do not bump it: after such a
+        # step call torch.autograd.graph.increment_version(params), as nanoseek's trainer does
+        # (train/loop.py: make_optimizer), or the copies go stale
+        key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in e.weights)
+        if key == e.key:
+            return
+        e.key, e.split = key, None
+        with torch.no_grad():
+            if e.kind == "absorbed":
+                w_uk, w_uv = e.mla.absorbed_weights()
+                e.value = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+                return
+            ws = [w.detach() for w in e.weights]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)  # [..., out, in]
+            if self.quantize == "int8":
+                e.value = Int8Weight.quantize(w)
+            else:
+                w_t = w.transpose(-1, -2)
+                e.value = w_t.contiguous() if self.transpose else w_t

@@ -1,0 +1,45 @@
+"""How a module's matrices are multiplied: the weights as the modules hold them.
+
+Every projection of the model goes through a *weights* object with four methods, so that one
+forward serves training, prefill and decode while the layout of the matrices may differ:
+- `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
+- `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
+- `mm(x, w_t)`: x @ W^T for one of those;
+- `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1].
+
+`ModuleWeights` (here) calls the modules themselves: training, FP8 training (which swaps the
+modules) and prefill use it. The inference engine passes its own implementation
+(nanoseek/infer/weights.py: fused, transposed or int8 copies that decoding a few tokens reads
+faster); tests/infer/test_weights.py checks that both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ModuleWeights:
+    """The modules' own weights ([out, in], F.linear): the default of every forward."""
+
+    expert_dtype: torch.dtype | None = None  # experts take their input in the input's dtype
+
+    @staticmethod
+    def linear(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m in modules)
+
+    @staticmethod
+    def experts(param: torch.Tensor) -> list[torch.Tensor]:
+        return [param[e].t() for e in range(param.shape[0])]  # [in, out] views
+
+    @staticmethod
+    def mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        return x @ w_t
+
+    @staticmethod
+    def absorbed(mla) -> tuple[torch.Tensor, torch.Tensor]:
+        w_uk, w_uv = mla.absorbed_weights()  # views of kv_b_proj
+        return w_uk, w_uv.transpose(1, 2)
+
+
+MODULE_WEIGHTS = ModuleWeights()
