@@ -1,22 +1,119 @@
-"""Opt-in `torch.compile` for training and inference (the eager model is the default).
+"""Opt-in `torch.compile` of the training forward and backward (the eager model is the default).
 
 Each decoder layer (main and MTP) is compiled on its own rather than the whole model: layers of
-the same kind share one compiled graph (parameters are graph inputs), so compiling takes two
-graphs (dense, MoE) instead of one per layer, and the head, loss and Python control flow stay
-eager. Inductor fuses the element-wise work between the GEMMs (norms, RoPE, SwiGLU, routing
-weights, residual adds) forward and backward; the GEMMs themselves still run in oneDNN / MKL
-(CPU) or cuBLAS. bench/train_step.py --compile measures the gain and the compile time.
+the same kind share one compiled graph (parameters are graph inputs), so a training run compiles
+one graph per layer kind and shape - dense, MoE, and one per MTP depth (its sequence is k
+tokens shorter) - forward and backward, instead of one per layer. The embedding, the head, the
+loss (the chunked cross-entropy is already fused by hand, nanoseek/model/loss.py) and the
+Python control flow stay eager. Inductor fuses the element-wise work between the GEMMs (norms,
+RoPE, SwiGLU, routing and gate weights, residual adds, the balance loss) forward and backward;
+the GEMMs themselves still run in oneDNN / MKL (CPU) or cuBLAS.
+
+`TrainingCompiler` is what the trainers use (`--compile`): the compiled layers are installed only
+inside `with compiler():` around the training forward, so evaluation and generation (the
+inference engine, GRPO rollouts) always run the eager modules, in any mode, at any shape. Inside
+it nothing falls back to eager silently: every layer is compiled with `fullgraph=True` (a graph
+break is an error) and past `max_variants` graphs of one kind dynamo raises instead of running
+the eager code (`fail_on_recompile_limit_hit`). `compile_model` (bench/train_step.py) compiles
+the layers for good, for every call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch._dynamo.callback import callback_handler
+
 from nanoseek.model.transformer import CausalLM
+
+# graphs of one code object (all layers share `nn.Module._call_impl`): dense + MoE + one per MTP
+# depth is 3-5 for every preset; 8 (dynamo's default) leaves room for a second sequence length
+MAX_VARIANTS = 8
+# what TrainingCompiler compiles with unless told otherwise; tests swap in "aot_eager" (the same
+# dynamo and AOTAutograd tracing, so the same graph breaks and guards, without the C++ build)
+BACKEND = "inductor"
+
+
+def compiled_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, main then MTP, of a CausalLM (or of a wrapper holding one)."""
+    inner: CausalLM = getattr(model, "module", model)
+    return [*inner.model.layers, *inner.mtp]
 
 
 def compile_model(model: CausalLM, **compile_kwargs) -> CausalLM:
-    """Compile every decoder layer of `model` in place (extra kwargs go to `torch.compile`,
-    e.g. `mode="max-autotune"`). Returns the model. Undo with `model.layers[i]._compiled_call_impl
-    = None`, or build a fresh model."""
-    for layer in [*model.model.layers, *model.mtp]:
+    """Compile every decoder layer of `model` in place, for every later call (extra kwargs go to
+    `torch.compile`, e.g. `mode="max-autotune"`). Returns the model. Undo with
+    `model.layers[i]._compiled_call_impl = None`, or build a fresh model."""
+    for layer in compiled_layers(model):
         layer.compile(**compile_kwargs)
     return model
+
+
+class CompileClock:
+    """Wall time spent compiling (dynamo tracing, AOTAutograd, inductor codegen and the C++
+    build, the lazily compiled backward included) since it was made, in this process."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._start: float | None = None
+        self._lock = threading.Lock()
+        callback_handler.register_start_callback(self._on_start)
+        callback_handler.register_end_callback(self._on_end)
+
+    def _on_start(self, args) -> None:
+        with self._lock:
+            self._start = time.perf_counter()
+
+    def _on_end(self, args) -> None:
+        with self._lock:
+            if self._start is not None:
+                self.seconds += time.perf_counter() - self._start
+                self._start = None
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            callback_handler.remove_start_callback(self._on_start)
+            callback_handler.remove_end_callback(self._on_end)
+
+
+class TrainingCompiler:
+    """Compiled decoder layers for the training forward, active only inside `with self():`.
+
+    Compiled with `dynamic=False`: every graph is specialised to its shapes, so the MoE's padded
+    expert layout (a size fixed by the shapes, nanoseek/model/moe.py `expert_rows`) and the
+    attention's causal blocks are constants inductor can plan for. A new batch shape is a new
+    graph; a run whose shapes keep changing fails at `max_variants` instead of slowing down.
+    """
+
+    def __init__(self, model: nn.Module, max_variants: int = MAX_VARIANTS, **compile_kwargs):
+        self.model, self.max_variants = model, max_variants
+        kwargs = dict(fullgraph=True, dynamic=False, backend=BACKEND) | compile_kwargs
+        self.layers = compiled_layers(model)
+        self._fns = [torch.compile(layer._call_impl, **kwargs) for layer in self.layers]
+        self.clock = CompileClock()
+
+    @property
+    def compile_s(self) -> float:
+        return self.clock.seconds
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Run the model's layers compiled inside the block (forward; the backward of what ran
+        compiled is the compiled backward wherever it is called)."""
+        limits = dict(recompile_limit=self.max_variants, fail_on_recompile_limit_hit=True)
+        for layer, fn in zip(self.layers, self._fns):
+            layer._compiled_call_impl = fn
+        try:
+            with torch._dynamo.config.patch(**limits):
+                yield
+        finally:
+            for layer in self.layers:
+                layer._compiled_call_impl = None
+
+    def close(self) -> None:
+        self.clock.close()
