@@ -214,11 +214,17 @@ class MoE(FixedDtypeBuffers):
 
         token_mask [B,T] bool marks real tokens (padding is neither counted nor balanced).
         Outside training, at most `few_tokens` tokens (decode, verification, short prompts)
-        take `forward_few`, which runs only the chosen experts; `weights` multiplies
+        take `forward_few`, which runs only the chosen experts (when every expert lives in this
+        process, as plain weights); `weights` multiplies
         (nanoseek/model/weights.py).
         """
         B, T, D = x.shape
-        if B * T <= self.few_tokens and not self.training and not torch.is_grad_enabled():
+        if (
+            B * T <= self.few_tokens
+            and not self.training
+            and not torch.is_grad_enabled()
+            and type(self.experts) is RoutedExperts  # every expert here, not sharded (EP)
+        ):
             return self.forward_few(x, weights), None
         flat = x.reshape(-1, D)
         gate_weights, indices, scores = self.gate(flat)  # [N,K], [N,K], [N,E]
