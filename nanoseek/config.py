@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoseek.presets import PRESETS
+
 
 class ConfigError(ValueError):
     """A config value that cannot describe a model; the message names the field."""
@@ -325,8 +327,6 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        from nanoseek.presets import PRESETS
-
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

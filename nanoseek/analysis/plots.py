@@ -10,6 +10,8 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
@@ -17,7 +19,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: imported on the first plot (see the module docstring)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,8 +70,6 @@ def plot_expert_load(
     """Heatmap, one row per MoE layer: each expert's load divided by the layer's mean load
     (1.0 = perfectly balanced)."""
     plt = _pyplot()
-    import numpy as np
-
     arr = np.asarray(loads, dtype=float)
     rel = arr / np.maximum(arr.mean(axis=1, keepdims=True), 1e-9)
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * arr.shape[1] + 2), 0.5 * arr.shape[0] + 1.6))
@@ -95,8 +95,7 @@ def plot_routing_heatmap(
     the number of experts (1.0 = uniform, the colour map's centre). shares [L][S][E];
     `scores` (per layer) go in the panel titles."""
     plt = _pyplot()
-    import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import TwoSlopeNorm  # heavy: matplotlib, loaded by _pyplot just now
 
     arr = np.asarray(shares, dtype=float)  # [L,S,E]
     L, S, E = arr.shape
@@ -190,6 +189,4 @@ def _save(fig, path: str) -> None:
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     fig.clf()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)

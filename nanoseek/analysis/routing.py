@@ -41,6 +41,10 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.analysis.plots import plot_routing_heatmap
+from nanoseek.data.corpus import generate_corpus
+from nanoseek.data.sources import JSONL_SUFFIXES, DataSourceError, read_documents
+
 SCORE_DEFINITION = (
     "per layer, I(expert; task) / H(task) with every task weighted equally = the Jensen-Shannon "
     "divergence of the tasks' expert-load distributions / ln(#tasks): 0 = every task uses the "
@@ -196,8 +200,6 @@ def read_labelled(
     Non-JSONL files go through `sources.read_documents` (one text file = one document).
     Every file is read whole: point this at analysis-sized files, not a pre-training corpus.
     """
-    from nanoseek.data.sources import JSONL_SUFFIXES, DataSourceError, read_documents
-
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no data files given")
@@ -231,8 +233,6 @@ def task_documents(
 ) -> dict[str, Iterator[str]]:
     """Built-in task families (nanoseek.tasks) as lazy document streams, one per task, in the
     pre-training corpus format (held-out `test` problems by default)."""
-    from nanoseek.data.corpus import generate_corpus
-
     return {name: generate_corpus(n_docs, seed, tasks=(name,), split=split) for name in names}
 
 
@@ -335,8 +335,6 @@ def format_report(stats: RoutingStats, n_top: int = 3) -> str:
 
 def write_outputs(stats: RoutingStats, out_dir: str | os.PathLike, title: str = "") -> list[str]:
     """`routing.json` (counts and scores) and `routing.png` (the heatmap) in `out_dir`."""
-    from nanoseek.analysis.plots import plot_routing_heatmap
-
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "routing.json")
     with open(json_path, "w") as f:

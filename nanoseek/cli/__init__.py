@@ -18,8 +18,9 @@ common.py holds the `Command` record, the parser and the option types they share
 
 Adding a subcommand: in the module it belongs to, write `_add_<name>(parser)` for its flags and
 `run_<name>(args) -> int`, and a `<NAME> = Command(...)` for them; then add that `Command` to
-COMMANDS below (its place there is its place in `nanoseek --help`). Runners import heavy modules
-themselves, so `nanoseek info` on a laptop never pays for what `pretrain` needs.
+COMMANDS below (its place there is its place in `nanoseek --help`). Everything is imported at
+module level except FastAPI and uvicorn (`nanoseek serve` imports them) and matplotlib
+(nanoseek/analysis/plots.py, on the first plot).
 
 User errors (bad config, bad checkpoint, missing file, bad argument) end as one line
 `nanoseek: error: <message>` on stderr and exit code 2, never a traceback; anything else

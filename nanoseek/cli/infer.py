@@ -12,8 +12,22 @@ import os
 import sys
 import time
 
-from nanoseek.checkpoint.io import CheckpointError
+import torch
+
+from nanoseek.analysis.routing import (
+    collect_routing,
+    format_report,
+    read_labelled,
+    task_documents,
+    to_json,
+    write_outputs,
+)
+from nanoseek.checkpoint.io import CheckpointError, load
 from nanoseek.cli.common import QUANTIZE_HELP, Command, positive_int
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.serve import chat
+from nanoseek.serve.loading import load_engine
 
 
 # ------------------------------------------------------------------------------ generate
@@ -42,12 +56,6 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.infer import Engine, SamplingParams
-
     if not os.path.isdir(args.model):
         raise CheckpointError(f"{args.model}: no such checkpoint directory")
     tok_dir = args.tokenizer or args.model
@@ -133,8 +141,6 @@ def _add_engine_options(p: argparse.ArgumentParser, max_batch: int | None) -> No
 
 
 def _engine_from_args(args: argparse.Namespace):
-    from nanoseek.serve.loading import load_engine
-
     return load_engine(
         args.model, args.tokenizer, dtype=args.dtype, device=args.device,
         max_batch_size=getattr(args, "max_batch", 1), max_seq_len=args.max_seq_len,
@@ -175,7 +181,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    try:
+    try:  # heavy, and only for serving: FastAPI and uvicorn (~0.5 s), imported here
         from nanoseek.serve.app import create_app, served_name
         from nanoseek.serve.guards import DEFAULT_MAX_REQUEST_BYTES, exposure_warning
         from nanoseek.serve.server import bind, serve
@@ -218,18 +224,15 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from nanoseek.infer import SamplingParams
-    from nanoseek.serve.chat import ChatSession, run_chat
-
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )  # fmt: skip
     params.validate(vocab_size=1 << 62)  # bad values fail before the model loads
     engine, tokenizer = _engine_from_args(args)
-    session = ChatSession(engine, tokenizer, params, system=args.system)
+    session = chat.ChatSession(engine, tokenizer, params, system=args.system)
     color = False if args.no_color or os.environ.get("NO_COLOR") else None
-    return run_chat(session, color=color)
+    return chat.run_chat(session, color=color)
 
 
 # ------------------------------------------------------------------------------ routing
@@ -265,19 +268,6 @@ def _add_routing(p: argparse.ArgumentParser) -> None:
 
 
 def run_routing(args: argparse.Namespace) -> int:
-    import torch
-
-    from nanoseek.analysis.routing import (
-        collect_routing,
-        format_report,
-        read_labelled,
-        task_documents,
-        to_json,
-        write_outputs,
-    )
-    from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import Tokenizer
-
     if not args.data and not args.tasks:
         raise ValueError("no data: give --data FILE... and/or --tasks NAME...")
     if not os.path.isdir(args.model):

@@ -13,9 +13,14 @@ import sys
 import time
 from collections.abc import Callable
 
+import torch
+
 from nanoseek.checkpoint.accounting import Accounting, account
+from nanoseek.checkpoint.convert import convert_checkpoint
+from nanoseek.checkpoint.io import load, save, scan
 from nanoseek.cli.common import Command, positive_int
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.model.transformer import CausalLM
 from nanoseek.presets import PRESETS
 
 DTYPES = ("bf16", "fp32", "fp8")
@@ -151,8 +156,6 @@ def run_info(args: argparse.Namespace) -> int:
     if args.scan:
         if not os.path.isdir(args.source):
             raise ValueError(f"--scan reads a checkpoint directory; {args.source!r} is not one")
-        from nanoseek.checkpoint.io import scan
-
         s = scan(args.source)  # CheckpointError naming the file and tensor
         print(
             f"scanned {s['tensors']:,} tensors, {s['values']:,} values: all finite", file=sys.stderr
@@ -172,8 +175,6 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from nanoseek.checkpoint.convert import convert_checkpoint
-
     # streams tensor by tensor: memory stays near one 5 GiB output shard, so the 671B checkpoint
     # converts on an ordinary machine (no model is built, no GPU needed for FP8)
     progress = _progress_line() if sys.stderr.isatty() else None
@@ -224,11 +225,6 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Build a seeded model, save it, load it back, check the logits agree bit for bit."""
-    import torch
-
-    from nanoseek.checkpoint.io import load, save
-    from nanoseek.model.transformer import CausalLM
-
     _check_output_dir(args.out)
     config = ModelConfig.from_preset(args.preset)
     t0 = time.perf_counter()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from nanoseek import speedrun as recipe
 from nanoseek.cli.common import Command
+from nanoseek.train.options import build
 
 
 def _add_speedrun(p: argparse.ArgumentParser) -> None:
@@ -19,13 +21,10 @@ def _add_speedrun(p: argparse.ArgumentParser) -> None:
 
 
 def run_speedrun(args: argparse.Namespace) -> int:
-    from nanoseek.speedrun import SpeedrunOptions, run_speedrun
-    from nanoseek.train.options import build
-
     flags = {"smoke": True if args.smoke else None, "fp8": True if args.fp8 else None}
-    opts = build(SpeedrunOptions, args.config, args.overrides, out=args.out, preset=args.preset,
-                 **flags)  # fmt: skip
-    card = run_speedrun(opts)
+    opts = build(recipe.SpeedrunOptions, args.config, args.overrides, out=args.out,
+                 preset=args.preset, **flags)  # fmt: skip
+    card = recipe.run_speedrun(opts)
     final = card["stages"].get("r1", {}).get("result", {}).get("final_model")
     print(f"report card: {os.path.join(opts.out, 'report.md')}")
     if final:

@@ -13,6 +13,10 @@ import os
 import warnings
 
 from nanoseek.cli.common import QUANTIZE_HELP, Command, nonnegative_int, positive_int
+from nanoseek.eval import evaluate_checkpoint, format_result
+from nanoseek.tasks.resolve import DEFAULT_EVAL_N, resolve_task
+from nanoseek.train import distill, grpo, pipeline, pretrain, rejection, sft
+from nanoseek.train.options import build
 
 
 # ------------------------------------------------------------------------------ pretrain
@@ -44,14 +48,11 @@ def _overwrite(args: argparse.Namespace) -> bool | None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from nanoseek.train.options import build
-    from nanoseek.train.pretrain import PretrainOptions, run_pretrain
-
     opts = build(
-        PretrainOptions, args.config, args.overrides, out=args.out, data=args.data,
+        pretrain.PretrainOptions, args.config, args.overrides, out=args.out, data=args.data,
         overwrite=_overwrite(args),
     )  # fmt: skip
-    last = run_pretrain(opts, resume=args.resume)
+    last = pretrain.run_pretrain(opts, resume=args.resume)
     _print_done(last, opts.out)
     return 0
 
@@ -81,15 +82,12 @@ def _add_sft(p: argparse.ArgumentParser) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from nanoseek.train.options import build
-    from nanoseek.train.sft import SFTOptions, run_sft
-
     opts = build(
-        SFTOptions, args.config, args.overrides,
+        sft.SFTOptions, args.config, args.overrides,
         model=args.model, out=args.out, data=args.data, task=args.task,
         overwrite=_overwrite(args),
     )  # fmt: skip
-    last = run_sft(opts, resume=args.resume)
+    last = sft.run_sft(opts, resume=args.resume)
     _print_done(last, opts.out)
     return 0
 
@@ -106,15 +104,12 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from nanoseek.train.distill import DistillOptions, run_distill
-    from nanoseek.train.options import build
-
     opts = build(
-        DistillOptions, args.config, args.overrides,
+        distill.DistillOptions, args.config, args.overrides,
         teacher=args.teacher, student=args.student, out=args.out, data=args.data, task=args.task,
         overwrite=_overwrite(args),
     )  # fmt: skip
-    last = run_distill(opts, resume=args.resume)
+    last = distill.run_distill(opts, resume=args.resume)
     _print_done(last, opts.out)
     return 0
 
@@ -135,14 +130,11 @@ def _add_grpo(p: argparse.ArgumentParser) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> int:
-    from nanoseek.train.grpo import GRPOOptions, run_grpo
-    from nanoseek.train.options import build
-
     opts = build(
-        GRPOOptions, args.config, args.overrides, model=args.model, out=args.out, task=args.task,
-        overwrite=_overwrite(args),
+        grpo.GRPOOptions, args.config, args.overrides, model=args.model, out=args.out,
+        task=args.task, overwrite=_overwrite(args),
     )  # fmt: skip
-    last = run_grpo(opts, resume=args.resume)
+    last = grpo.run_grpo(opts, resume=args.resume)
     summary = f"reward {last.get('reward', float('nan')):.3f}"
     if last.get("eval_accuracy") is not None:
         summary += f", held-out pass@1 {last['eval_accuracy']:.3f}"
@@ -197,9 +189,6 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from nanoseek.eval import evaluate_checkpoint, format_result
-    from nanoseek.tasks.resolve import DEFAULT_EVAL_N, resolve_task
-
     # a file given for evaluation is a test set; an unknown name fails before the model loads
     task = resolve_task(args.task, split="test")
     n = args.n if args.n is not None else (0 if task.count("test") is not None else DEFAULT_EVAL_N)
@@ -230,21 +219,13 @@ def _add_rejection(p: argparse.ArgumentParser) -> None:
 
 
 def run_rejection(args: argparse.Namespace) -> int:
-    from nanoseek.train.options import build
-    from nanoseek.train.rejection import (
-        RejectionOptions,
-        format_stats,
-        run_rejection,
-        stats_path,
-    )
-
     opts = build(
-        RejectionOptions, args.config, args.overrides, model=args.model, task=args.task,
+        rejection.RejectionOptions, args.config, args.overrides, model=args.model, task=args.task,
         n_prompts=args.n_prompts, samples=args.samples, out=args.out,
     )  # fmt: skip
-    stats = run_rejection(opts)
-    print(format_stats(stats))
-    print(f"wrote {opts.out} and {stats_path(opts.out)}")
+    stats = rejection.run_rejection(opts)
+    print(rejection.format_stats(stats))
+    print(f"wrote {opts.out} and {rejection.stats_path(opts.out)}")
     if not stats["kept"]:
         warnings.warn("no sample was kept: the data file is empty", stacklevel=1)
     return 0
@@ -252,9 +233,8 @@ def run_rejection(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ pipeline
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
-    # the kinds of nanoseek.train.pipeline.KINDS, spelt out: building the parser imports no torch
     p.add_argument(
-        "kind", choices=("r1-zero", "r1"), help="r1-zero: GRPO from the base; r1: four stages"
+        "kind", choices=pipeline.KINDS, help="r1-zero: GRPO from the base; r1: four stages"
     )
     p.add_argument("--model", help="base checkpoint directory (pre-trained, with its tokenizer)")
     p.add_argument(
@@ -278,13 +258,11 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
-    from nanoseek.train.pipeline import build_pipeline_options, run_pipeline
-
-    opts = build_pipeline_options(
+    opts = pipeline.build_pipeline_options(
         args.config, args.overrides, model=args.model, task=args.task, out=args.out,
         eval_task=args.eval_task,
     )  # fmt: skip
-    run_pipeline(args.kind, opts)
+    pipeline.run_pipeline(args.kind, opts)
     print(f"summary in {os.path.join(opts.out, 'summary.md')}")
     return 0
 

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
+import jinja2
 from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CHAT_ROLES = ("system", "user", "assistant")
 # private-use code points: no template trims, escapes or matches them, no tokenizer merges them
@@ -67,10 +70,6 @@ class _TemplateDict:
 
 @lru_cache(maxsize=1)
 def _environment():
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class Generation(Extension):
         """`{% generation %}...{% endgeneration %}` renders its body (transformers' tag)."""
 

@@ -112,7 +112,7 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text") -> Iterator[str]
 def _import_pyarrow_parquet():
     """pyarrow is optional: only Parquet users need it, so import it on first use."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: the `parquet` extra
     except ImportError as e:
         raise ImportError("reading Parquet files needs pyarrow: pip install pyarrow") from e
     return pq

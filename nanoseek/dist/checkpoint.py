@@ -25,13 +25,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.checkpoint.io import CheckpointError, build_empty, load, save
 from nanoseek.checkpoint.trainer_state import prune, write_state
+from nanoseek.config import ModelConfig
+from nanoseek.dist.expert_parallel import ExpertParallelExperts
+from nanoseek.dist.safe_dcp import SafePlanner, SafeReader, read_metadata
+from nanoseek.model.moe import RoutedExperts
 
 SHARDS = "dcp"
 
@@ -43,9 +53,6 @@ def is_sharded(path: str) -> bool:
 # ------------------------------------------------------------------------ the flat state
 def _expert_first(model) -> dict[str, int]:
     """Parameter name -> global index of the first expert of the rank's (unsharded) slice."""
-    from nanoseek.dist.expert_parallel import ExpertParallelExperts
-    from nanoseek.model.moe import RoutedExperts
-
     out = {}
     for prefix, m in model.named_modules():
         if isinstance(m, (RoutedExperts, ExpertParallelExperts)):
@@ -58,8 +65,6 @@ def _expert_first(model) -> dict[str, int]:
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(local rows, index of the first local row in t's global dim 0)."""
     if isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         return t.to_local(), offset[0]
     return t, 0
@@ -124,8 +129,6 @@ def save_sharded(
 ) -> str:
     """Write OUT/checkpoints/step-N from every rank: shards under a temporary name, then rank 0
     adds the trainer state (what marks a checkpoint complete), config and tokenizer, and renames."""
-    import torch.distributed.checkpoint as dcp
-
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
     staging = os.path.join(root, f".step-{step:06d}.partial")
@@ -154,13 +157,6 @@ def save_sharded(
 def load_sharded(path: str, model, optimizer=None) -> None:
     """Fill the model (and optimizer) of this rank - sharded, or a plain one-process model -
     from a sharded checkpoint written at any world size."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from nanoseek.dist.safe_dcp import SafePlanner, SafeReader, read_metadata
-
     checkpoint = os.path.join(path, SHARDS)
     if optimizer is not None:
         init_optimizer_state(optimizer)
@@ -195,8 +191,6 @@ def load_sharded(path: str, model, optimizer=None) -> None:
 def load_full(path: str, model, optimizer, optimizer_state: dict) -> None:
     """A one-process checkpoint (HF weights + `optimizer.state_dict()`) into this rank's shards.
     Every rank reads the whole checkpoint and keeps its part."""
-    from nanoseek.checkpoint.io import load
-
     full_model = load(path, dtype=torch.float32)
     full = sharded_state(full_model)
     # the one-process optimizer numbers its parameters in param_groups order, as ours does
@@ -222,8 +216,6 @@ def load_full(path: str, model, optimizer, optimizer_state: dict) -> None:
 
 def _copy_local(dest: torch.Tensor, full: torch.Tensor) -> None:
     if isinstance(dest, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         shape, offset = compute_local_shape_and_global_offset(
             dest.shape, dest.device_mesh, dest.placements
         )
@@ -239,10 +231,6 @@ def full_state_dict(model, par, everywhere: bool = False) -> dict[str, torch.Ten
     """The whole model's state dict on rank 0 (CPU; on every rank with `everywhere`), None
     elsewhere: FSDP shards all-gathered, expert slices gathered over their ep group. One tensor
     at a time, in the same order on every rank (each gather is a collective)."""
-    import torch.distributed as dist
-
-    from nanoseek.dist.expert_parallel import ExpertParallelExperts
-
     ep_params = {
         f"{prefix}.{p}"
         for prefix, m in model.named_modules()
@@ -264,8 +252,6 @@ def full_state_dict(model, par, everywhere: bool = False) -> dict[str, torch.Ten
 
 def export_hf(model, directory: str, extra_files, par) -> None:
     """The consolidated HF directory of a (possibly sharded) model, written by rank 0."""
-    from nanoseek.checkpoint.io import build_empty, save
-
     if not par.distributed:
         save(model, directory, extra_files=extra_files)
         return
@@ -282,9 +268,6 @@ def export_hf(model, directory: str, extra_files, par) -> None:
 def consolidate(checkpoint_dir: str, out_dir: str) -> None:
     """One process: a sharded checkpoint -> a HF directory (weights only), e.g.
     `python -m nanoseek.dist.checkpoint runs/x/checkpoints/step-000200 runs/x/step200-hf`."""
-    from nanoseek.checkpoint.io import build_empty, save
-    from nanoseek.config import ModelConfig
-
     model = build_empty(ModelConfig.from_pretrained(checkpoint_dir), torch.float32, "cpu")
     load_sharded(checkpoint_dir, model)
     extra = [
@@ -307,8 +290,6 @@ def adapt_data_state(state: Any, dataset) -> Any:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) != 3:
         sys.exit("usage: python -m nanoseek.dist.checkpoint CHECKPOINT_DIR OUT_DIR")
     consolidate(sys.argv[1], sys.argv[2])

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 
 from nanoseek.config import ConfigError
 
@@ -98,8 +99,6 @@ def backend_for(device: torch.device) -> str:
 def init_process_group(env: LaunchEnv, device: torch.device, timeout_s: float) -> bool:
     """Join the rendezvous (env:// from the torchrun variables); returns whether we created the
     group (and so must destroy it). An existing group (a caller set one up) is reused."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
             raise LaunchError("an existing process group disagrees with RANK/WORLD_SIZE")
@@ -122,8 +121,6 @@ def main_first(fn: Callable[[], T], rank: int, others: bool = True) -> T | None:
     """Run `fn` on rank 0 first (it may write shared files: tokenizer, token shards), then, with
     `others`, on the other ranks, which find the files and only read them. A failure on rank 0
     is re-raised on every rank instead of leaving them waiting for it."""
-    import torch.distributed as dist
-
     if rank == 0:
         try:
             result = fn()

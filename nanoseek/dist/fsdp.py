@@ -16,14 +16,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
 def mixed_precision(precision: str):
     """bf16: weights all-gathered and used in bf16, gradients reduced in fp32, fp32 master
     weights and optimizer; activations are left to the trainer's autocast, as on one process."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     if precision == "bf16":
         return MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
@@ -32,8 +31,6 @@ def mixed_precision(precision: str):
 
 
 def apply_fsdp(model, world_mesh, dp_mesh, expert_modules: list[nn.Module], precision: str):
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
     mp = mixed_precision(precision)
     ignored = None
     if dp_mesh.size() > 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 
 from nanoseek.config import ConfigError
 
@@ -66,8 +67,6 @@ def mesh_shape(world_size: int, dp: int, ep: int, n_experts: int | None) -> Mesh
 
 def build_mesh(shape: MeshShape, device: torch.device):
     """(2-D mesh ("dp", "ep"), 1-D mesh over all ranks for the non-expert weights)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh(device.type, (shape.dp, shape.ep), mesh_dim_names=("dp", "ep"))
     world = mesh._flatten("dp_ep")  # private but stable since 2.6; torchtitan uses it too
     return mesh, world

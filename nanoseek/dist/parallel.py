@@ -13,14 +13,20 @@ methods with collectives. `launch(opts, n_experts)` picks one from the environme
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from nanoseek.config import ConfigError
 from nanoseek.dist.env import LaunchEnv, init_process_group, main_first, pick_device, read_env
+from nanoseek.dist.expert_parallel import shard_experts
+from nanoseek.dist.fsdp import all_reduce_grads, apply_fsdp, clip_grad_norm_
 from nanoseek.dist.mesh import MeshShape, build_mesh, mesh_shape
+from nanoseek.fp8 import convert_for_fp8
 
 T = TypeVar("T")
 
@@ -90,9 +96,6 @@ class Distributed(SingleProcess):
         """Move to the rank's device, keep the rank's expert slices (ep > 1), then shard the
         weights with FSDP2 (fsdp) or keep them replicated. Every rank must pass the same,
         identically initialised model (seed first): the slices are cut from it."""
-        from nanoseek.dist.expert_parallel import shard_experts
-        from nanoseek.dist.fsdp import apply_fsdp
-
         _convert_for(precision, model, self.is_main)  # before sharding: FSDP wraps FP8 layers
         model.to(self.device)
         experts = shard_experts(model, self.ep_group) if self.shape.ep > 1 else []
@@ -106,28 +109,20 @@ class Distributed(SingleProcess):
 
     # ---------------------------------------------------------------- reductions
     def sum(self, values: list[float]) -> list[float]:
-        import torch.distributed as dist
-
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor)
         return tensor
 
     def broadcast(self, obj: T) -> T:
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         dist.barrier()
 
     def main_first(self, fn: Callable[[], T]) -> T:
@@ -149,8 +144,6 @@ class Distributed(SingleProcess):
         ranks for the dense weights, the dp group for an expert slice."""
         if self.fsdp:
             return
-        from nanoseek.dist.fsdp import all_reduce_grads
-
         params = [p for p in model.parameters() if p.requires_grad]
         all_reduce_grads([p for p in params if id(p) not in self.expert_params])
         if self.shape.dp > 1:
@@ -158,15 +151,11 @@ class Distributed(SingleProcess):
             all_reduce_grads(experts, group=self.dp_group)
 
     def clip_grad_norm_(self, model, max_norm: float) -> float:
-        from nanoseek.dist.fsdp import clip_grad_norm_
-
         params = [p for p in model.parameters() if p.requires_grad]
         return clip_grad_norm_(params, [self._copies(p) for p in params], max_norm)
 
     def _copies(self, p) -> int:
         """How many ranks hold the same values as this rank's `p` (shards: 1)."""
-        from torch.distributed.tensor import DTensor
-
         if isinstance(p, DTensor):
             return 1
         return self.shape.dp if id(p) in self.expert_params else self.world_size
@@ -174,8 +163,6 @@ class Distributed(SingleProcess):
 
 def _convert_for(precision: str, model, verbose: bool) -> None:
     if precision == "fp8":  # [V3 §3.3]
-        from nanoseek.fp8 import convert_for_fp8
-
         convert_for_fp8(model, verbose)
 
 
@@ -221,10 +208,6 @@ def shutdown(synchronize: bool) -> None:
     in reference cycles): gloo's worker threads must not outlive them into interpreter teardown,
     where freeing their tensors aborts the process ("terminate called without an active
     exception")."""
-    import gc
-
-    import torch.distributed as dist
-
     if synchronize:
         dist.barrier()
     gc.collect()

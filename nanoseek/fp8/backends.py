@@ -100,6 +100,7 @@ class CudaBlockwiseBackend:
     name = "cuda_blockwise"
 
     def mm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32):
+        # only in torch builds with block-scaled scaled_mm: cuda_blockwise_unavailable checks
         from torch.nn.functional import ScalingType
 
         _check_operands(a, b)

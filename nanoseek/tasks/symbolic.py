@@ -37,7 +37,7 @@ def looks_symbolic(text: str) -> bool:
 def _math_verify() -> Any:
     """The `math_verify` module, or None when it is not installed (imported on first use)."""
     try:
-        import math_verify
+        import math_verify  # heavy (sympy): loaded on the first symbolic answer
     except ImportError:
         return None
     return math_verify

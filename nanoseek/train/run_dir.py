@@ -38,7 +38,8 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "completions.jsonl", "model")
 _ALSO_CLEARED = ("teacher_samples.jsonl", "teacher_samples.json", "student_init")
 
 # staging names: nanoseek/checkpoint/io.py (`<dir>.tmp-<pid>-<hex>`, `<dir>.old-<pid>-<hex>`),
-# nanoseek/checkpoint/trainer_state.py (`.state-<pid>`), nanoseek/dist/checkpoint.py (`.step-N.partial`)
+# nanoseek/checkpoint/trainer_state.py (`.state-<pid>`),
+# nanoseek/dist/checkpoint.py (`.step-N.partial`)
 _TMP = re.compile(r"^(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 _OLD = re.compile(r"^(?P<final>.+)\.old-(?P<pid>\d+)-[0-9a-f]+$")
 _STATE = re.compile(r"^\.state-(?P<pid>\d+)$")
