@@ -38,7 +38,9 @@ import time
 
 import torch
 
-from nanoseek.train.grpo import GRPOOptions, Rollouts, evaluate, held_out, run_grpo
+from nanoseek.eval.evaluate import heldout_across
+from nanoseek.train.grpo import GRPOOptions, run_grpo
+from nanoseek.train.grpo_rollouts import Rollouts, evaluate_heldout
 from nanoseek.train.options import build
 
 TASK = "addition"
@@ -90,8 +92,8 @@ def pick_base(base_out: str, band: tuple[float, float], level: int, n: int, opts
     """The first pre-training checkpoint (in step order) whose pass@1 on `n` train-split problems
     (4 samples at T 0.6, top-p 0.95) lies in `band`; SystemExit naming the accuracies when none
     does. Accuracies are cached in `path`, so a re-run evaluates only new checkpoints."""
-    from nanoseek.tasks import get_task
     from nanoseek.checkpoint.trainer_state import checkpoint_dirs
+    from nanoseek.tasks import get_task
 
     # selection must not see the held-out problems: the train split only
     problems = get_task(TASK).generate(n, "train", seed=seed, level=level, unique=True)
@@ -102,9 +104,9 @@ def pick_base(base_out: str, band: tuple[float, float], level: int, n: int, opts
     for step, ckpt in checkpoint_dirs(base_out):
         if str(step) not in found:
             model, tok = load_model(ckpt)
-            r = evaluate(Rollouts(model, tok.stop_ids, 256), tok, problems,
-                         dataclasses.replace(opts, top_p=0.95), samples=4, temperature=0.6,
-                         seed=seed + 3)  # fmt: skip
+            r = evaluate_heldout(Rollouts(model, tok.stop_ids, 256), tok, problems,
+                                 dataclasses.replace(opts, top_p=0.95), samples=4,
+                                 temperature=0.6, seed=seed + 3)  # fmt: skip
             found[str(step)] = {"pass@1": r["accuracy"], "pass@4": r["pass@4"], "path": ckpt}
             with open(path, "w") as f:
                 json.dump(found, f, indent=2)
@@ -127,13 +129,13 @@ def evaluate_dir(model_dir: str, level: int, n: int, opts: GRPOOptions, seed: in
     from nanoseek.tasks import get_task
 
     model, tok = load_model(model_dir)
-    problems = held_out([get_task(TASK)], n, seed, level)
+    problems = heldout_across([get_task(TASK)], n, seed, level)
     rollouts = Rollouts(model, tok.stop_ids, 256)
-    greedy = evaluate(rollouts, tok, problems, opts)
-    r1 = evaluate(rollouts, tok, problems, dataclasses.replace(opts, top_p=0.95), samples=8,
-                  temperature=0.6, seed=seed + 1)  # fmt: skip
-    sampled = evaluate(rollouts, tok, problems, opts, samples=8, temperature=opts.temperature,
-                       seed=seed + 2)  # fmt: skip
+    greedy = evaluate_heldout(rollouts, tok, problems, opts)
+    r1 = evaluate_heldout(rollouts, tok, problems, dataclasses.replace(opts, top_p=0.95),
+                          samples=8, temperature=0.6, seed=seed + 1)  # fmt: skip
+    sampled = evaluate_heldout(rollouts, tok, problems, opts, samples=8,
+                               temperature=opts.temperature, seed=seed + 2)  # fmt: skip
     return {
         "pass@1_greedy": greedy["accuracy"],
         "pass@1_t0.6": r1["accuracy"],

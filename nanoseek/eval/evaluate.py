@@ -14,19 +14,33 @@ no temperature given, decoding is greedy; with k > 1 it defaults to R1's evaluat
 
 A sample is correct when the task's strict verifier accepts the answer inside `<answer>` (or
 `\\boxed{}`), the accuracy reward of RL; `format_rate` is the share of samples with the full
-`</think> <answer>...</answer>` format; `truncated` the share cut at max_new_tokens.
+`</think> <answer>...</answer>` format; `truncated` the share cut at max_new_tokens. Prompts,
+sampling and scoring are the shared path of sampling.py; this module picks the problems and
+reports.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Sequence
 
-from nanoseek.eval.passk import mean_pass_at_k, report_ks
-from nanoseek.eval.sampling import CHAT, Sample, SampleFn, check_template, sample_problems
-from nanoseek.tasks import Task, TaskError
-from nanoseek.tasks.rewards import format_reward
+import torch
+
+from nanoseek.checkpoint.io import CheckpointError, load
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.eval.sampling import (
+    CHAT,
+    SampleFn,
+    check_template,
+    engine_sample_fn,
+    sample_problems,
+    score_samples,
+    stop_ids,
+)
+from nanoseek.tasks import Problem, Task, TaskError
+from nanoseek.tasks.resolve import resolve_task
 
 R1_EVAL_TEMPERATURE = 0.6  # [R1 §3.1]: pass@1 from k samples at temperature 0.6, top-p 0.95
 
@@ -66,40 +80,28 @@ def heldout_problems(task: Task, n: int, seed: int = 0, level: int | None = None
     return problems
 
 
+def heldout_across(tasks: Sequence[Task], n: int, seed: int = 0, level: int | None = None):
+    """`n` test-split problems spread over `tasks` (task i gives n // T + (i < n % T)), distinct
+    where the split has that many; a small test split (1-digit sums, a short task file) gives
+    its problems with repeats, and a task without any is left out with a warning (an RL run then
+    trains without its held-out accuracy). GRPO's held-out set."""
+    problems: list[Problem] = []
+    for i, task in enumerate(tasks):
+        k = n // len(tasks) + (i < n % len(tasks))
+        try:
+            problems += task.generate(k, "test", seed=seed, level=level, unique=True)
+        except TaskError:  # the distinct problems ran out: draw with repeats
+            try:
+                problems += task.generate(k, "test", seed=seed, level=level)
+            except TaskError as e:
+                warnings.warn(f"no held-out evaluation for task {task.name!r}: {e}", stacklevel=2)
+    return problems
+
+
 def resolve(task: str | Task, split: str | None = None) -> Task:
     """A Task, a registered name or a task JSONL file (its rows without a "split" field all
     `split`; None: the hash split); an unknown name lists the valid ones."""
-    from nanoseek.tasks.resolve import resolve_task
-
     return resolve_task(task, split=split) if isinstance(task, str) else task
-
-
-def score_samples(task: Task, samples: Sequence[Sequence[Sample]], k: int) -> dict:
-    """Accuracy, pass@k, format rate and lengths of `samples[i]` (the k samples of problem i),
-    overall and per level. Pure bookkeeping: no model involved."""
-    ks = report_ks(k)
-
-    def summarise(rows: Sequence[Sequence[Sample]]) -> dict:
-        correct = [sum(task.verify_completion(s.problem, s.text) for s in row) for row in rows]
-        flat = [s for row in rows for s in row]
-        n = max(len(flat), 1)
-        return {
-            "n_problems": len(rows),
-            "accuracy": mean_pass_at_k(correct, k, 1),
-            "pass@k": mean_pass_at_k(correct, k, k),
-            "pass_at": {str(j): mean_pass_at_k(correct, k, j) for j in ks},
-            "format_rate": sum(format_reward(s.problem, s.text) for s in flat) / n,
-            "mean_length": sum(s.n_tokens for s in flat) / n,
-            "truncated": sum(not s.finished for s in flat) / n,
-        }
-
-    result = summarise(samples)
-    levels = sorted({row[0].problem.level for row in samples if row})
-    result["by_level"] = {
-        str(lvl): summarise([row for row in samples if row and row[0].problem.level == lvl])
-        for lvl in levels
-    }
-    return result
 
 
 def evaluate(
@@ -144,7 +146,7 @@ def evaluate(
         "temperature": temp,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        **score_samples(t, samples, k),
+        **score_samples(t.verify_completion, samples, k),
         "samples": [
             {
                 "id": row[0].problem.id,
@@ -170,13 +172,6 @@ def evaluate_checkpoint(
 ) -> dict:
     """`evaluate` on a checkpoint directory (its tokenizer beside it, or `tokenizer_dir`);
     quantize="int8" samples with the weight-only int8 decode path."""
-    import os
-
-    import torch
-
-    from nanoseek.checkpoint.io import CheckpointError, load
-    from nanoseek.data.tokenizer import Tokenizer
-
     t = resolve(task)  # fail on a bad name before loading
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: no such checkpoint directory")
@@ -191,8 +186,6 @@ def evaluate_checkpoint(
             f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
         )
     if quantize is not None:
-        from nanoseek.eval.sampling import engine_sample_fn, stop_ids
-
         kwargs["sample_fn"] = engine_sample_fn(stop_ids(tokenizer), quantize=quantize)
     return evaluate(model, tokenizer, t, **kwargs)
 

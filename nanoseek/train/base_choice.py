@@ -21,7 +21,13 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
+from nanoseek.checkpoint.io import load
 from nanoseek.checkpoint.trainer_state import checkpoint_dirs
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.eval.evaluate import R1_EVAL_TEMPERATURE, resolve
+from nanoseek.eval.sampling import sample_problems, score_samples
 from nanoseek.fsio import copy_dir, write_json
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -30,21 +36,14 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 def train_split_accuracy(model_dir: str, task: str, level: int | None, n: int, k: int,
                          template: str, max_new_tokens: int, seed: int) -> dict:  # fmt: skip
     """pass@1 and pass@k of `model_dir` on `n` distinct train-split problems, k samples each at
-    R1's evaluation temperature 0.6."""
-    import torch
-
-    from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.eval.evaluate import R1_EVAL_TEMPERATURE, resolve, score_samples
-    from nanoseek.eval.sampling import sample_problems
-
+    R1's evaluation temperature 0.6, through the path `nanoseek eval` takes (sampling.py)."""
     t = resolve(task)
     problems = t.generate(n, "train", seed=seed, level=level, unique=True)
     model, tok = load(model_dir, dtype=torch.float32), Tokenizer.load(model_dir)
     samples = sample_problems(model, tok, problems, k, template=template,
                               temperature=R1_EVAL_TEMPERATURE, max_new_tokens=max_new_tokens,
                               seed=seed)  # fmt: skip
-    r = score_samples(t, samples, k)
+    r = score_samples(t.verify_completion, samples, k)
     return {"pass@1": r["accuracy"], "pass@k": r["pass@k"], "k": k, "n": len(problems)}
 
 

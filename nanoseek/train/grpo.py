@@ -56,23 +56,18 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.config import ConfigError
-from nanoseek.train.grpo_rollouts import (  # noqa: F401  (re-exported: grpo's public names)
-    TEMPLATE_CHAT,
-    PromptSampler,
-    Rollouts,
-    completion_ids,
-    encode_prompt,
-    evaluate,
-    held_out,
-    request_seed,
-    sampling,
-)
+from nanoseek.eval.evaluate import heldout_across
+from nanoseek.eval.sampling import template_names
+from nanoseek.tasks.resolve import resolve_task, same_file
+from nanoseek.tasks.rewards import rewards_from_spec
+from nanoseek.train.grpo_rollouts import PromptSampler, Rollouts, evaluate_heldout
 from nanoseek.train.loop import LoopOptions, Trainer, truncate_jsonl
 from nanoseek.train.options import to_dict
 from nanoseek.train.rl.algorithms import ALGORITHMS, RLConfig, resolve
 from nanoseek.train.rl.batches import IGNORE, fill_logprobs, make_batches  # noqa: F401
 from nanoseek.train.rl.step import grpo_step, make_loss_fn
 from nanoseek.train.rl.watch import Watch
+from nanoseek.train.run_setup import load_for_training, routed_experts, write_run_files
 
 
 @dataclass
@@ -129,13 +124,9 @@ class GRPOOptions(LoopOptions):
     warn_after: int = 10  # steps of a failure pattern before warning about it
 
     def validate(self) -> None:
-        from nanoseek.tasks import TEMPLATES
-        from nanoseek.tasks.resolve import resolve_task
-        from nanoseek.tasks.rewards import rewards_from_spec
-
         if not self.model or not os.path.isdir(self.model):
             raise ConfigError(f"option 'model': {self.model!r} is not a checkpoint directory")
-        templates = (*TEMPLATES, TEMPLATE_CHAT)
+        templates = template_names()
         positive = ("prompts_per_step", "max_completion_length", "num_iterations", "batch_size",
                     "max_steps", "eval_n")  # fmt: skip
         checks = [(getattr(self, n) >= 1, f"option '{n}' must be >= 1") for n in positive] + [
@@ -188,7 +179,6 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
     generates its share of the completions, scores all of them, and trains on its share of the
     micro-batches (`batch_size` is then global); rank 0 writes logs and the model."""
     from nanoseek.dist.parallel import launch
-    from nanoseek.train.sft import routed_experts
 
     opts.validate()
     with launch(opts, routed_experts(opts.model)) as par:
@@ -197,9 +187,7 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
 
 def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     from nanoseek.dist.checkpoint import export_hf
-    from nanoseek.tasks.resolve import resolve_task, same_file
     from nanoseek.train.run_dir import claim_out_dir
-    from nanoseek.train.sft import load_for_training, write_run_files
 
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -214,7 +202,9 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     sampler = PromptSampler(tasks, opts.seed, opts.task_level)
     watch = Watch(opts.warn_after)
     level = opts.eval_level if opts.eval_level is not None else opts.task_level
-    eval_problems = held_out(eval_tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
+    eval_problems = (
+        heldout_across(eval_tasks, opts.eval_n, opts.seed, level) if opts.eval_every else []
+    )
 
     if par.distributed and opts.max_time_s:
         raise ConfigError("option 'max_time_s' works in one process only (ranks would disagree "
@@ -228,8 +218,9 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
         opts, max_steps=opts.max_steps * mu, warmup_steps=opts.warmup_steps * mu
     )
     model = par.parallelize(model, opts.precision)
+    # completions change the micro-batch shapes every step: `compile` traces symbolic shapes
     trainer = Trainer(model, loop_opts, make_loss_fn(opts), None, extra_files=tok_files,
-                      run_info=to_dict(opts), parallel=par)  # fmt: skip
+                      run_info=to_dict(opts), parallel=par, varying_shapes=True)  # fmt: skip
     rows = opts.prompts_per_step * opts.num_generations
     rollouts = Rollouts(replica or model, tokenizer.stop_ids, rows, par)
     step, train_s = 0, 0.0
@@ -244,7 +235,7 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
     bar = _bar(opts.max_steps, step) if progress and main else None
     with _logs(opts.out, main) as (log, samples_log), trainer.open_trackers() as trackers:
         if step == 0 and eval_problems:
-            ev = evaluate(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
+            ev = evaluate_heldout(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
             last = {"step": 0, **{f"eval_{k}": v for k, v in ev.items()}}
             log.write(json.dumps(last) + "\n")
             log.flush()
@@ -259,7 +250,7 @@ def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
             out_of_time = bool(opts.max_time_s) and train_s >= opts.max_time_s
             last_step = step == opts.max_steps or out_of_time
             if eval_problems and (step % opts.eval_every == 0 or last_step):
-                ev = evaluate(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
+                ev = evaluate_heldout(rollouts, tokenizer, eval_problems, opts, seed=opts.seed)
                 m.update({f"eval_{k}": v for k, v in ev.items()})
             for msg in watch.update(m, opts):
                 if main:

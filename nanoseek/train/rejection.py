@@ -7,7 +7,8 @@ R1's third stage samples many answers per prompt from the reasoning-RL checkpoin
 correct, readable ones (~600k), then fine-tunes the *base* model on them (2 epochs). Here:
 
 1. `n_prompts` distinct problems of the task's **train** split (evaluation uses the test split),
-   `samples` completions each from the engine (nanoseek/eval/sampling.py);
+   `samples` completions each from the engine, through the path evaluation uses (prompts,
+   stop ids, cutting: nanoseek/eval/sampling.py);
 2. `SampleFilter` drops, in this order: truncated samples (no stop token before max_new_tokens),
    wrong ones (the task's strict verifier), ill-formed ones (the format reward: reasoning, then
    `</think> <answer>...</answer>` and nothing after), unreadable ones (the language-consistency
@@ -29,7 +30,11 @@ import os
 import sys
 from dataclasses import dataclass
 
+import torch
+
+from nanoseek.checkpoint.io import load
 from nanoseek.config import ConfigError
+from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.eval.sampling import (
     CHAT,
     Sample,
@@ -41,7 +46,10 @@ from nanoseek.eval.sampling import (
 )
 from nanoseek.tasks import Problem, Task, format_chat
 from nanoseek.tasks.extract import THINK_OPEN
+from nanoseek.tasks.resolve import resolve_task
 from nanoseek.tasks.rewards import format_reward, make_language_reward, readability_reward
+from nanoseek.train.run_setup import tokenizer_dir
+from nanoseek.train.sft_data import write_chat_jsonl
 
 REASONS = ("truncated", "wrong", "ill_formed", "unreadable", "duplicates")
 
@@ -180,8 +188,6 @@ class RejectionOptions:
     seed: int = 0
 
     def validate(self) -> None:
-        from nanoseek.tasks.resolve import resolve_task
-
         if not self.model or not os.path.isdir(self.model):
             raise ConfigError(f"option 'model': {self.model!r} is not a checkpoint directory")
         if not self.task:
@@ -210,14 +216,6 @@ def run_rejection(
 ) -> dict:
     """Sample, filter, write OUT (chat JSONL) and OUT.json (statistics); returns the statistics.
     `sample_fn` replaces the engine (tests use scripted samples)."""
-    import torch
-
-    from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.tasks.resolve import resolve_task
-    from nanoseek.train.sft import tokenizer_dir
-    from nanoseek.train.sft_data import write_chat_jsonl
-
     opts.validate()
     task = resolve_task(opts.task, split=None if opts.task_holdout else "train")
     tokenizer = Tokenizer.load(tokenizer_dir(opts.model, opts.tokenizer))

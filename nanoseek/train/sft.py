@@ -30,11 +30,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.config import ConfigError
 from nanoseek.model.mtp_objective import mtp_objective
 from nanoseek.tasks.jsonl import is_task_file
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
+from nanoseek.train.run_setup import (  # noqa: F401  (re-exported to distill.py, student.py)
+    TOKENIZER_FILES,
+    copy_tokenizer,
+    load_for_training,
+    routed_experts,
+    tokenizer_dir,
+    write_run_files,
+)
 from nanoseek.train.sft_data import (
     OVERLONG,
     DataStats,
@@ -46,10 +54,6 @@ from nanoseek.train.sft_data import (
     split_examples,
     task_conversations,
 )
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-)  # fmt: skip
 
 
 @dataclass
@@ -116,38 +120,6 @@ class SFTOptions(ChatDataOptions, LoopOptions):
 
 
 # ------------------------------------------------------------------------------ set-up
-def tokenizer_dir(model_dir: str, tokenizer: str | None = None) -> str:
-    d = tokenizer or model_dir
-    if not os.path.isfile(os.path.join(d, "tokenizer.json")):
-        raise FileNotFoundError(f"no tokenizer.json in {d} (pass --tokenizer=DIR)")
-    return d
-
-
-def copy_tokenizer(src_dir: str, out_dir: str) -> list[str]:
-    """Copy the tokenizer files of `src_dir` to OUT/tokenizer; returns the copied paths (the
-    `extra_files` of every checkpoint and of the final model)."""
-    from nanoseek.fsio import copy_dir
-
-    found = [os.path.join(src_dir, n) for n in TOKENIZER_FILES]
-    # the folder is replaced as a whole (atomic), and not at all when it already matches
-    return copy_dir([p for p in found if os.path.isfile(p)], os.path.join(out_dir, "tokenizer"))
-
-
-def write_run_files(par, opts, tok_src: str, **json_files: dict) -> list[str]:
-    """OUT/tokenizer (copied from `tok_src`), OUT/options.json and OUT/<name>.json for each
-    keyword, written by rank 0; returns the tokenizer files' paths on every rank."""
-
-    def write() -> list[str]:
-        from nanoseek.fsio import write_json
-
-        files = copy_tokenizer(tok_src, opts.out)
-        for name, obj in {"options": to_dict(opts), **json_files}.items():
-            write_json(os.path.join(opts.out, f"{name}.json"), obj)
-        return files
-
-    return par.broadcast(par.on_main(write))
-
-
 def prepare_datasets(
     opts: ChatDataOptions,
     tokenizer,
@@ -225,23 +197,6 @@ def steps_for_epochs(epochs: float, ds: SFTDataset, grad_accum: int) -> int:
 
 
 # ------------------------------------------------------------------------------ the run
-def load_for_training(model_dir: str, tokenizer: str | None = None):
-    """(tokenizer directory, Tokenizer, fp32 model) of a checkpoint to fine-tune (SFT, GRPO),
-    refusing a tokenizer with more ids than the model's vocabulary."""
-    from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import Tokenizer
-
-    tok_src = tokenizer_dir(model_dir, tokenizer)
-    tok = Tokenizer.load(tok_src)
-    model = load(model_dir, dtype=torch.float32)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer in {tok_src} has {tok.vocab_size} ids, more than the model's "
-            f"vocab_size {model.config.vocab_size}: not this model's tokenizer"
-        )
-    return tok_src, tok, model
-
-
 def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune `opts.model` on the data, export OUT/model; returns the final metrics.
 
@@ -254,15 +209,6 @@ def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> di
     opts.validate()
     with launch(opts, routed_experts(opts.model)) as par:
         return _run_sft(opts, par, resume, progress)
-
-
-def routed_experts(model_dir: str) -> int | None:
-    """n_routed_experts of a checkpoint (expert parallelism must divide it); None when the
-    directory has no readable config (the loader then reports what is wrong)."""
-    try:
-        return ModelConfig.from_pretrained(model_dir).n_routed_experts
-    except Exception:  # noqa: BLE001 - load_for_training raises the proper error
-        return None
 
 
 def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:

@@ -335,12 +335,29 @@ def test_grpo_reports_to_tensorboard(model_dir, tmp_path):
     assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 2]
 
 
-def test_rollouts_stop_on_every_stop_id():
-    from nanoseek.train.grpo_rollouts import completion_ids
+def test_rollout_samples_trust_the_engines_finish_reason(model_dir):
+    """A rollout is cut at its first stop id (kept: it is trained on) and is truncated only when
+    the engine ran out of tokens, not when it stopped at a config eos the tokenizer lacks."""
+    from types import SimpleNamespace
 
-    assert completion_ids([5, 6, 9, 7], (1, 9)) == [5, 6, 9]  # an end-of-turn token
-    assert completion_ids([5, 1, 9], (1, 9)) == [5, 1]  # eos
-    assert completion_ids([5, 6], (1, 9)) == [5, 6]  # truncated
+    from nanoseek.tasks import get_task
+    from nanoseek.train.grpo_rollouts import Rollouts
+
+    tok = Tokenizer.load(model_dir)
+    ids = tok.encode("<think>1</think> <answer>2</answer>")
+    end = next(t for t in range(3, 100) if t not in ids and t != tok.eos_id)  # an end of turn
+    rollouts = Rollouts(load(model_dir), (tok.eos_id, end), rows=2)
+    problem = get_task("addition").generate(1, "test", seed=0, level=1)[0]
+
+    def completion(tokens, reason):
+        return SimpleNamespace(token_ids=tokens, finish_reason=reason)
+
+    s = rollouts.sample(tok, problem, completion([*ids, tok.eos_id, 7], "stop"))
+    assert s.token_ids == [*ids, tok.eos_id] and s.finished
+    assert s.text == "<think>1</think> <answer>2</answer>"  # the end-of-turn token is no text
+    assert rollouts.sample(tok, problem, completion([*ids, end], "stop")).token_ids == [*ids, end]
+    assert rollouts.sample(tok, problem, completion(ids, "stop")).finished  # the engine's eos
+    assert not rollouts.sample(tok, problem, completion(ids, "length")).finished
 
 
 def test_eval_task_file_is_evaluated_whole_and_the_task_file_trained_whole(
@@ -368,7 +385,7 @@ def test_eval_task_file_is_evaluated_whole_and_the_task_file_trained_whole(
         seen["train"] = [t.count("train", level) for t in tasks]
         return real_sampler(tasks, seed, level)
 
-    monkeypatch.setattr(grpo, "held_out", fake_held_out)
+    monkeypatch.setattr(grpo, "heldout_across", fake_held_out)
     monkeypatch.setattr(grpo, "PromptSampler", sampler)
     opts = _opts(model_dir, tmp_path / "files", task=[train], eval_task=test, task_level=None,
                  max_steps=1, rewards={"accuracy": 1.0})  # fmt: skip
