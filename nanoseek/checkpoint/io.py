@@ -16,6 +16,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,11 +46,23 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- load
+class TensorSink(Protocol):
+    """Takes some weights of a checkpoint as they stream in, in place of the model (which keeps
+    those parameters on the meta device): nanoseek/infer/streamed.py quantises them."""
+
+    def keeps(self, name: str) -> bool:
+        """Whether the sink takes parameter `name` (our name): it then stays on meta."""
+
+    def take(self, name: str, t: torch.Tensor) -> None:
+        """One tensor of a kept parameter (our name, experts per expert: split_expert_key)."""
+
+
 def load(
     directory: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device="cpu",
     check_finite: bool | None = None,
+    sink: TensorSink | None = None,
 ) -> CausalLM:
     """Read a HF DeepseekV3 directory (bf16/fp32/FP8) into a CausalLM of `dtype` on `device`.
 
@@ -57,7 +70,9 @@ def load(
     MTP layers (transformers drops them) loads with a warning and `num_nextn_predict_layers=0`.
     Every weight must be of a float dtype; check_finite: also scan every value for NaN/inf
     (None: only when the weights total at most FINITE_SCAN_BYTES, where the scan costs little
-    next to reading them; `nanoseek info DIR --scan` scans any size).
+    next to reading them; `nanoseek info DIR --scan` scans any size). `sink`: takes the
+    parameters it `keeps` as they stream in (dequantised from FP8 first); the model keeps them
+    on the meta device.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -75,7 +90,8 @@ def load(
             stacklevel=2,
         )
         config = config.replace(num_nextn_predict_layers=0)
-    model = build_empty(config.replace(quantization_config=None), dtype, device)
+    keep = None if sink is None else sink.keeps
+    model = build_empty(config.replace(quantization_config=None), dtype, device, keep)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
     required = _required_keys(model)
@@ -106,8 +122,11 @@ def load(
                         f"{path}: tensor '{key}' has shape {tuple(t.shape)}, the config "
                         f"expects {tuple(target.shape)}"
                     )
-                with torch.no_grad():
-                    target.copy_(t)
+                if target.is_meta:  # a parameter the sink keeps
+                    sink.take(name, t)
+                else:
+                    with torch.no_grad():
+                        target.copy_(t)
                 loaded.add(key)
     missing = sorted(required - loaded)
     if missing:
@@ -224,12 +243,22 @@ def _read(f, path: str, key: str) -> torch.Tensor:
         raise CheckpointError(f"{path}: cannot read tensor '{key}' ({e})") from None
 
 
-def build_empty(config: ModelConfig, dtype: torch.dtype, device) -> CausalLM:
-    """The model with uninitialised storage of the right dtype on `device` (no init cost)."""
+def build_empty(config: ModelConfig, dtype: torch.dtype, device, keep_meta=None) -> CausalLM:
+    """The model with uninitialised storage of the right dtype on `device` (no init cost);
+    parameters whose name `keep_meta(name)` accepts stay on the meta device (no storage)."""
     with torch.device("meta"):
         model = CausalLM(config)
     model.to(dtype)  # the router bias stays fp32 (Router._apply)
-    model.to_empty(device=device)
+    if keep_meta is None:
+        model.to_empty(device=device)
+    else:
+        for prefix, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if not keep_meta(f"{prefix}.{pname}" if prefix else pname):
+                    empty = torch.empty_like(p, device=device)
+                    setattr(module, pname, torch.nn.Parameter(empty, p.requires_grad))
+            for bname, b in module.named_buffers(recurse=False):
+                module._buffers[bname] = torch.empty_like(b, device=device)
     if config.tie_word_embeddings:  # to_empty makes new Parameters: the tie is lost
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()

@@ -36,6 +36,11 @@ class Command:
 
 
 QUANTIZE_HELP = "decode with weight-only int8 weights: faster on CPU, output not token-identical"
+# generate, chat, serve: the checkpoint streams into the int8 copies (nanoseek/infer/streamed.py)
+LOAD_INT8_HELP = (
+    "weight-only int8: the checkpoint streams tensor by tensor into int8 copies (a model larger"
+    " than memory in bf16 fits), faster on CPU, output not token-identical"
+)
 
 
 def positive_int(text: str) -> int:

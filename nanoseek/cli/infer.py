@@ -23,9 +23,10 @@ from nanoseek.analysis.routing import (
     write_outputs,
 )
 from nanoseek.checkpoint.io import CheckpointError, load
-from nanoseek.cli.common import QUANTIZE_HELP, Command, positive_int
+from nanoseek.cli.common import LOAD_INT8_HELP, Command, positive_int
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.streamed import load_for_engine
 from nanoseek.serve import chat
 from nanoseek.serve.loading import load_engine
 
@@ -44,7 +45,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going after the eos token")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
-    p.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=["int8"], help=LOAD_INT8_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
@@ -87,7 +88,7 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.model, dtype=dtype, device=device)
+    model, weights = load_for_engine(args.model, dtype, device, args.quantize)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer in {tok_dir} has {tokenizer.vocab_size} ids, more than the model's "
@@ -102,6 +103,7 @@ def run_generate(args: argparse.Namespace) -> int:
         speculative=args.speculative,
         num_draft=args.num_draft,
         quantize=args.quantize,
+        weights=weights,
     )
     print(opened, end="", flush=True)
     t0, n, reason = time.perf_counter(), 0, None
@@ -136,7 +138,7 @@ def _add_engine_options(p: argparse.ArgumentParser, max_batch: int | None) -> No
     )
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
-    p.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=["int8"], help=LOAD_INT8_HELP)
     p.add_argument("--seed", type=int, default=None, help="for requests without their own")
 
 

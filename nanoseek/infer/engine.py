@@ -102,6 +102,7 @@ class Engine:
         num_draft: int = 1,
         seed: int | None = None,
         quantize: str | None = None,
+        weights=None,
     ):
         """model: a CausalLM, used as it is (a trainer may keep updating it: GRPO rollouts;
         every step runs it in eval mode and restores its mode). tokenizer: optional; needed for
@@ -111,7 +112,8 @@ class Engine:
         speculative: None or "mtp" (draft num_draft tokens per step with the MTP module).
         seed: the generator of requests without their own seed. quantize: None (exact) or
         "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
-        token-identical; nanoseek/infer/quant.py)."""
+        token-identical; nanoseek/infer/quant.py). weights: the int8 decode weights of a
+        model loaded with `nanoseek.infer.streamed.load_int8` (its modules hold none)."""
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
         if max_batch_size < 1:
@@ -122,7 +124,12 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
         self.runner = ModelRunner(
-            model, max_batch_size, self.max_seq_len, mtp=speculative == "mtp", quantize=quantize
+            model,
+            max_batch_size,
+            self.max_seq_len,
+            mtp=speculative == "mtp",
+            quantize=quantize,
+            weights=weights,
         )
         self.speculator = MTPSpeculator(self.runner, num_draft) if speculative else None
         self.num_draft = num_draft if speculative else 0

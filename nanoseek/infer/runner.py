@@ -42,6 +42,7 @@ class ModelRunner:
         mtp: bool = False,
         transpose_weights: bool | None = None,
         quantize: str | None = None,
+        weights: DecodeWeights | None = None,
     ):
         c = model.config
         if mtp and not len(model.mtp):
@@ -58,10 +59,11 @@ class ModelRunner:
             # one MTP module drafts every position (reused for k > 1): one cached layer
             self.mtp_layer = model.mtp[0] if mtp else None
             self.mtp_cache = new_cache(1) if mtp else None
-        # decode-time layout (W^T copies on CPU, see weights.py); default: CPU only
+        # decode-time layout (W^T copies on CPU, see weights.py), or the int8 copies of a
+        # streamed model (streamed.py)
         if transpose_weights is None:
             transpose_weights = model.device.type == "cpu"
-        self.weights = DecodeWeights(transpose_weights, quantize)
+        self.weights = weights or DecodeWeights(transpose_weights, quantize)
         self.n_heads = c.num_attention_heads
 
     def reset(self) -> None:
@@ -81,8 +83,9 @@ class ModelRunner:
         if seq > self.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.max_seq_len}")
         self.weights.refresh()  # pick up weights changed since the last forward (training)
-        if not any(start):  # prefill: the modules' own weights, plain attention
-            return CacheStep(cache, row0, positions, seq, True, MODULE_WEIGHTS)
+        if not any(start):  # prefill: the modules' own weights (if any), plain attention
+            w = MODULE_WEIGHTS if self.weights.modules_hold_weights else self.weights
+            return CacheStep(cache, row0, positions, seq, True, w)
         keys = torch.arange(seq, device=dev)
         allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
         bias = torch.zeros(B, T, seq, dtype=self.model.dtype, device=dev)

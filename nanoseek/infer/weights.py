@@ -37,6 +37,7 @@ class _Entry:
     key: tuple | None = None  # (storage, version) of each weight when it was made
     value: object = None  # the copy (or view)
     split: list | None = None  # per-expert pieces of a stacked expert weight
+    frozen: bool = False  # given, not made: its module weights live on the meta device
 
 
 class DecodeWeights:
@@ -49,6 +50,14 @@ class DecodeWeights:
         # int8 kernels take bf16 activations: the experts' input is cast once per layer
         self.expert_dtype = torch.bfloat16 if quantize else None
         self._entries: dict[tuple, _Entry] = {}
+        # False when the modules hold no weights of their own (a model streamed into int8,
+        # nanoseek/infer/streamed.py): every forward, prefill included, multiplies through here
+        self.modules_hold_weights = True
+
+    def put(self, weight: torch.Tensor, value: Int8Weight) -> None:
+        """Give the int8 copy of a module weight that lives on the meta device."""
+        self._entries[("t", id(weight))] = _Entry((weight,), "t", value=value, frozen=True)
+        self.modules_hold_weights = False
 
     # ------------------------------------------------------------------ the weights interface
     def linear(self, x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -95,6 +104,16 @@ class DecodeWeights:
     def _entry(self, kind: str, *weights: torch.Tensor, mla: nn.Module | None = None) -> _Entry:
         key = (kind, *map(id, weights))
         entry = self._entries.get(key)
+        if (
+            entry is None
+            and len(weights) > 1
+            and all(("t", id(w)) in self._entries for w in weights)
+        ):
+            # fuse given int8 copies: per-output-channel scales concatenate along `out`
+            parts = [self._entries.pop(("t", id(w))).value for w in weights]
+            value = Int8Weight(torch.cat([p.q for p in parts], dim=-2),
+                               torch.cat([p.scale for p in parts], dim=-1))  # fmt: skip
+            self._entries[key] = entry = _Entry(weights, kind, value=value, frozen=True)
         if entry is None:
             self._entries[key] = entry = _Entry(weights, kind, mla)
             self._update(entry)
@@ -106,6 +125,8 @@ class DecodeWeights:
         # Fused optimizer kernels (torch.optim.AdamW(fused=True)) do not bump it: after such a
         # step call torch.autograd.graph.increment_version(params), as nanoseek's trainer does
         # (train/loop.py: make_optimizer), or the copies go stale
+        if e.frozen:
+            return
         key = tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in e.weights)
         if key == e.key:
             return

@@ -215,15 +215,16 @@ class MoE(FixedDtypeBuffers):
         token_mask [B,T] bool marks real tokens (padding is neither counted nor balanced).
         Outside training, at most `few_tokens` tokens (decode, verification, short prompts)
         take `forward_few`, which runs only the chosen experts (when every expert lives in this
-        process, as plain weights); `weights` multiplies
+        process), as does any number of tokens when the experts exist only as `weights`' int8
+        copies (a streamed model, nanoseek/infer/streamed.py); `weights` multiplies
         (nanoseek/model/weights.py).
         """
         B, T, D = x.shape
         if (
-            B * T <= self.few_tokens
-            and not self.training
+            not self.training
             and not torch.is_grad_enabled()
             and type(self.experts) is RoutedExperts  # every expert here, not sharded (EP)
+            and (B * T <= self.few_tokens or not weights.modules_hold_weights)
         ):
             return self.forward_few(x, weights), None
         flat = x.reshape(-1, D)

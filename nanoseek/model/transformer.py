@@ -117,13 +117,15 @@ class CausalLM(nn.Module):
         """Every MoE, main layers first, then the MTP modules' (bias updates cover all)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    # the embedding, not the head: a model streamed into int8 decode weights keeps its
+    # projections and head on the meta device (nanoseek/infer/streamed.py), never its embedding
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     # ------------------------------------------------------------------ forward
     def rope(self, positions: torch.Tensor):

@@ -23,6 +23,7 @@ class ModuleWeights:
     """The modules' own weights ([out, in], F.linear): the default of every forward."""
 
     expert_dtype: torch.dtype | None = None  # experts take their input in the input's dtype
+    modules_hold_weights = True  # the modules' parameters are real (not meta) tensors
 
     @staticmethod
     def linear(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:

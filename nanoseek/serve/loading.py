@@ -6,9 +6,10 @@ import os
 
 import torch
 
-from nanoseek.checkpoint.io import CheckpointError, load
+from nanoseek.checkpoint.io import CheckpointError
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine
+from nanoseek.infer.streamed import load_for_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,7 +44,8 @@ def load_engine(
     tokenizer = Tokenizer.load(tok_dir)
     if tokenizer.chat_template is None:
         raise ValueError(f"{tok_dir}: tokenizer_config.json has no chat_template")
-    model = load(model_dir, dtype=DTYPES[dtype], device=dev)
+    # int8: streamed tensor by tensor into int8 copies (a model larger than memory in bf16)
+    model, weights = load_for_engine(model_dir, DTYPES[dtype], dev, quantize)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer in {tok_dir} has {tokenizer.vocab_size} ids, more than the model's "
@@ -60,5 +62,6 @@ def load_engine(
         num_draft=num_draft,
         seed=seed,
         quantize=quantize,
+        weights=weights,
     )
     return engine, tokenizer
