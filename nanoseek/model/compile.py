@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.callback import callback_handler
 
@@ -34,6 +35,13 @@ from nanoseek.model.transformer import CausalLM
 # graphs of one code object (all layers share `nn.Module._call_impl`): dense + MoE + one per MTP
 # depth is 3-5 for every preset; 8 (dynamo's default) leaves room for a second sequence length
 MAX_VARIANTS = 8
+# micro-batches whose length changes every step (RL completions, `varying_shapes`) are padded
+# to a multiple of SEQ_BUCKET tokens: graphs = layer kinds x buckets (GRPO: dense + MoE, 3 buckets
+# for completions of up to ~190 tokens), at most 64 padding tokens per row. Symbolic shapes
+# (`dynamic=True`) were tried instead: dynamo still specialised the batch and head sizes and
+# added a graph per new shape
+SEQ_BUCKET = 64
+MAX_VARIANTS_BUCKETED = 16
 # what TrainingCompiler compiles with unless told otherwise; tests swap in "aot_eager" (the same
 # dynamo and AOTAutograd tracing, so the same graph breaks and guards, without the C++ build)
 BACKEND = "inductor"
@@ -87,11 +95,25 @@ class TrainingCompiler:
     Compiled with `dynamic=False`: every graph is specialised to its shapes, so the MoE's padded
     expert layout (a size fixed by the shapes, nanoseek/model/moe.py `expert_rows`) and the
     attention's causal blocks are constants inductor can plan for. A new batch shape is a new
-    graph; a run whose shapes keep changing fails at `max_variants` instead of slowing down.
+    graph (see `varying_shapes`); a run whose shapes keep changing fails at `max_variants`
+    instead of slowing down.
     """
 
-    def __init__(self, model: nn.Module, max_variants: int = MAX_VARIANTS, **compile_kwargs):
-        self.model, self.max_variants = model, max_variants
+    def __init__(
+        self,
+        model: nn.Module,
+        max_variants: int | None = None,
+        varying_shapes: bool = False,
+        **compile_kwargs,
+    ):
+        """varying_shapes: the micro-batches' sequence length changes from step to step (RL
+        completions): inside the block, `model(input_ids, ...)` runs on input padded at the
+        end to a multiple of SEQ_BUCKET (masked out of the router statistics and the balance
+        loss, invisible to the real tokens under the causal mask) and returns outputs cut back
+        to the real length, so a new length rarely needs a new graph."""
+        default = MAX_VARIANTS_BUCKETED if varying_shapes else MAX_VARIANTS
+        self.model, self.max_variants = model, max_variants or default
+        self.varying_shapes = varying_shapes
         kwargs = dict(fullgraph=True, dynamic=False, backend=BACKEND) | compile_kwargs
         self.layers = compiled_layers(model)
         self._fns = [torch.compile(layer._call_impl, **kwargs) for layer in self.layers]
@@ -108,12 +130,35 @@ class TrainingCompiler:
         limits = dict(recompile_limit=self.max_variants, fail_on_recompile_limit_hit=True)
         for layer, fn in zip(self.layers, self._fns):
             layer._compiled_call_impl = fn
+        if self.varying_shapes:  # not compiled itself: pads, calls the module, cuts back
+            self.model._compiled_call_impl = self._padded_call
         try:
             with torch._dynamo.config.patch(**limits):
                 yield
         finally:
             for layer in self.layers:
                 layer._compiled_call_impl = None
+            self.model._compiled_call_impl = None
+
+    def _padded_call(self, input_ids, labels=None, position_ids=None, token_mask=None, mtp=True):
+        """CausalLM.__call__ on input_ids padded to a multiple of SEQ_BUCKET, outputs cut back.
+        The real tokens' logits and hidden states are those of the unpadded call (causal
+        attention; the MoE has no capacity limit); padding is masked out of the expert loads
+        and the balance loss. Labels and position ids are not padded: such calls run as given."""
+        if labels is not None or position_ids is not None:
+            return self.model._call_impl(input_ids, labels, position_ids, token_mask, mtp)
+        B, T = input_ids.shape
+        pad = -T % SEQ_BUCKET
+        if token_mask is None:
+            token_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        ids = F.pad(input_ids, (0, pad))
+        mask = F.pad(token_mask, (0, pad), value=False)
+        out = self.model._call_impl(ids, token_mask=mask, mtp=mtp)
+        out.logits = out.logits[:, :T]
+        out.mtp_logits = [lg[:, : T - k] for k, lg in enumerate(out.mtp_logits, start=1)]
+        if out.hidden_states is not None:
+            out.hidden_states = out.hidden_states[:, :T]
+        return out
 
     def close(self) -> None:
         self.clock.close()

@@ -107,7 +107,10 @@ class Trainer:
         peak_flops: float | None = None,
         run_info: dict | None = None,
         parallel: SingleProcess | None = None,
+        varying_shapes: bool = False,
     ):
+        """varying_shapes: the micro-batch shapes change from step to step (RL completions);
+        with `compile`, the layers are compiled for symbolic shapes (nanoseek/model/compile.py)."""
         if opts.precision not in ("fp32", "bf16", "fp8"):
             raise ValueError(
                 f"option 'precision' must be fp32, bf16 or fp8, got {opts.precision!r}"
@@ -128,7 +131,8 @@ class Trainer:
         if opts.compile:
             from nanoseek.model.compile import TrainingCompiler
 
-            self.compiler = TrainingCompiler(model)  # after the FP8 conversion: its GEMMs too
+            # after the FP8 conversion: its GEMMs are compiled too
+            self.compiler = TrainingCompiler(model, varying_shapes=varying_shapes)
         self._compile_logged = False
         self.step = 0
         self.metrics_path = os.path.join(opts.out, "metrics.jsonl")
