@@ -121,6 +121,9 @@ class SpeedrunOptions:
     spec_new_tokens: int = 96
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    # compile the training forward/backward of every trainer (torch.compile,
+    # nanoseek/model/compile.py); like `threads`, a resumed run may change it
+    compile: bool = False
 
     def validate(self) -> None:
         from nanoseek.config import ModelConfig
@@ -234,7 +237,7 @@ def pretrain_options(ctx: Context, out: str, precision: str, steps: int, keep_la
         seq_len=o.seq_len, batch_size=o.batch_size, max_steps=steps, lr=o.lr,
         warmup_steps=min(20, max(1, steps // 10)), lr_schedule="wsd", precision=precision,
         eval_every=max(1, min(100, steps // 4)), save_every=max(1, min(100, steps // 2)),
-        keep_last=keep_last, seed=o.seed,
+        keep_last=keep_last, seed=o.seed, compile=o.compile,
     )  # fmt: skip
 
 
@@ -304,7 +307,7 @@ def grpo_overrides(o: SpeedrunOptions, section: str, steps: int) -> list[str]:
         f"--{section}.lr={o.grpo_lr}", f"--{section}.num_iterations={o.grpo_iterations}",
         f"--{section}.warmup_steps={min(5, steps)}",
         f"--{section}.eval_every={max(1, steps // 2)}", f"--{section}.eval_n={min(100, o.eval_n)}",
-        f"--{section}.save_every={max(1, steps // 4)}",
+        f"--{section}.save_every={max(1, steps // 4)}", f"--{section}.compile={o.compile}",
     ]  # fmt: skip
 
 
@@ -348,6 +351,7 @@ def stage_r1(ctx: Context) -> dict:
         # R1 fine-tunes two epochs over ~800k samples [§2.3.3]; over a few thousand, more
         # epochs give the base about the cold start's number of steps
         f"--rejection_sft.epochs={o.rejection_sft_epochs}",
+        f"--sft.compile={o.compile}", f"--rejection_sft.compile={o.compile}",
     ]  # fmt: skip
     if o.smoke:  # an untrained model rarely gets one right: keep its samples to run the path
         overrides.append("--rejection.keep_unverified=true")
@@ -382,7 +386,7 @@ def stage_distill(ctx: Context) -> dict:
         batch_size=max(1, o.batch_size // 2), max_steps=o.distill_steps, lr=1e-3,
         lr_schedule="wsd", warmup_steps=min(20, max(1, o.distill_steps // 10)),
         eval_every=max(1, o.distill_steps // 4), save_every=max(1, o.distill_steps // 2),
-        seed=o.seed,
+        seed=o.seed, compile=o.compile,
     )  # fmt: skip
     run_distill(opts, resume=True, progress=ctx.progress)
     model_dir = ctx.dir("distill", "model")
@@ -528,7 +532,8 @@ def check_same_options(opts: SpeedrunOptions) -> None:
     with open(path) as f:
         before = json.load(f)["options"]
     now = dataclasses.asdict(opts)
-    changed = sorted(k for k in now if k != "threads" and before.get(k) != now[k])
+    # threads and compile change the speed, not what is trained
+    changed = sorted(k for k in now if k not in ("threads", "compile") and before.get(k) != now[k])
     if changed:
         k = changed[0]
         raise ConfigError(
