@@ -237,7 +237,7 @@ def pretrain_options(ctx: Context, out: str, precision: str, steps: int, keep_la
         seq_len=o.seq_len, batch_size=o.batch_size, max_steps=steps, lr=o.lr,
         warmup_steps=min(20, max(1, steps // 10)), lr_schedule="wsd", precision=precision,
         eval_every=max(1, min(100, steps // 4)), save_every=max(1, min(100, steps // 2)),
-        keep_last=keep_last, seed=o.seed, compile=o.compile,
+        keep_last=keep_last, seed=o.seed, compile=o.compile and precision != "fp8",
     )  # fmt: skip
 
 

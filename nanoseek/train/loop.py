@@ -115,6 +115,11 @@ class Trainer:
             raise ValueError(
                 f"option 'precision' must be fp32, bf16 or fp8, got {opts.precision!r}"
             )
+        if opts.compile and opts.precision == "fp8":  # checked before any work is done
+            raise ValueError(
+                "option 'compile' works with precision fp32 or bf16: FP8's grouped expert GEMMs "
+                "split their rows on the host (nanoseek/fp8/grouped.py), which dynamo cannot trace"
+            )
         self.model, self.opts, self.loss_fn = model, opts, loss_fn
         self.train_data, self.val_data = train_data, val_data
         self.extra_files, self.after_step = list(extra_files), after_step

@@ -241,3 +241,11 @@ def test_varying_lengths_share_bucketed_graphs_and_match_eager():
         assert all(torch.equal(a, b) for a, b in zip(loads_c, loads_e))
     assert _graphs() == 4  # dense and MoE, at 64 and 128 tokens
     assert not counters["graph_break"]
+
+
+def test_compile_with_fp8_is_refused_before_any_work():
+    from nanoseek.train.loop import LoopOptions, Trainer
+
+    opts = LoopOptions(precision="fp8", compile=True)
+    with pytest.raises(ValueError, match="compile"):
+        Trainer(_model(), opts, loss_fn=None, train_data=None)
