@@ -328,6 +328,22 @@ def save(
     extra_files: files copied alongside (e.g. tokenizer.json, tokenizer_config.json).
     An existing `directory` is replaced as a whole (files in it that we do not write are gone).
     """
+    config = model.config.replace(torch_dtype=str(dtype or model.dtype).removeprefix("torch."))
+    save_tensors(hf_state_items(model), config, directory, dtype, fp8, max_shard_bytes,
+                 extra_files)  # fmt: skip
+
+
+def save_tensors(
+    items: Iterable[tuple[str, torch.Tensor]],
+    config: ModelConfig,
+    directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    fp8: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_files: Iterable[str | os.PathLike] = (),
+) -> None:
+    """`save` from (HF key, tensor) pairs made one at a time (a checkpoint larger than memory:
+    bench/v2_lite.py writes random weights of a 15.7B model this way). Same arguments."""
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {SAVE_DTYPES} (for FP8 use fp8=True), got {dtype}")
     directory = os.path.abspath(os.fspath(directory))
@@ -343,13 +359,10 @@ def save(
         )
     try:
         with atomic_dir(directory) as tmp:
-            config = model.config.replace(
-                torch_dtype=str(dtype or model.dtype).removeprefix("torch."),
-                quantization_config=dict(QUANTIZATION_CONFIG) if fp8 else None,
-            )
+            config = config.replace(quantization_config=dict(QUANTIZATION_CONFIG) if fp8 else None)
             config.save_pretrained(tmp)
             writer = _ShardWriter(tmp, max_shard_bytes)
-            for key, t in hf_state_items(model):
+            for key, t in items:
                 for k, v in _encode(key, t, dtype, fp8):
                     writer.add(k, v)
             writer.close()
