@@ -81,12 +81,15 @@ def find(venv: str = DEFAULT_VENV) -> tuple[str, str] | None:
 
 def build(venv: str = DEFAULT_VENV, version: str = VERSION, log=print) -> tuple[str, str]:
     """Create VENV, download the llama-cpp-python sdist into VENV/src, extract it and pip-install
-    it from there (CPU build, `nice -n 19`). Idempotent: finished steps are skipped."""
+    it from there (CPU build, `nice -n 19`). Idempotent: finished steps are skipped. A VENV that
+    already has llama-cpp-python (yours) keeps it: only the sdist of its version is fetched,
+    for the converter."""
     py = venv_python(venv)
     if not os.path.exists(py):
         log(f"creating {venv}")
         base = getattr(sys, "_base_executable", None) or sys.executable
         subprocess.run([base, "-m", "venv", venv], check=True)
+    version = installed_version(venv) or version
     src = os.path.join(venv, "src")
     os.makedirs(src, exist_ok=True)
     tarball = os.path.join(src, f"llama_cpp_python-{version}.tar.gz")
@@ -258,7 +261,7 @@ def _worker() -> None:  # pragma: no cover - runs in the llama venv
         if "model" in state:
             L.llama_model_free(state.pop("model"))
 
-    def load(path, n_ctx, threads, extra_bufts=False):
+    def load(path, n_ctx, threads, extra_bufts=False, f32_cache=False):
         unload()
         mp = L.llama_model_default_params()
         # the extra buffer types repack q8_0 weights for AMX / AVX kernels; with them on, this
@@ -270,6 +273,8 @@ def _worker() -> None:  # pragma: no cover - runs in the llama venv
         cp = L.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
         cp.n_threads = cp.n_threads_batch = threads
+        if f32_cache:  # the latent cache in f32 instead of llama.cpp's default f16
+            cp.type_k = cp.type_v = L.GGML_TYPE_F32
         ctx = L.llama_init_from_model(model, cp)
         if not ctx:
             raise RuntimeError("cannot create a context")

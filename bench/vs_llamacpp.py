@@ -20,7 +20,8 @@ Models (built once into --cache, default ~/.cache/nanoseek/vs_llamacpp, and reus
             MLA with q_lora 512, kv_lora 512, 16 heads: 803M parameters, 165M active per token;
             random weights saved in bf16 (1.6 GB), the bandwidth-bound case
 
-Precisions: fp32 (nanoseek `dtype=torch.float32`, GGUF f32), bf16 (nanoseek's weights in bf16,
+Precisions: fp32 (nanoseek `dtype=torch.float32`, GGUF f32 with an f32 KV cache: llama.cpp's
+default f16 cache would make the two differ by more than the order of additions), bf16 (nanoseek's weights in bf16,
 GGUF bf16) and 8-bit (nanoseek `quantize="int8"` on the fp32 model: weight-only int8 with one
 scale per output channel; GGUF q8_0: int8 blocks of 32 with an fp16 scale, 34 bytes per 32 weights).
 
@@ -155,11 +156,10 @@ class NanoseekRunner:
 
 
 class LlamaRunner:
-    def __init__(self, worker: ll.Worker, gguf: str, max_seq_len: int, threads: int, extra: bool):
+    def __init__(self, worker, gguf: str, max_seq_len: int, threads: int, extra: bool, f32: bool):
         self.worker = worker
-        self.info = worker.call(
-            op="load", path=gguf, n_ctx=max_seq_len, threads=threads, extra_bufts=extra
-        )
+        self.info = worker.call(op="load", path=gguf, n_ctx=max_seq_len, threads=threads,
+                                extra_bufts=extra, f32_cache=f32)  # fmt: skip
 
     def threads(self, n: int) -> None:
         self.worker.call(op="threads", threads=n)
@@ -258,7 +258,8 @@ def main(argv=None) -> None:
             gguf_bytes = ll.gguf_bytes_per_token(
                 tensors, config.n_routed_experts, config.num_experts_per_tok, config.vocab_size
             )
-            llama = LlamaRunner(worker, gguf, max_len, args.threads[0], args.llama_extra_bufts)
+            llama = LlamaRunner(worker, gguf, max_len, args.threads[0], args.llama_extra_bufts,
+                                precision == "fp32")  # fmt: skip
             if precision == args.precisions[0]:
                 text = worker.call(op="tokenize", text=args.prompt)["tokens"]
                 print("llama.cpp tokenizes the prompt "
