@@ -35,11 +35,11 @@ from nanoseek.model.transformer import CausalLM
 # graphs of one code object (all layers share `nn.Module._call_impl`): dense + MoE + one per MTP
 # depth is 3-5 for every preset; 8 (dynamo's default) leaves room for a second sequence length
 MAX_VARIANTS = 8
-# micro-batches whose length changes every step (RL completions, `varying_shapes`) are padded
-# to a multiple of SEQ_BUCKET tokens: graphs = layer kinds x buckets (GRPO: dense + MoE, 3 buckets
-# for completions of up to ~190 tokens), at most 64 padding tokens per row. Symbolic shapes
-# (`dynamic=True`) were tried instead: dynamo still specialised the batch and head sizes and
-# added a graph per new shape
+# micro-batches whose shape changes every step (RL completions, `varying_shapes`) are padded to
+# a multiple of SEQ_BUCKET tokens and to the most rows seen: graphs = layer kinds x buckets
+# (GRPO: dense + MoE, 3 buckets for completions of up to ~190 tokens), at most 63 padding
+# tokens per row. Symbolic shapes (`dynamic=True`) were tried instead: dynamo still
+# specialised the batch size and added a graph per new shape
 SEQ_BUCKET = 64
 MAX_VARIANTS_BUCKETED = 16
 # what TrainingCompiler compiles with unless told otherwise; tests swap in "aot_eager" (the same
@@ -106,14 +106,14 @@ class TrainingCompiler:
         varying_shapes: bool = False,
         **compile_kwargs,
     ):
-        """varying_shapes: the micro-batches' sequence length changes from step to step (RL
+        """varying_shapes: the micro-batches' rows and length change from step to step (RL
         completions): inside the block, `model(input_ids, ...)` runs on input padded at the
-        end to a multiple of SEQ_BUCKET (masked out of the router statistics and the balance
-        loss, invisible to the real tokens under the causal mask) and returns outputs cut back
-        to the real length, so a new length rarely needs a new graph."""
+        end to a multiple of SEQ_BUCKET and to the most rows seen (masked out of the router
+        statistics and the balance loss, invisible to the real tokens) and returns outputs cut
+        back to the real shape, so a new shape rarely needs a new graph."""
         default = MAX_VARIANTS_BUCKETED if varying_shapes else MAX_VARIANTS
         self.model, self.max_variants = model, max_variants or default
-        self.varying_shapes = varying_shapes
+        self.varying_shapes, self._rows = varying_shapes, 0
         kwargs = dict(fullgraph=True, dynamic=False, backend=BACKEND) | compile_kwargs
         self.layers = compiled_layers(model)
         self._fns = [torch.compile(layer._call_impl, **kwargs) for layer in self.layers]
@@ -141,23 +141,28 @@ class TrainingCompiler:
             self.model._compiled_call_impl = None
 
     def _padded_call(self, input_ids, labels=None, position_ids=None, token_mask=None, mtp=True):
-        """CausalLM.__call__ on input_ids padded to a multiple of SEQ_BUCKET, outputs cut back.
-        The real tokens' logits and hidden states are those of the unpadded call (causal
-        attention; the MoE has no capacity limit); padding is masked out of the expert loads
-        and the balance loss. Labels and position ids are not padded: such calls run as given."""
+        """CausalLM.__call__ on input_ids padded to a multiple of SEQ_BUCKET tokens and to the
+        most rows seen so far, outputs cut back. The real tokens' logits and hidden states are
+        those of the unpadded call (rows are independent, attention is causal, the MoE has no
+        capacity limit); padding is masked out of the expert loads and the balance loss. Labels
+        and position ids are not padded: such calls run as given."""
         if labels is not None or position_ids is not None:
             return self.model._call_impl(input_ids, labels, position_ids, token_mask, mtp)
         B, T = input_ids.shape
-        pad = -T % SEQ_BUCKET
+        self._rows = max(self._rows, B)  # a run's first micro-batch is usually a full one
+        pad, extra = -T % SEQ_BUCKET, self._rows - B
         if token_mask is None:
             token_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        ids = F.pad(input_ids, (0, pad))
-        mask = F.pad(token_mask, (0, pad), value=False)
+        ids = F.pad(input_ids, (0, pad, 0, extra))
+        mask = F.pad(token_mask, (0, pad, 0, extra), value=False)
         out = self.model._call_impl(ids, token_mask=mask, mtp=mtp)
-        out.logits = out.logits[:, :T]
-        out.mtp_logits = [lg[:, : T - k] for k, lg in enumerate(out.mtp_logits, start=1)]
+        out.logits = out.logits[:B, :T]
+        out.mtp_logits = [lg[:B, : T - k] for k, lg in enumerate(out.mtp_logits, start=1)]
         if out.hidden_states is not None:
-            out.hidden_states = out.hidden_states[:, :T]
+            out.hidden_states = out.hidden_states[:B, :T]
+        if extra and out.aux_loss is not None and self.model.config.seq_aux:
+            # the sequence-wise loss is a mean over rows, and an all-padding row adds 0
+            out.aux_loss = out.aux_loss * (self._rows / B)
         return out
 
     def close(self) -> None:

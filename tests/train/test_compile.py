@@ -23,6 +23,8 @@ from nanoseek.model.grouped_mm import grouped_mm
 from nanoseek.model.mtp_objective import label_targets, mtp_objective
 from nanoseek.train.pretrain import PretrainOptions, run_pretrain
 from tests.helpers import random_model, tiny_config
+from tests.train.test_grpo import _opts as grpo_opts
+from tests.train.test_grpo import model_dir, tok_dir  # noqa: F401  (fixtures)
 
 B, T = 2, 16
 
@@ -218,15 +220,16 @@ def test_inductor_compiled_bf16_step_matches_eager():
 
 
 def test_varying_lengths_share_bucketed_graphs_and_match_eager():
-    """RL micro-batches (`varying_shapes`): lengths 10-100 run padded to multiples of 64, two
-    graphs per layer kind, with the unpadded call's logits, expert loads and balance loss."""
+    """RL micro-batches (`varying_shapes`): 1-3 rows of 10-100 tokens run padded to 3 rows and
+    multiples of 64 tokens, two graphs per layer kind, with the unpadded call's logits, expert
+    loads and (sequence-wise, a mean over rows) balance loss."""
     model = _model(mtp_depths=0)
     compiler = TrainingCompiler(model, backend="aot_eager", varying_shapes=True)
     g = torch.Generator().manual_seed(7)
-    for t in (10, 37, 64, 70, 100):
-        ids = torch.randint(0, 97, (3, t), generator=g)
-        mask = torch.ones(3, t, dtype=torch.bool)
-        mask[2, t // 2 :] = False
+    for rows, t in ((3, 10), (2, 37), (3, 64), (1, 70), (3, 100)):
+        ids = torch.randint(0, 97, (rows, t), generator=g)
+        mask = torch.ones(rows, t, dtype=torch.bool)
+        mask[-1, t // 2 :] = False
         outs = []
         for compiled in (contextlib.nullcontext, compiler):
             for moe in model.moe_layers():
@@ -235,7 +238,7 @@ def test_varying_lengths_share_bucketed_graphs_and_match_eager():
                 out = model(ids, mtp=False, token_mask=mask)
             outs.append((out, [m.expert_load.clone() for m in model.moe_layers()]))
         (eager, loads_e), (comp, loads_c) = outs
-        assert comp.logits.shape == eager.logits.shape == (3, t, 97)
+        assert comp.logits.shape == eager.logits.shape == (rows, t, 97)
         torch.testing.assert_close(comp.logits, eager.logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(comp.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-8)
         assert all(torch.equal(a, b) for a, b in zip(loads_c, loads_e))
@@ -249,3 +252,23 @@ def test_compile_with_fp8_is_refused_before_any_work():
     opts = LoopOptions(precision="fp8", compile=True)
     with pytest.raises(ValueError, match="compile"):
         Trainer(_model(), opts, loss_fn=None, train_data=None)
+
+
+def test_grpo_compile_runs_varying_completions_on_bucketed_graphs(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """GRPO (fp32, completions of changing length, several micro-batches per step): the first
+    update's loss equals the eager run's, every step trains, no graph break, graphs bounded by
+    layer kinds x length buckets x micro-batch sizes."""
+    from nanoseek.train.grpo import run_grpo
+
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    run_grpo(grpo_opts(model_dir, tmp_path / "eager", eval_every=0), progress=False)
+    run_grpo(
+        grpo_opts(model_dir, tmp_path / "compiled", eval_every=0, compile=True), progress=False
+    )
+    eager, compiled = _records(str(tmp_path / "eager")), _records(str(tmp_path / "compiled"))
+    assert len(compiled) == len(eager) == 3
+    assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-4, abs=1e-6)
+    assert compiled[0]["compile_s"] > 0
+    assert not counters["graph_break"]
+    # dense + MoE, one 64-token bucket: the smaller last micro-batches are padded to 3 rows
+    assert _graphs() == 2
