@@ -115,6 +115,11 @@ class TrainingCompiler:
         self.model, self.max_variants = model, max_variants or default
         self.varying_shapes, self._rows = varying_shapes, 0
         kwargs = dict(fullgraph=True, dynamic=False, backend=BACKEND) | compile_kwargs
+        # every layer's graphs hang off one code object (`nn.Module._call_impl`), so an earlier
+        # run's graphs in this process would count against this one's limit: the pipeline and
+        # the main job run their trainers one after another, each starts afresh (inductor's
+        # disk cache still serves shapes compiled before)
+        torch._dynamo.reset()
         self.layers = compiled_layers(model)
         self._fns = [torch.compile(layer._call_impl, **kwargs) for layer in self.layers]
         self.clock = CompileClock()

@@ -272,3 +272,13 @@ def test_grpo_compile_runs_varying_completions_on_bucketed_graphs(model_dir, tmp
     assert not counters["graph_break"]
     # dense + MoE, one 64-token bucket: the smaller last micro-batches are padded to 3 rows
     assert _graphs() == 2
+
+
+def test_a_later_run_in_the_process_starts_with_its_own_limit():
+    """Trainers run one after another in one process (pipeline, main job): the graphs of an
+    earlier run do not count against the next run's max_variants."""
+    for t in (8, 12, 16):
+        model = _model(mtp_depths=0, num_hidden_layers=1, first_k_dense_replace=1)
+        compiler = TrainingCompiler(model, max_variants=1, backend="aot_eager")
+        _train_forward(model, torch.randint(0, 97, (B, t)), "bf16", compiler)
+    assert not counters["graph_break"]
