@@ -282,9 +282,14 @@ class MoE(FixedDtypeBuffers):
         token = order // K  # [M]
         outs = []
         for e, rows in enumerate(xe[token].split(counts)):
-            if rows.shape[0]:
+            n = rows.shape[0]
+            if n and n < 4 and rows.dtype == torch.float32:
+                # MKL's 1-3-row fp32 kernel rounds differently: without the zero rows a token's
+                # output would depend on how many other tokens chose its expert (see _row_granule)
+                rows = F.pad(rows, (0, 0, 0, 4 - n))
+            if n:
                 gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
-                outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
+                outs.append(mm(F.silu(gate).mul_(up), down[e])[:n])  # [n,D]
         out = torch.cat(outs).to(y.dtype) * gate_weights.reshape(-1)[order].to(y.dtype)[:, None]
         return y.index_add_(0, token, out).view(B, T, D)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.model.mla import MLA, causal_attention_cpu
+from nanoseek.model.mla import MLA, attention_bias, causal_attention_cpu
 from nanoseek.model.rope import RotaryEmbedding
 from tests.helpers import tiny_config
 
@@ -51,17 +51,19 @@ def test_absorbed_decode_against_latent_prefix():
     cos, sin = (t[:, :, None] for t in rope(torch.arange(S)[None]))
     x = torch.randn(1, S, cfg.hidden_size)
     with torch.no_grad():
-        q_nope, q_rope = mla.project_q(x[:, -T:], cos[:, -T:], sin[:, -T:])
-        c_kv, k_rope = mla.project_latent(x, cos, sin)
+        q_nope, q_rope, _, _ = mla.project(x[:, -T:], cos[:, -T:], sin[:, -T:])
+        _, _, c_kv, k_rope = mla.project(x, cos, sin)
         assert c_kv.shape == (1, S, cfg.kv_lora_rank) and k_rope.shape == (
             1,
             S,
             cfg.qk_rope_head_dim,
         )
         mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
-        a = mla.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        bias = attention_bias(mask[None, None], T, cfg.num_attention_heads, x)
+        kv = torch.cat((c_kv, k_rope), dim=-1)
+        a = mla.attend_absorbed(q_nope, q_rope, kv, bias).view(1, T, cfg.num_attention_heads, -1)
         b = mla.attend_plain(q_nope, q_rope, c_kv, k_rope, mask, impl="eager")
-        full = mla.attend_plain(*mla.project_q(x, cos, sin), c_kv, k_rope, impl="sdpa")
+        full = mla.attend_plain(*mla.project(x, cos, sin)[:2], c_kv, k_rope, impl="sdpa")
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a, full[:, -T:], atol=1e-5)  # the last T rows of full causal attention
 
