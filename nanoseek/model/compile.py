@@ -13,8 +13,8 @@ the GEMMs themselves still run in oneDNN / MKL (CPU) or cuBLAS.
 inside `with compiler():` around the training forward, so evaluation and generation (the
 inference engine, GRPO rollouts) always run the eager modules, in any mode, at any shape. Inside
 it nothing falls back to eager silently: every layer is compiled with `fullgraph=True` (a graph
-break is an error) and past `max_variants` graphs of one kind dynamo raises instead of running
-the eager code (`fail_on_recompile_limit_hit`). `compile_model` (bench/train_step.py) compiles
+break is an error) and past `max_variants` graphs (all layer kinds together) dynamo raises
+instead of running the eager code (`fail_on_recompile_limit_hit`). `compile_model` (bench/train_step.py) compiles
 the layers for good, for every call.
 """
 
