@@ -239,6 +239,13 @@ class Worker:
 
 
 def _worker() -> None:  # pragma: no cover - runs in the llama venv
+    try:  # Linux: end with the bench (PR_SET_PDEATHSIG), even in the middle of a generation
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
     # replies go to the original stdout; llama.cpp's own prints (fd 1) join its log on stderr
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)

@@ -120,7 +120,7 @@ def speedrun_model(cache: str, steps: int) -> str:
     return model
 
 
-def big_model(cache: str, tokenizer_dir: str) -> str:
+def big_model(cache: str, tokenizer_dir) -> str:
     """Random weights of big_config(), saved once in bf16 with the speedrun's tokenizer files
     (ids past the tokenizer's are padding tokens for llama.cpp; the bench compares ids)."""
     out = os.path.join(cache, "big-803M")
@@ -129,6 +129,7 @@ def big_model(cache: str, tokenizer_dir: str) -> str:
     print(f"writing the random 803M model to {out} (once)", flush=True)
     torch.manual_seed(0)
     model = nanoseek.CausalLM(big_config())
+    tokenizer_dir = tokenizer_dir()  # built only when the model is
     extra = [os.path.join(tokenizer_dir, f) for f in ("tokenizer.json", "tokenizer_config.json")]
     nanoseek.save(model, out, dtype=torch.bfloat16, extra_files=extra)
     return out
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--cache", default=DEFAULT_CACHE, help="models and GGUF files, reused")
     p.add_argument("--model", help="a checkpoint of yours in place of the speedrun model")
-    p.add_argument("--speedrun-steps", type=int, default=300)
+    p.add_argument("--speedrun-steps", type=int, default=100)
     p.add_argument("--llama-venv", default=ll.DEFAULT_VENV)
     p.add_argument("--build", action="store_true", help="build llama-cpp-python if missing")
     p.add_argument("--json", help="also write the rows here")
@@ -211,7 +212,8 @@ def main(argv=None) -> None:
     os.makedirs(args.cache, exist_ok=True)
     log = os.path.join(args.cache, "llama.log")
 
-    print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
+    machine = banner()  # the machine, its matmul peaks and read bandwidth, measured now
+    print(machine)
     bandwidth = {}
     for t in args.threads:
         torch.set_num_threads(t)
@@ -224,10 +226,12 @@ def main(argv=None) -> None:
 
     from nanoseek.data.tokenizer import Tokenizer
 
-    speedrun_dir = args.model or speedrun_model(args.cache, args.speedrun_steps)
-    dirs = {"speedrun": speedrun_dir}
-    if "big" in args.models:
-        dirs["big"] = big_model(args.cache, speedrun_dir)
+    dirs = {}
+    speedrun = lambda: args.model or speedrun_model(args.cache, args.speedrun_steps)
+    if "speedrun" in args.models:
+        dirs["speedrun"] = speedrun()
+    if "big" in args.models:  # with the speedrun's tokenizer files
+        dirs["big"] = big_model(args.cache, speedrun)
     rows = []
     for name in args.models:
         directory = dirs[name]
@@ -305,7 +309,7 @@ def main(argv=None) -> None:
     worker.close()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": banner(measure=False), "date": time.strftime("%Y-%m-%d"),
+            json.dump({"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                        "rows": rows}, f, indent=1)  # fmt: skip
 
 
