@@ -199,6 +199,8 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
+    machine = banner()  # the machine, its matmul peaks and read bandwidth, measured now
+    print(machine, flush=True)
 
     found = ll.find(args.llama_venv)
     if found is None:
@@ -212,8 +214,6 @@ def main(argv=None) -> None:
     os.makedirs(args.cache, exist_ok=True)
     log = os.path.join(args.cache, "llama.log")
 
-    machine = banner()  # the machine, its matmul peaks and read bandwidth, measured now
-    print(machine)
     bandwidth = {}
     for t in args.threads:
         torch.set_num_threads(t)
