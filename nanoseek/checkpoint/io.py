@@ -103,7 +103,7 @@ def load(
         if not key.endswith("_scale_inv"):
             by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
-        with _open(path) as f:
+        with _WindowedFile(path) as wf:
             for key in keys:
                 name = hf_to_ours(key, L)
                 # MTP copies of the shared embedding/head, and a tied head (= the embedding)
@@ -113,9 +113,9 @@ def load(
                 if target is None:
                     unexpected.append(key)
                     continue
-                t = _read(f, path, key)
+                t = wf.read(key)
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    t = _dequantize(key, t, f, path, wm)
+                    t = _dequantize(key, t, wf.f, path, wm)
                 _check_values(path, key, t, check_finite)
                 if tuple(t.shape) != tuple(target.shape):
                     raise CheckpointError(
@@ -219,6 +219,32 @@ def _check_inside(directory: str, index: str, key: str, name: str) -> None:
         raise CheckpointError(
             f"{index}: weight_map entry '{key}' names {name!r}, outside the model directory"
         )
+
+
+class _WindowedFile:
+    """A safetensors file read tensor by tensor, closed and reopened after every `window_bytes`
+    read: the file is memory-mapped, and the pages a read touched count as the process's
+    resident memory until it is closed (a 9 GB shard would add 9 GB to the peak of a model
+    streamed into int8 near the memory limit, nanoseek/infer/streamed.py)."""
+
+    def __init__(self, path: str, window_bytes: int = 512 * 1024**2):
+        self.path, self.window_bytes = path, window_bytes
+        self._stack = contextlib.ExitStack()
+        self.f, self._read_bytes = None, 0
+
+    def read(self, key: str) -> torch.Tensor:
+        if self.f is None or self._read_bytes >= self.window_bytes:
+            self._stack.close()
+            self.f, self._read_bytes = self._stack.enter_context(_open(self.path)), 0
+        t = _read(self.f, self.path, key)
+        self._read_bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> _WindowedFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
 
 
 @contextlib.contextmanager

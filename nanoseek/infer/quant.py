@@ -34,12 +34,19 @@ class Int8Weight:
     scale: torch.Tensor
 
     @classmethod
-    def quantize(cls, w: torch.Tensor) -> Int8Weight:
-        """Per-output-channel symmetric int8 of w [..., O, K]."""
-        w = w.detach().float()
-        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # [..., O]
-        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.to(torch.bfloat16))
+    def quantize(cls, w: torch.Tensor, rows: int = 4096) -> Int8Weight:
+        """Per-output-channel symmetric int8 of w [..., O, K], `rows` output channels at a time
+        (the fp32 temporaries of a [102400, 2048] head would be GBs: streamed loading of a
+        model near the memory limit must not peak there)."""
+        flat = w.detach().reshape(-1, w.shape[-1])  # [rows of all ..., K]
+        q = torch.empty(flat.shape, dtype=torch.int8)
+        scale = torch.empty(flat.shape[0], dtype=torch.float32)
+        for r in range(0, flat.shape[0], rows):
+            part = flat[r : r + rows].float()
+            s = part.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # [rows]
+            q[r : r + rows] = torch.round(part / s[:, None]).clamp_(-127, 127)
+            scale[r : r + rows] = s
+        return cls(q.view(w.shape), scale.view(w.shape[:-1]).to(torch.bfloat16))
 
     def __getitem__(self, e: int) -> Int8Weight:
         """Expert e of a stacked [E, O, K] weight."""
