@@ -50,6 +50,10 @@ class DecodeWeights:
         # int8 kernels take bf16 activations: the experts' input is cast once per layer
         self.expert_dtype = torch.bfloat16 if quantize else None
         self._entries: dict[tuple, _Entry] = {}
+        # modules -> (their weights, split sizes, biases), MLA -> its kv_b_proj weight: modules
+        # hash by identity, and their parameters are updated in place (optimizer steps,
+        # load_state_dict), so what a module holds is looked up once
+        self._plans: dict[tuple, tuple] = {}
         # False when the modules hold no weights of their own (a model streamed into int8,
         # nanoseek/infer/streamed.py): every forward, prefill included, multiplies through here
         self.modules_hold_weights = True
@@ -62,12 +66,17 @@ class DecodeWeights:
     # ------------------------------------------------------------------ the weights interface
     def linear(self, x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
         """Each module's output for input x [...,in], from one GEMM over their fused W^T."""
-        y = mm(x, self._entry("t", *(m.weight for m in modules)).value)  # [..., sum of outs]
-        if len(modules) == 1:
-            b = modules[0].bias
-            return (y if b is None else y + b,)
-        outs = y.split([m.weight.shape[0] for m in modules], dim=-1)
-        return tuple(o if m.bias is None else o + m.bias for o, m in zip(outs, modules))
+        plan = self._plans.get(modules)  # a decode step calls this ~5 times per layer: the
+        if plan is None:  # module attributes are read once, not per call
+            weights = tuple(m.weight for m in modules)
+            sizes = [w.shape[0] for w in weights] if len(modules) > 1 else None
+            plan = self._plans[modules] = (weights, sizes, [m.bias for m in modules])
+        weights, sizes, biases = plan
+        y = mm(x, self._entry("t", *weights).value)  # [..., sum of outs]
+        if sizes is None:
+            return (y if biases[0] is None else y + biases[0],)
+        outs = y.split(sizes, dim=-1)
+        return tuple(o if b is None else o + b for o, b in zip(outs, biases))
 
     def experts(self, param: torch.Tensor) -> list:
         """The E experts' W^T (or Int8Weight) of a stacked [E, out, in] weight, split once per
@@ -81,7 +90,10 @@ class DecodeWeights:
 
     def absorbed(self, mla: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H,N,C] and W_UV^T [H,C,V], contiguous (never quantised)."""
-        return self._entry("absorbed", mla.kv_b_proj.weight, mla=mla).value
+        w = self._plans.get(mla)
+        if w is None:
+            w = self._plans[mla] = mla.kv_b_proj.weight
+        return self._entry("absorbed", w, mla=mla).value
 
     # ------------------------------------------------------------------ bookkeeping
     def refresh(self) -> None:
