@@ -256,7 +256,10 @@ class MoE(FixedDtypeBuffers):
         Measured alternative, not kept: every expert on every token as two batched matmuls with
         zero weights for the unchosen was no faster even at 8-16 tokens, where the bytes of
         expert weights read, not the kernel count, decide. Costs one host sync for the indices
-        (free on CPU, a stall on GPU).
+        (free on CPU, a stall on GPU). Not batch-invariant in fp32, unlike the grouped path:
+        MKL rounds a 1-3-row GEMM differently, so a token's output moves by ~1e-7 with the
+        number of other tokens that chose its experts (padding those blocks to 4 rows, as the
+        grouped path does, cost 14% of a batch-8 decode step).
         """
         B, T, D = x.shape
         flat = x.reshape(-1, D)
@@ -282,14 +285,9 @@ class MoE(FixedDtypeBuffers):
         token = order // K  # [M]
         outs = []
         for e, rows in enumerate(xe[token].split(counts)):
-            n = rows.shape[0]
-            if n and n < 4 and rows.dtype == torch.float32:
-                # MKL's 1-3-row fp32 kernel rounds differently: without the zero rows a token's
-                # output would depend on how many other tokens chose its expert (see _row_granule)
-                rows = F.pad(rows, (0, 0, 0, 4 - n))
-            if n:
+            if rows.shape[0]:
                 gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
-                outs.append(mm(F.silu(gate).mul_(up), down[e])[:n])  # [n,D]
+                outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
         out = torch.cat(outs).to(y.dtype) * gate_weights.reshape(-1)[order].to(y.dtype)[:, None]
         return y.index_add_(0, token, out).view(B, T, D)
 
