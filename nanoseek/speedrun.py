@@ -36,14 +36,36 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from nanoseek.config import ConfigError
-from nanoseek.eval.sampling import CHAT
+from nanoseek.analysis.plots import plot_curves, read_metrics, smooth
+from nanoseek.checkpoint.io import load
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.data.corpus import write_chat_corpus, write_corpus
+from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.eval.evaluate import evaluate_checkpoint, heldout_problems, resolve
+from nanoseek.eval.sampling import CHAT, encode_prompt
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 from nanoseek.machine import machine_info
+from nanoseek.model.transformer import CausalLM
+from nanoseek.presets import PRESETS
 from nanoseek.speedrun_report import write_report
-from nanoseek.train.pipeline import DONE, duration, read_done, write_json
+from nanoseek.tasks.resolve import resolve_task
+from nanoseek.train.base_choice import choose_base
+from nanoseek.train.distill import DistillOptions, run_distill
+from nanoseek.train.pipeline import (
+    DONE,
+    build_pipeline_options,
+    duration,
+    read_done,
+    run_pipeline,
+    write_json,
+)
+from nanoseek.train.pretrain import PretrainOptions, run_pretrain
+from nanoseek.train.student import student_from_base
 
 STAGES = (
     "tokenizer",
@@ -126,10 +148,6 @@ class SpeedrunOptions:
     compile: bool = False
 
     def validate(self) -> None:
-        from nanoseek.config import ModelConfig
-        from nanoseek.presets import PRESETS
-        from nanoseek.tasks.resolve import resolve_task
-
         if self.preset not in PRESETS:
             raise ConfigError(f"option 'preset': {self.preset!r}; presets: {', '.join(PRESETS)}")
         task = resolve_task(self.task)
@@ -209,12 +227,6 @@ class Context:
 
 
 def stage_tokenizer(ctx: Context) -> dict:
-    from pathlib import Path
-
-    from nanoseek.data.corpus import write_chat_corpus, write_corpus
-    from nanoseek.data.tokenizer import train_tokenizer
-    from nanoseek.tasks.resolve import resolve_task
-
     o = ctx.opts
     corpus = ctx.dir("tokenizer", "corpus.jsonl")
     weights = o.corpus_level_weights(resolve_task(o.task).levels)
@@ -229,8 +241,6 @@ def stage_tokenizer(ctx: Context) -> dict:
 
 
 def pretrain_options(ctx: Context, out: str, precision: str, steps: int, keep_last: int = 2):
-    from nanoseek.train.pretrain import PretrainOptions
-
     o, tok = ctx.opts, ctx.result("tokenizer")
     return PretrainOptions(
         out=out, model=o.preset, data=[tok["corpus"]], tokenizer=tok["tokenizer"],
@@ -242,10 +252,6 @@ def pretrain_options(ctx: Context, out: str, precision: str, steps: int, keep_la
 
 
 def stage_pretrain(ctx: Context) -> dict:
-    from nanoseek.analysis.plots import read_metrics
-    from nanoseek.train.base_choice import choose_base
-    from nanoseek.train.pretrain import run_pretrain
-
     o = ctx.opts
     precision = "fp8" if o.fp8 else "bf16"
     # every checkpoint kept (~6 MB of weights + 11 MB of optimizer state each): the base is
@@ -274,9 +280,6 @@ def stage_pretrain(ctx: Context) -> dict:
 
 
 def stage_fp8_vs_bf16(ctx: Context) -> dict:
-    from nanoseek.analysis.plots import plot_curves, read_metrics, smooth
-    from nanoseek.train.pretrain import run_pretrain
-
     o, runs = ctx.opts, {}
     for precision in ("bf16", "fp8"):
         out = ctx.dir("fp8_vs_bf16", precision)
@@ -312,8 +315,6 @@ def grpo_overrides(o: SpeedrunOptions, section: str, steps: int) -> list[str]:
 
 
 def pipeline_options(ctx: Context, stage: str, overrides: list[str], **values):
-    from nanoseek.train.pipeline import build_pipeline_options
-
     o = ctx.opts
     return build_pipeline_options(
         None, overrides, model=ctx.result("pretrain")["model"], task=o.task, level=o.level,
@@ -324,8 +325,6 @@ def pipeline_options(ctx: Context, stage: str, overrides: list[str], **values):
 
 def stage_r1_zero(ctx: Context) -> dict:
     """GRPO straight from the base, rule rewards only, no SFT [R1 §2.2]."""
-    from nanoseek.train.pipeline import run_pipeline
-
     o = ctx.opts
     opts = pipeline_options(ctx, "r1_zero", grpo_overrides(o, "grpo", o.r1_zero_steps))
     summary = run_pipeline("r1-zero", opts, progress=ctx.progress)
@@ -334,8 +333,6 @@ def stage_r1_zero(ctx: Context) -> dict:
 
 
 def stage_r1(ctx: Context) -> dict:
-    from nanoseek.train.pipeline import run_pipeline
-
     o = ctx.opts
     overrides = [
         # the cold start [R1 §2.3.1]: a few hundred examples in the chat format (the tokenizer
@@ -364,12 +361,6 @@ def stage_r1(ctx: Context) -> dict:
 
 
 def stage_distill(ctx: Context) -> dict:
-    from nanoseek.analysis.plots import read_metrics
-    from nanoseek.config import ModelConfig
-    from nanoseek.eval.evaluate import evaluate_checkpoint
-    from nanoseek.train.distill import DistillOptions, run_distill
-    from nanoseek.train.student import student_from_base
-
     o = ctx.opts
     teacher = ctx.result("r1")["final_model"]
     base = ctx.result("pretrain")["model"]
@@ -419,9 +410,6 @@ def stage_student_rl(ctx: Context) -> dict:
     """The distillation stage's student init trained with GRPO instead, for the wall time the
     distillation took: R1 §4.1's question (distil a small model, or RL it?) at equal compute.
     RL runs in the base's own prompt format, as R1-Zero does."""
-    from nanoseek.analysis.plots import read_metrics
-    from nanoseek.train.pipeline import run_pipeline
-
     o = ctx.opts
     budget = ctx.result("distill")["train_s"]
     # max_steps only bounds the run: the time budget stops it, and evaluates the last step
@@ -439,13 +427,6 @@ def stage_student_rl(ctx: Context) -> dict:
 
 
 def stage_speculative(ctx: Context) -> dict:
-    from nanoseek.checkpoint.io import load
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.eval.evaluate import heldout_problems, resolve
-    from nanoseek.eval.sampling import encode_prompt
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-
     o = ctx.opts
     model_dir = ctx.result("r1")["final_model"]
     model, tok = load(model_dir, dtype=torch.float32), Tokenizer.load(model_dir)
@@ -483,8 +464,6 @@ def stage_speculative(ctx: Context) -> dict:
 
 
 def _n_params(cfg) -> int:
-    from nanoseek.model.transformer import CausalLM
-
     with torch.device("meta"):
         return sum(p.numel() for p in CausalLM(cfg).parameters())
 

@@ -11,7 +11,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from nanoseek.train.pipeline import duration, read_done, write_json
+from nanoseek.analysis.plots import plot_bars, plot_panels, read_metrics
+from nanoseek.train.pipeline import duration, format_table, read_done, write_json
 
 if TYPE_CHECKING:  # the main job imports this module: only its annotations name the options
     from nanoseek.speedrun import SpeedrunOptions
@@ -160,8 +161,6 @@ def _headline(stage: str, r: dict) -> str:
 
 def _plots(out: str, res: dict) -> dict[str, str]:
     """Plots of the report (paths relative to OUT); the trainers wrote most of them already."""
-    from nanoseek.analysis.plots import plot_bars
-
     plots = {}
     for name, rel in (("pretrain_loss", "pretrain/loss.png"),
                       ("expert_load", "pretrain/expert_load.png"),
@@ -200,8 +199,6 @@ def _plots(out: str, res: dict) -> dict[str, str]:
 def _rl_curves(out: str, stage: str) -> str | None:
     """plots/<stage>_curves.png: accuracy reward, mean completion length and the share of groups
     with zero reward variance per GRPO step (R1's Figures 2 and 3); None without metrics."""
-    from nanoseek.analysis.plots import plot_panels, read_metrics
-
     path = os.path.join(out, stage, "metrics.jsonl")
     rows = [r for r in read_metrics(path) if "reward" in r] if os.path.isfile(path) else []
     if not rows:
@@ -221,8 +218,6 @@ def _rl_curves(out: str, stage: str) -> str | None:
 
 def _rl_story(out: str, stage: str, before: str) -> list[str]:
     """Zero-variance share and one held-out completion before and after, for one GRPO stage."""
-    from nanoseek.analysis.plots import read_metrics
-
     path = os.path.join(out, stage, "metrics.jsonl")
     rows = [r for r in read_metrics(path) if "reward" in r] if os.path.isfile(path) else []
     md: list[str] = []
@@ -288,7 +283,6 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
                   "(FP8 is emulated on a CPU: numerics, not speed).")  # fmt: skip
         md.append("")
         md += _img(plots, "fp8_vs_bf16", "FP8 vs BF16 loss")
-    from nanoseek.train.pipeline import format_table
 
     if "r1_zero" in res:
         md += ["", "## R1-Zero: RL straight from the base [R1 §2.2]", ""]

@@ -40,15 +40,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nanoseek.checkpoint.io import load, save
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.eval.sampling import SampleFn, engine_sample_fn, stop_ids
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.dist.checkpoint import export_hf
+from nanoseek.dist.parallel import launch
+from nanoseek.eval.sampling import SampleFn, engine_sample_fn, sample_problems, stop_ids
 from nanoseek.fsio import write_json
 from nanoseek.model.loss import IGNORE_INDEX, lm_loss
 from nanoseek.model.mtp_objective import mtp_objective
-from nanoseek.tasks.resolve import resolve_task
+from nanoseek.model.transformer import CausalLM
+from nanoseek.presets import PRESETS
+from nanoseek.tasks.resolve import draws, resolve_task
 from nanoseek.train.distill_losses import LOSSES, distill_loss
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
+from nanoseek.train.rejection import SampleFilter, reply_opening, to_conversation
+from nanoseek.train.run_dir import claim_out_dir
 from nanoseek.train.sft import (
     ChatDataOptions,
     SFTOptions,
@@ -56,6 +64,7 @@ from nanoseek.train.sft import (
     describe,
     prepare_datasets,
     progress_bar,
+    routed_experts,
     run_sft,
     steps_for_epochs,
     tokenizer_dir,
@@ -120,8 +129,6 @@ class DistillOptions(ChatDataOptions, LoopOptions):
 
 # ------------------------------------------------------------------------------ models
 def load_teacher(path: str):
-    from nanoseek.checkpoint.io import load
-
     teacher = load(path, dtype=torch.float32).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -129,8 +136,6 @@ def load_teacher(path: str):
 
 def check_same_tokenizer(student_dir: str, tokenizer) -> None:
     """A student directory with a tokenizer must have the teacher's (same ids for same text)."""
-    from nanoseek.data.tokenizer import Tokenizer
-
     if os.path.isfile(os.path.join(student_dir, "tokenizer.json")):
         theirs = Tokenizer.load(student_dir).fingerprint
         if theirs != tokenizer.fingerprint:
@@ -143,10 +148,6 @@ def check_same_tokenizer(student_dir: str, tokenizer) -> None:
 def build_student(spec: str, teacher_cfg: ModelConfig, tokenizer):
     """A checkpoint directory (loaded), or a preset / config.json (fresh, with the teacher's
     vocabulary and special ids)."""
-    from nanoseek.checkpoint.io import load
-    from nanoseek.model.transformer import CausalLM
-    from nanoseek.presets import PRESETS
-
     if os.path.isdir(spec):
         check_same_tokenizer(spec, tokenizer)
         model = load(spec, dtype=torch.float32)
@@ -314,8 +315,6 @@ def run_distill(
     in sequence mode rank 0 alone samples the teacher. The student's own on-policy samples
     (onpolicy_frac > 0) are single-process only: ranks would run different numbers of
     generation steps through the sharded student."""
-    from nanoseek.dist.parallel import launch
-
     opts.validate()
     with launch(opts, student_experts(opts.student, opts.teacher)) as par:
         if par.distributed and opts.mode == "logit" and opts.onpolicy_frac > 0:
@@ -330,9 +329,6 @@ def run_distill(
 
 def student_experts(student: str, teacher: str) -> int | None:
     """n_routed_experts of the student to be (expert parallelism must divide it)."""
-    from nanoseek.presets import PRESETS
-    from nanoseek.train.sft import routed_experts
-
     if os.path.isdir(student):
         return routed_experts(student)
     if student in PRESETS:
@@ -343,10 +339,6 @@ def student_experts(student: str, teacher: str) -> int | None:
 
 
 def _run_logit_distill(opts: DistillOptions, par, resume, progress, sample_fn) -> dict:
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.dist.checkpoint import export_hf
-    from nanoseek.train.run_dir import claim_out_dir
-
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
     tok_src = tokenizer_dir(opts.teacher, opts.tokenizer)
@@ -426,9 +418,6 @@ def teacher_samples(
     and the format reward, and is not a duplicate of a kept sample for the same problem: the
     rules of rejection sampling (`SampleFilter`, nanoseek/train/rejection.py).
     """
-    from nanoseek.eval.sampling import sample_problems
-    from nanoseek.train.rejection import SampleFilter, reply_opening, to_conversation
-
     rows = sample_problems(
         teacher, tokenizer, problems, samples_per_prompt, system=system, temperature=temperature,
         max_new_tokens=max_new_tokens, seed=seed, sample_fn=sample_fn, chunk_size=batch_size,
@@ -446,8 +435,6 @@ def run_sequence_distill(
 ) -> dict:
     """Teacher samples -> verifier -> OUT/teacher_samples.jsonl -> SFT of the student. Rank 0
     samples and writes the files (under torchrun the others wait), then every rank runs SFT."""
-    from nanoseek.train.run_dir import claim_out_dir
-
     claim_out_dir(opts.out, resume, opts.overwrite, par)  # before the teacher data is written
     os.makedirs(opts.out, exist_ok=True)
     tok_src = tokenizer_dir(opts.teacher, opts.tokenizer)
@@ -468,16 +455,11 @@ def run_sequence_distill(
 def _teacher_data(opts: DistillOptions, tok_src: str, resume: bool, sample_fn) -> str:
     """Sequence mode's data: the teacher's verified samples and the student's starting
     checkpoint (written once, kept on resume); returns the student's directory."""
-    from nanoseek.checkpoint.io import save
-    from nanoseek.data.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.load(tok_src)
     samples_path = os.path.join(opts.out, "teacher_samples.jsonl")
     stats_path = os.path.join(opts.out, "teacher_samples.json")
     teacher = None
     if not (resume and os.path.exists(stats_path)):  # the stats file is written last
-        from nanoseek.tasks.resolve import draws
-
         task = resolve_task(opts.task, split=None if opts.task_holdout else "train")
         n = draws(task, opts.task_n, "train", opts.task_level)
         problems = list({p.id: p for p in task.generate(

@@ -25,13 +25,27 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from nanoseek.analysis.plots import plot_expert_load, plot_losses, read_metrics
+from nanoseek.checkpoint.accounting import account
+from nanoseek.checkpoint.io import load
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.data.corpus import generate_corpus
+from nanoseek.data.shards import PackedDataset, TokenShard, write_shards
+from nanoseek.data.sources import read_documents
+from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.dist.checkpoint import export_hf
+from nanoseek.dist.parallel import launch
+from nanoseek.fsio import write_json
 from nanoseek.model.mtp_objective import mtp_objective
 from nanoseek.model.transformer import CausalLM
+from nanoseek.presets import PRESETS
 from nanoseek.train.balance import gather_loads, load_stats, start_counting, update_bias
 from nanoseek.train.loop import LoopOptions, Trainer
+from nanoseek.train.mfu import matmul_peak_flops
 from nanoseek.train.options import to_dict
+from nanoseek.train.run_dir import claim_out_dir
 from nanoseek.train.schedule import piecewise
 
 BALANCE = ("aux_free", "aux_loss", "none")
@@ -70,8 +84,6 @@ class PretrainOptions(LoopOptions):
 
 # ------------------------------------------------------------------------------ set-up
 def prepare_tokenizer(opts: PretrainOptions, documents_fn):
-    from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
-
     if opts.tokenizer:
         return Tokenizer.load(opts.tokenizer)
     path = os.path.join(opts.out, "tokenizer")
@@ -83,19 +95,13 @@ def prepare_tokenizer(opts: PretrainOptions, documents_fn):
 def documents(opts: PretrainOptions):
     """The training documents: the user's files, or the built-in corpus."""
     if opts.data:
-        from nanoseek.data.sources import read_documents
-
         return read_documents(opts.data, field=opts.data_field, separator=opts.data_separator)
-    from nanoseek.data.corpus import generate_corpus
-
     return generate_corpus(opts.corpus_docs, seed=opts.seed, levels=opts.corpus_levels)
 
 
 def prepare_data(opts: PretrainOptions, tokenizer, rank: int = 0, world_size: int = 1):
     """Token shards under OUT/data (written once; reused on resume). With several ranks each
     reads rows rank*B/W .. of every global batch of B sequences: the windows of one process."""
-    from nanoseek.data.shards import PackedDataset, TokenShard, write_shards
-
     data_dir = os.path.join(opts.out, "data")
     if not os.path.exists(os.path.join(data_dir, "train.json")):
         write_shards(
@@ -117,8 +123,6 @@ def prepare_data(opts: PretrainOptions, tokenizer, rank: int = 0, world_size: in
 
 def base_config(opts: PretrainOptions) -> tuple[ModelConfig, str | None]:
     """(config as named by option 'model', checkpoint to start from or None)."""
-    from nanoseek.presets import PRESETS
-
     init = None
     if opts.model in PRESETS:
         cfg = ModelConfig.from_preset(opts.model)
@@ -198,28 +202,18 @@ def make_balancer(opts: PretrainOptions, model: CausalLM, all_reduce=None):
 def run_pretrain(opts: PretrainOptions, resume: bool = False, progress=True) -> dict:
     """Prepare everything, train, export OUT/model; returns the final metrics. Under torchrun
     every rank calls this (nanoseek/dist/parallel.py decides from the environment)."""
-    from nanoseek.dist.parallel import launch
-
     opts.validate()
     with launch(opts, base_config(opts)[0].n_routed_experts) as par:
         return _run(opts, par, resume, progress)
 
 
 def _run(opts: PretrainOptions, par, resume: bool, progress) -> dict:
-    from nanoseek.checkpoint.accounting import account
-    from nanoseek.checkpoint.io import load
-    from nanoseek.dist.checkpoint import export_hf
-    from nanoseek.train.mfu import matmul_peak_flops
-    from nanoseek.train.run_dir import claim_out_dir
-
     claim_out_dir(opts.out, resume, opts.overwrite, par)  # before anything is written there
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)  # data preparation draws nothing from torch: every rank, and
     # every world size, initialises the same full model below and keeps its part of it
 
     def write_run_files(tokenizer):
-        from nanoseek.fsio import write_json
-
         tokenizer.save(os.path.join(opts.out, "tokenizer"))  # atomic; unchanged: not rewritten
         write_json(os.path.join(opts.out, "options.json"), to_dict(opts))
 
@@ -271,8 +265,6 @@ def _run(opts: PretrainOptions, par, resume: bool, progress) -> dict:
 
 
 def _progress_bar(total: int, initial: int):
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total,
         initial=initial,
@@ -285,8 +277,6 @@ def _progress_bar(total: int, initial: int):
 
 def write_plots(out_dir: str) -> None:
     """OUT/loss.png and OUT/expert_load.png (load averaged over the last 10% of steps)."""
-    from nanoseek.analysis.plots import plot_expert_load, plot_losses, read_metrics
-
     records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     if not records:
         return
