@@ -29,10 +29,20 @@ from typing import Any
 import torch
 from torch.autograd.graph import increment_version
 
-from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.checkpoint.io import CheckpointError, load
 from nanoseek.checkpoint.trainer_state import load_state, rng_state, save_checkpoint, set_rng_state
+from nanoseek.dist.checkpoint import (
+    adapt_data_state,
+    is_sharded,
+    load_full,
+    load_sharded,
+    save_sharded,
+)
 from nanoseek.dist.parallel import SingleProcess
+from nanoseek.fp8 import convert_for_fp8
 from nanoseek.fsio import naming
+from nanoseek.model.compile import TrainingCompiler
+from nanoseek.train.adamw_bf16 import AdamWBF16Moments
 from nanoseek.train.run_dir import resumable_checkpoint, truncate_jsonl
 from nanoseek.train.schedule import lr_at
 from nanoseek.train.tracking import Trackers, open_trackers, parse_report_to
@@ -127,15 +137,11 @@ class Trainer:
         self.run_info = run_info or {}
         self.parallel = parallel or SingleProcess()
         if opts.precision == "fp8":
-            from nanoseek.fp8 import convert_for_fp8
-
             convert_for_fp8(model, self.parallel.is_main)
         parse_report_to(opts.report_to)  # a typo fails now, not after the first step
         self.optimizer = make_optimizer(model, opts)
         self.compiler = None
         if opts.compile:
-            from nanoseek.model.compile import TrainingCompiler
-
             # after the FP8 conversion: its GEMMs are compiled too
             self.compiler = TrainingCompiler(model, varying_shapes=varying_shapes)
         self._compile_logged = False
@@ -146,8 +152,6 @@ class Trainer:
     def resume(self) -> bool:
         """Restore the latest checkpoint in `out` if there is one (weights, optimizer, data
         position, RNG); returns whether it did."""
-        from nanoseek.dist.checkpoint import adapt_data_state
-
         state = self.load_latest()
         if self.parallel.is_main:  # rows past the checkpoint (all rows, without one) are redone
             truncate_jsonl(self.metrics_path, state["step"] if state else 0)
@@ -175,8 +179,6 @@ class Trainer:
         (one-process HF directory or sharded) and written at any world size; returns the
         checkpoint's trainer state (None: no checkpoint). Methods with their own loop (GRPO)
         restore the rest themselves."""
-        from nanoseek.dist.checkpoint import is_sharded
-
         par = self.parallel
         # rank 0 picks the newest intact checkpoint (setting broken ones aside), all load it
         found = par.on_main(lambda: resumable_checkpoint(self.opts.out))
@@ -186,20 +188,14 @@ class Trainer:
         state = found[1] if found else load_state(path)
         state["_path"] = path  # for error messages; never saved (save() builds a fresh dict)
         if is_sharded(path):
-            from nanoseek.dist.checkpoint import load_sharded
-
             load_sharded(path, self.model, self.optimizer)
             return state
         if "optimizer" not in state:
             raise CheckpointError(f"{path}: the trainer state has no field 'optimizer'")
         try:
             if par.distributed:
-                from nanoseek.dist.checkpoint import load_full
-
                 load_full(path, self.model, self.optimizer, state["optimizer"])
             else:
-                from nanoseek.checkpoint.io import load
-
                 loaded = load(path, dtype=torch.float32, device=self.model.device)
                 self.model.load_state_dict(loaded.state_dict())
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -211,8 +207,6 @@ class Trainer:
         """OUT/checkpoints/step-N: weights, optimizer and `state` (sharded under torchrun:
         every rank writes its shards)."""
         if self.parallel.distributed:
-            from nanoseek.dist.checkpoint import save_sharded
-
             return save_sharded(
                 self.opts.out, step, self.model, self.optimizer, state,
                 self.extra_files, self.opts.keep_last, self.parallel,
@@ -369,8 +363,6 @@ def make_optimizer(model, opts: LoopOptions) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if opts.bf16_moments:
-        from nanoseek.train.adamw_bf16 import AdamWBF16Moments
-
         return AdamWBF16Moments(groups, lr=opts.lr, betas=(opts.beta1, opts.beta2))
     params = decay + no_decay
     kinds = {(type(p), getattr(p, "device_mesh", None)) for p in params}

@@ -52,9 +52,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoseek.config import ConfigError
+from nanoseek.eval.evaluate import evaluate_checkpoint
 from nanoseek.eval.sampling import CHAT, check_template
 from nanoseek.fsio import write_text
+from nanoseek.tasks.resolve import resolve_task, same_file
+from nanoseek.train.grpo import GRPOOptions, run_grpo
 from nanoseek.train.options import build, read_file
+from nanoseek.train.rejection import RejectionOptions, run_rejection, stats_path
+from nanoseek.train.sft import SFTOptions, run_sft
 
 KINDS = ("r1-zero", "r1")
 SECTIONS = ("sft", "grpo", "rejection", "rejection_sft", "final_grpo")
@@ -92,16 +97,12 @@ class PipelineOptions:
 
     def separate_eval(self) -> bool:
         """Is an eval_task given that is not `task` itself (so `task` is trained on whole)?"""
-        from nanoseek.tasks.resolve import same_file
-
         e = self.eval_task
         return bool(e) and e != self.task and not same_file(e, self.task)
 
     def evaluated(self):
         """The task every stage is evaluated on: a name, or a resolved task file (a test set
         when separate, else its hash split)."""
-        from nanoseek.tasks.resolve import resolve_task
-
         name = self.eval_task if self.separate_eval() else self.task
         if not os.path.isfile(name):
             return name
@@ -110,14 +111,10 @@ class PipelineOptions:
     def holdout(self, task: str | None) -> bool:
         """Must a trainer given `task` keep a file's hash test split out? When it is the file
         every stage is evaluated on."""
-        from nanoseek.tasks.resolve import same_file
-
         evaluated = self.eval_task if self.separate_eval() else self.task
         return task == evaluated or same_file(task, evaluated)
 
     def validate(self) -> None:
-        from nanoseek.tasks.resolve import resolve_task
-
         if not self.model or not os.path.isdir(self.model):
             raise ConfigError(f"option 'model': {self.model!r} is not a checkpoint directory")
         if not self.task:
@@ -225,21 +222,13 @@ class Runners:
     evaluate: Callable[..., dict] | None = None  # (model_dir, task, **settings)
 
     def resolved(self) -> Runners:
-        from nanoseek.eval.evaluate import evaluate_checkpoint
-
         def sft(opts, resume, progress):
-            from nanoseek.train.sft import run_sft
-
             return run_sft(opts, resume=resume, progress=progress)
 
         def grpo(opts, resume, progress):
-            from nanoseek.train.grpo import run_grpo
-
             return run_grpo(opts, resume=resume, progress=progress)
 
         def rejection(opts, progress):
-            from nanoseek.train.rejection import run_rejection
-
             return run_rejection(opts, progress=progress)
 
         return Runners(
@@ -251,8 +240,6 @@ class Runners:
 
 
 def grpo_options_class():
-    from nanoseek.train.grpo import GRPOOptions
-
     return GRPOOptions
 
 
@@ -314,8 +301,6 @@ class Pipeline:
         return done["model"]
 
     def _cold_start(self, d: str, progress: bool) -> tuple[str, dict]:
-        from nanoseek.train.sft import SFTOptions
-
         o = self.opts
         defaults = {"task_n": o.cold_start_n, "seed": o.seed}
         if o.cold_start_data:
@@ -329,9 +314,6 @@ class Pipeline:
         return os.path.join(d, "model"), metrics
 
     def _rejection_sft(self, d: str, progress: bool) -> tuple[str, dict]:
-        from nanoseek.train.rejection import RejectionOptions, stats_path
-        from nanoseek.train.sft import SFTOptions
-
         o = self.opts
         samples = os.path.join(d, "samples.jsonl")
         wired = {"model": self.model_of("reasoning_rl"), "task": o.task, "out": samples,
