@@ -54,8 +54,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from nanoseek.analysis.plots import plot_curves, read_metrics
+from nanoseek.checkpoint.io import CheckpointError
+from nanoseek.checkpoint.trainer_state import rng_state, set_rng_state
 from nanoseek.config import ConfigError
+from nanoseek.dist.checkpoint import export_hf
+from nanoseek.dist.parallel import launch
 from nanoseek.eval.evaluate import heldout_across
 from nanoseek.eval.sampling import template_names
 from nanoseek.tasks.resolve import resolve_task, same_file
@@ -67,6 +73,7 @@ from nanoseek.train.rl.algorithms import ALGORITHMS, RLConfig, resolve
 from nanoseek.train.rl.batches import IGNORE, fill_logprobs, make_batches  # noqa: F401
 from nanoseek.train.rl.step import grpo_step, make_loss_fn
 from nanoseek.train.rl.watch import Watch
+from nanoseek.train.run_dir import claim_out_dir
 from nanoseek.train.run_setup import load_for_training, routed_experts, write_run_files
 
 
@@ -178,17 +185,12 @@ def run_grpo(opts: GRPOOptions, resume: bool = False, progress: bool = True) -> 
     keeps a full replica for generation (`Rollouts`) and a full frozen reference (beta > 0),
     generates its share of the completions, scores all of them, and trains on its share of the
     micro-batches (`batch_size` is then global); rank 0 writes logs and the model."""
-    from nanoseek.dist.parallel import launch
-
     opts.validate()
     with launch(opts, routed_experts(opts.model)) as par:
         return _run_grpo(opts, par, resume, progress)
 
 
 def _run_grpo(opts: GRPOOptions, par, resume: bool, progress: bool) -> dict:
-    from nanoseek.dist.checkpoint import export_hf
-    from nanoseek.train.run_dir import claim_out_dir
-
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
     tok_src, tokenizer, model = load_for_training(opts.model, opts.tokenizer)
@@ -296,8 +298,6 @@ def frozen_copy(model):
 
 # ------------------------------------------------------------------------------ checkpoints
 def _save(opts, step, trainer, sampler, watch) -> str:
-    from nanoseek.checkpoint.trainer_state import rng_state
-
     state = {
         "step": step,
         "optimizer_step": trainer.step,
@@ -311,9 +311,6 @@ def _save(opts, step, trainer, sampler, watch) -> str:
 def _resume(out: str, trainer, sampler, watch) -> int:
     """Restore the latest checkpoint in `out`; returns its GRPO step (0: none). The frozen
     reference stays the initial model (`opts.model`), not the checkpoint."""
-    from nanoseek.checkpoint.io import CheckpointError
-    from nanoseek.checkpoint.trainer_state import set_rng_state
-
     state = trainer.load_latest()
     # lines written after the checkpoint are redone; without one, all of them (the step-0
     # evaluation included)
@@ -342,8 +339,6 @@ def _logged_train_s(out: str, step: int) -> float:
 
 
 def _bar(total: int, initial: int):
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total, initial=initial, desc="grpo", unit="step", dynamic_ncols=True, mininterval=1.0
     )
@@ -351,8 +346,6 @@ def _bar(total: int, initial: int):
 
 def write_plots(out_dir: str) -> None:
     """OUT/reward.png: training rewards per step (EMA) and held-out accuracy."""
-    from nanoseek.analysis.plots import plot_curves, read_metrics
-
     records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     train = [r for r in records if "reward" in r]
     if not train:

@@ -29,12 +29,17 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from nanoseek.analysis.plots import plot_losses, read_metrics
 from nanoseek.config import ConfigError
+from nanoseek.dist.checkpoint import export_hf
+from nanoseek.dist.parallel import launch
 from nanoseek.model.mtp_objective import mtp_objective
 from nanoseek.tasks.jsonl import is_task_file
 from nanoseek.train.loop import LoopOptions, Trainer
 from nanoseek.train.options import to_dict
+from nanoseek.train.run_dir import claim_out_dir
 from nanoseek.train.run_setup import (  # noqa: F401  (re-exported to distill.py, student.py)
     TOKENIZER_FILES,
     copy_tokenizer,
@@ -204,17 +209,12 @@ def run_sft(opts: SFTOptions, resume: bool = False, progress: bool = True) -> di
     environment), as in pre-training: `batch_size` is the global number of sequences per
     micro-batch, each rank trains on its share of every batch with the weights sharded (FSDP2,
     expert parallelism), rank 0 writes the files and the consolidated model."""
-    from nanoseek.dist.parallel import launch
-
     opts.validate()
     with launch(opts, routed_experts(opts.model)) as par:
         return _run_sft(opts, par, resume, progress)
 
 
 def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:
-    from nanoseek.dist.checkpoint import export_hf
-    from nanoseek.train.run_dir import claim_out_dir
-
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(opts.seed)
     tok_src, tokenizer, model = load_for_training(opts.model, opts.tokenizer)
@@ -259,8 +259,6 @@ def _run_sft(opts: SFTOptions, par, resume: bool, progress: bool) -> dict:
 
 def progress_bar(desc: str):
     def make(total: int, initial: int):
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                     mininterval=1.0)  # fmt: skip
 
@@ -268,8 +266,6 @@ def progress_bar(desc: str):
 
 
 def write_plot(out_dir: str, title: str) -> None:
-    from nanoseek.analysis.plots import plot_losses, read_metrics
-
     records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     if records:
         plot_losses(records, os.path.join(out_dir, "loss.png"), title=title)

@@ -49,8 +49,11 @@ from jinja2.exceptions import TemplateError
 
 from nanoseek.data.chat_template import CHAT_ROLES, assistant_spans
 from nanoseek.data.shards import depth_mask
+from nanoseek.data.sources import read_documents
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.fsio import naming
 from nanoseek.model.loss import IGNORE_INDEX
+from nanoseek.tasks import format_chat
 from nanoseek.tasks.jsonl import is_task_file
 from nanoseek.tasks.resolve import draws, resolve_task  # noqa: F401 - resolve_task: old home
 
@@ -282,8 +285,6 @@ def load_examples(
                     )
                 )
         else:
-            from nanoseek.data.sources import read_documents
-
             for i, doc in enumerate(read_documents(path, field=text_field)):
                 for ex in encode_text(tokenizer, doc, max_len, f"{path}: document {i}"):
                     add(ex)
@@ -327,8 +328,6 @@ def task_conversations(
     (`format_chat`): the R1 cold-start data [R1 §2.3.1] for tasks that come with solutions.
     A task file is drawn in epochs without replacement (n = None: each problem once); with
     `holdout` it keeps its hash test split out, else all of it is `split`."""
-    from nanoseek.tasks import format_chat
-
     t = resolve_task(task, split=None if holdout else split)
     problems = t.generate(draws(t, n, split, level), split=split, seed=seed, level=level)
     missing = [p.id for p in problems if not p.solution]
@@ -343,7 +342,6 @@ def write_chat_jsonl(
     """Write `{"messages": [...]}` lines (atomically); returns the number written."""
     tmp = f"{path}.tmp"
     n = 0
-    from nanoseek.fsio import naming
 
     with naming(path):  # a full disk: one error naming the file, the old one left as it was
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -6,10 +6,14 @@ student_from_base("runs/speedrun/pretrain/model", 2, "runs/student_init")  # 4 l
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
+from nanoseek.checkpoint.io import load, save
 from nanoseek.config import ConfigError
+from nanoseek.model.transformer import CausalLM
+from nanoseek.train.sft import TOKENIZER_FILES
 
 
 def student_from_base(base_dir: str, n_layers: int, out_dir: str) -> str:
@@ -17,12 +21,6 @@ def student_from_base(base_dir: str, n_layers: int, out_dir: str) -> str:
     MTP module and `n_layers` of its decoder layers, spread evenly from first to last (the
     layer-selection initialisation of DistilBERT, Sanh et al. 2019). R1-Distill likewise starts
     its students from pre-trained bases, never from scratch [R1 §2.4]."""
-    import re
-
-    from nanoseek.checkpoint.io import load, save
-    from nanoseek.model.transformer import CausalLM
-    from nanoseek.train.sft import TOKENIZER_FILES
-
     base = load(base_dir, dtype=torch.float32)
     cfg = base.config
     L = cfg.num_hidden_layers
