@@ -23,6 +23,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.buffers import FixedDtypeBuffers
 from nanoseek.model.ffn import SwiGLU
+from nanoseek.model.grouped_mm import grouped_mm
 from nanoseek.model.router import Router
 from nanoseek.model.weights import MODULE_WEIGHTS
 
@@ -73,8 +74,6 @@ def _grouped_mm_eager(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) ->
     """fp32 grouped GEMM: torch's fake (tracing) kernel for it admits only bf16 inputs, so
     compiled code takes a custom op with its own (nanoseek/model/grouped_mm.py)."""
     if torch.compiler.is_compiling():
-        from nanoseek.model.grouped_mm import grouped_mm
-
         return grouped_mm(x, w_t, offs)
     return torch._grouped_mm(x, w_t, offs=offs)
 

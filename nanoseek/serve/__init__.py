@@ -21,7 +21,7 @@ __all__ = ["ReasoningSplitter", "create_app", "prompt_opens_think", "split_reaso
 
 def __getattr__(name: str):
     if name == "create_app":  # lazily: importing FastAPI costs ~0.5 s
-        from nanoseek.serve.app import create_app
+        from nanoseek.serve.app import create_app  # optional: fastapi (heavy)
 
         return create_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

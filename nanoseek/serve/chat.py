@@ -128,7 +128,9 @@ class Printer:
 def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
     """The next line, None at end of input; a terminal gets readline editing and history."""
     if interactive and stdin is sys.stdin and stdout is sys.stdout:
-        import readline  # noqa: F401  (importing it gives input() line editing)
+        # optional: not on every platform; importing it gives input() line editing, which only
+        # a terminal is to get
+        import readline  # noqa: F401
 
         try:
             return input(">>> ")

@@ -75,6 +75,8 @@ def read_file(path: str) -> dict[str, Any]:
         if path.endswith(".json"):
             data = json.loads(raw)
         else:
+            # optional: tomli, Python 3.10's TOML reader (tomllib, the same from 3.11 on); only a
+            # TOML file needs either
             if sys.version_info >= (3, 11):
                 import tomllib
             else:  # pragma: no cover

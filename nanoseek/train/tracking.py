@@ -22,6 +22,7 @@ for, and a missing one is a one-line error naming the package to install.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -86,7 +87,7 @@ class TensorBoardTracker:
 
     def __init__(self, out_dir: str, run_name: str, config: Mapping[str, Any]):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
         except ImportError:
             raise _missing("tensorboard") from None
         self.log_dir = os.path.join(out_dir, TENSORBOARD_DIR)
@@ -110,7 +111,7 @@ class WandbTracker:
 
     def __init__(self, out_dir: str, run_name: str, config: Mapping[str, Any]):
         try:
-            import wandb
+            import wandb  # optional: wandb
         except ImportError:
             raise _missing("wandb") from None
         self.run = wandb.init(
@@ -201,7 +202,5 @@ def open_trackers(
 
 
 def _check_installed(name: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(name) is None:
         raise _missing(name)
