@@ -134,6 +134,8 @@ class CacheStep:
     seq: int  # key positions to read, S = max position + 1
     prefill: bool  # every row starts at 0: attend over the fresh latents (plain attention)
     weights: object  # what multiplies (nanoseek/model/weights.py)
+    cos: torch.Tensor | None = None  # [B,T,1,R/2] fp32: the new tokens' rotary tables
+    sin: torch.Tensor | None = None
     freqs: torch.Tensor | None = None  # decode: cos + i sin [B,T,1,R/2] complex64
     bias: torch.Tensor | None = None  # decode: [B,T*H|1,S] additive mask, 0 or -inf
 

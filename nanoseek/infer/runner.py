@@ -83,24 +83,23 @@ class ModelRunner:
         if seq > self.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.max_seq_len}")
         self.weights.refresh()  # pick up weights changed since the last forward (training)
+        cos, sin = self.model.rope(positions)  # [B,T,1,R/2]
         if not any(start):  # prefill: the modules' own weights (if any), plain attention
             w = MODULE_WEIGHTS if self.weights.modules_hold_weights else self.weights
-            return CacheStep(cache, row0, positions, seq, True, w)
+            return CacheStep(cache, row0, positions, seq, True, w, cos, sin)
         keys = torch.arange(seq, device=dev)
         allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
         bias = torch.zeros(B, T, seq, dtype=self.model.dtype, device=dev)
         bias = bias.masked_fill_(~allowed, float("-inf"))
         if T > 1:  # query rows are (t, h) pairs: repeat each t's mask over the heads
             bias = bias[:, :, None].expand(B, T, self.n_heads, seq).reshape(B, -1, seq)
-        return CacheStep(cache, row0, positions, seq, False, self.weights, bias=bias)
+        freqs = torch.complex(cos, sin)
+        return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin, freqs, bias)
 
     def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int):
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""
         step = self.make_step(cache, row0, start, T)
-        cos, sin = self.model.rope(step.positions)  # [B,T,1,R/2]
-        if not step.prefill:
-            step.freqs = torch.complex(cos, sin)
-        h = fn(cos, sin, step)
+        h = fn(step.cos, step.sin, step)
         cache.commit(row0, [s + T for s in start])
         return h
 
