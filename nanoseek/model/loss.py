@@ -15,6 +15,9 @@ Two implementations that must agree (to fp32 rounding):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +25,8 @@ IGNORE_INDEX = -100
 LOSS_IMPLS = ("chunked", "reference")
 _CHUNK_ELEMENTS = 1 << 19  # fp32 elements per chunk: 2 MB, fits a core's L2
 _GRAD_IN_FORWARD = True  # CPU only: memory is plentiful there, memory bandwidth is not
+# a torch.compile of `reference_loss`, set inside `compiled_loss()` (the trainers' `--compile`)
+_compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, impl: str = "chunked") -> torch.Tensor:
@@ -30,9 +35,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, impl: str = "chunked") 
     logits = logits.reshape(-1, logits.shape[-1])
     targets = targets.reshape(-1)
     if impl == "reference" or torch.compiler.is_compiling():
-        # under torch.compile the reference is the fast path: inductor fuses the cast and the
-        # log-softmax itself, and the chunk loop would only be unrolled into the graph
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+        return reference_loss(logits, targets)
+    if _compiled is not None:
+        return _compiled(logits, targets)
     # forward may write the gradient only where backward will want it (inside the Function,
     # grad mode is always off and needs_input_grad ignores torch.no_grad)
     grad_in_forward = (
@@ -42,6 +47,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, impl: str = "chunked") 
         and torch.is_grad_enabled()
     )
     return ChunkedCrossEntropy.apply(logits, targets, grad_in_forward)
+
+
+def reference_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [N,V], targets [N] -> mean fp32 cross-entropy. Under torch.compile this is the
+    fast path: inductor fuses the cast, the log-softmax and the gather into one pass over the
+    logits (and the backward into another), where the chunk loop would only be unrolled."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+@contextlib.contextmanager
+def compiled_loss(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the block `lm_loss` calls `fn`, a `torch.compile` of `reference_loss`
+    (nanoseek/model/compile.py TrainingCompiler), instead of the hand-chunked Function."""
+    global _compiled
+    before, _compiled = _compiled, fn
+    try:
+        yield
+    finally:
+        _compiled = before
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
