@@ -5,9 +5,12 @@ Shape legend: H heads, N nope head dim, C kv latent rank, V value head dim, E ex
 
 Decoding a few tokens on CPU is bound by reading weights and by per-kernel overhead, so the
 engine keeps the matrices a decode step multiplies in the layout that streams fastest:
-- every matrix as a contiguous W^T [in, out] copy: for a few rows, MKL streams that layout
-  1.3-3x faster than the [out, in] layout F.linear reads (lm_head: ~3x) once weights fall out of
-  cache, which they do every step. Off on GPU, where F.linear's layout is the fast one;
+- for fp32 decoding one row at a time, every matrix as a contiguous W^T [in, out] copy: MKL
+  streams it up to 1.4x faster than the [out, in] layout F.linear reads (the head; 1.0-1.2x for
+  expert-sized matrices, `python bench/gemv.py`) once weights fall out of cache, which they do
+  every step. For 2-3 rows (a speculative verify step) the [out, in] layout streams up to 2x
+  faster, and for bf16 at any row count up to 1.9x (Intel Xeon, 2026-12-07), so there the
+  runner keeps nn.Linear's layout (`transpose=False`: views, no copies); so does a GPU;
 - projections of the same input (q_a and kv_a, gate and up) as one W^T of their concatenation:
   one GEMM instead of several;
 - MLA's absorbed weights W_UK [H,N,C] and W_UV^T [H,C,V] as contiguous copies: views of

@@ -1,0 +1,143 @@
+"""MTP speculative decoding where decoding is bandwidth-bound: what one draft + verify step costs.
+
+    python bench/mtp_speculative.py                      # 803M MoE + its MTP module, fp32
+    python bench/mtp_speculative.py --threads 1 --dense  # + a dense model of the same width
+
+At batch 1 a decode step reads every weight it uses once, so speculative decoding pays off when
+verifying k+1 tokens costs little more than decoding one. The model is bench/vs_llamacpp.py's
+bandwidth-bound MoE (hidden 1024, 8 layers, 64 routed experts top-6 + 2 shared, 803M
+parameters) with one MTP module (another MoE block, V3 §2.2), random weights, fp32, built in
+memory. Each run decodes `--new-tokens` tokens greedily after the same prompt:
+
+- plain greedy: seconds per token (t_step);
+- MTP greedy (one draft per step): its output must equal plain greedy's token for token; the
+  time of its verify forwards (the main model over [t_n, d_1]) and draft forwards (the MTP
+  module) is read by timing the engine's own calls, per verify step;
+- the speed-up that follows for an acceptance rate a: (1 + a) * t_step / (t_verify + t_draft
+  + t_rest), t_rest the engine's other work per step.
+
+Random weights give random drafts (acceptance ~0), so the measured speed-up is the a = 0 point
+of that line, which checks it; the rows for a = 0.83 / 0.97 use the acceptance the main job's
+trained models reach (docs/results.md), a = 1 is the ceiling. `--dense` repeats it on a dense
+model (every layer an MLP of 4 x 1024, the same attention), where a second token reads no new
+weights. Prints the machine, its measured read bandwidth, and the bytes of weights a token reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import nanoseek  # noqa: E402
+from bench.vs_llamacpp import big_config, bytes_per_token  # noqa: E402
+from nanoseek.machine import banner, read_bandwidth  # noqa: E402
+
+ACCEPTANCE = (0.83, 0.97, 1.0)  # the main job's trained MTP modules accept 83-97% (batch 1)
+
+
+class Timed:
+    """Sums the wall time of an engine's prefill and of its runner's decode and mtp_forward
+    calls (those made outside prefill), wrapping the methods on the instances."""
+
+    def __init__(self, engine):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._in_prefill = False
+        engine._prefill = self._wrap("prefill", engine._prefill)
+        for name in ("decode", "mtp_forward"):
+            setattr(engine.runner, name, self._wrap(name, getattr(engine.runner, name)))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if self._in_prefill:
+                return fn(*args, **kwargs)
+            self._in_prefill = name == "prefill"
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self._in_prefill = False
+
+        return timed
+
+
+def measure(model, prompt: list[int], n: int) -> dict:
+    """Plain and MTP greedy decoding of n tokens (batch 1), each engine warmed up first."""
+    seq = len(prompt) + n + 2
+    plain = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq)
+    spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp")
+    for engine in (plain, spec):  # warm-up: allocator, thread pool, decode weight copies
+        nanoseek.generate(model, [prompt], max_new_tokens=8, engine=engine)
+    tp, ts = Timed(plain), Timed(spec)
+    t0 = time.perf_counter()
+    ref = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=plain)
+    t_plain = time.perf_counter() - t0 - tp.seconds["prefill"]  # the prompt: not a step
+    spec.speculator.reset_stats()
+    t0 = time.perf_counter()
+    out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=spec)
+    t_spec = time.perf_counter() - t0 - ts.seconds["prefill"]
+    steps = spec.speculator.row_steps
+    t_verify = ts.seconds["decode"] / steps
+    t_draft = ts.seconds["mtp_forward"] / steps
+    return dict(
+        t_step=t_plain / (n - 1),  # prefill makes the first token
+        t_verify=t_verify, t_draft=t_draft, t_rest=t_spec / steps - t_verify - t_draft,
+        acceptance=spec.speculator.acceptance_rates()[0],
+        tokens_per_step=spec.speculator.tokens_per_step(),
+        speedup=t_plain / t_spec, identical=bool(torch.equal(ref, out)),
+    )  # fmt: skip
+
+
+def report(label: str, cfg, r: dict, bandwidth: float) -> None:
+    nbytes = bytes_per_token(cfg) * 4  # fp32
+    step, verify, draft, rest = (r[k] * 1e3 for k in ("t_step", "t_verify", "t_draft", "t_rest"))
+    print(f"\n{label}: {nbytes / 1e9:.2f} GB of weights per token, {1 / r['t_step']:.1f} tokens/s "
+          f"plain ({nbytes / r['t_step'] / bandwidth:.0%} of the roofline)")  # fmt: skip
+    print(f"  ms per step: plain decode {step:.1f}; MTP step = verify 2 tokens {verify:.1f} "
+          f"({verify / step:.2f}x a decode step) + draft {draft:.1f} + other {rest:.1f}")  # fmt: skip
+    cost = (r["t_verify"] + r["t_draft"] + r["t_rest"]) / r["t_step"]
+    print(f"  random drafts: acceptance {r['acceptance']:.0%}, {r['tokens_per_step']:.2f} tokens "
+          f"per verify step, measured {r['speedup']:.2f}x plain (predicted "
+          f"{(1 + r['acceptance']) / cost:.2f}x), output identical: {r['identical']}")  # fmt: skip
+    rows = ", ".join(f"a = {a:.2f}: {(1 + a) / cost:.2f}x" for a in ACCEPTANCE)
+    print(f"  speed-up for a trained MTP module accepting a of its drafts: {rows}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dense", action="store_true", help="also a dense model of the same width")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    nanoseek.keep_freed_memory()
+    print(banner(), flush=True)
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth at {torch.get_num_threads()} threads: {bandwidth / 1e9:.1f} GB/s; "
+          f"batch 1, greedy, {args.new_tokens} new tokens, fp32", flush=True)  # fmt: skip
+    prompt = list(range(5, 37))
+    configs = {"MoE (803M, 64 experts top-6)": big_config().replace(num_nextn_predict_layers=1)}
+    if args.dense:
+        configs["dense (same attention, MLP 4096)"] = configs[next(iter(configs))].replace(
+            first_k_dense_replace=8
+        )
+    with torch.no_grad():
+        for label, cfg in configs.items():
+            torch.manual_seed(0)
+            model = nanoseek.CausalLM(cfg).eval()
+            report(label, cfg, measure(model, prompt, args.new_tokens), bandwidth)
+            del model
+
+
+if __name__ == "__main__":
+    main()
