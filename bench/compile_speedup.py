@@ -3,6 +3,7 @@
     python bench/compile_speedup.py                       # the main job's shapes, 20 rounds
     python bench/compile_speedup.py --cold --rounds 30    # compile with an empty inductor cache
     python bench/compile_speedup.py --threads 1
+    python bench/compile_speedup.py --ablate              # + compiled without parts of it
 
 The pre-training step of `nanoseek speedrun` (nanoseek/speedrun.py): the `tiny` preset with its
 vocabulary (1024), batch 16 x 128 tokens, bf16 autocast over fp32 master weights, MTP (lambda
@@ -18,6 +19,10 @@ the C++ build, forward and the lazily compiled backward; `--cold` points inducto
 cache directory first, otherwise a warm cache from an earlier run may be reused, and the line
 says which), median tokens/s both ways and their ratio, and the main job's pre-training time
 both ways with the compile time counted (`--main-steps`, default the main job's 1500 steps).
+`--ablate` adds two more compiled trainers to the rotation: "-cpp_wrapper" (inductor's wrapper
+in Python) and "-loss-cpp_wrapper" (that, and the cross-entropy left to the eager chunked
+Function), so what each part of `--compile` gains is measured in the same interleaved run
+(compile time is then not reported: the compilers' clocks overlap).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--ablate", action="store_true", help="also compiled without parts of it")
     args = p.parse_args(argv)
     cache = None
     if args.cold:  # read by inductor when it first compiles: set before any compilation
@@ -55,6 +61,7 @@ def main(argv=None) -> None:
     from nanoseek.config import ModelConfig
     from nanoseek.data.shards import Batch
     from nanoseek.machine import banner
+    from nanoseek.model.compile import TrainingCompiler
     from nanoseek.model.transformer import CausalLM
     from nanoseek.train.loop import Trainer
     from nanoseek.train.pretrain import PretrainOptions, make_balancer, make_loss_fn
@@ -81,20 +88,26 @@ def main(argv=None) -> None:
         batches.append(Batch(tokens, docs))
 
     trainers = {}
-    for label in ("eager", "compiled"):
+    ablations = {"-cpp_wrapper": True, "-loss-cpp_wrapper": False} if args.ablate else {}
+    for label in ("eager", "compiled", *ablations):
         torch.manual_seed(0)
         model = CausalLM(cfg)
-        opts = PretrainOptions(out=tempfile.mkdtemp(prefix=f"compile-bench-{label}-"),
+        opts = PretrainOptions(out=tempfile.mkdtemp(prefix="compile-bench-"),
                                max_steps=args.main_steps, batch_size=B, seq_len=T,
-                               precision=args.precision, compile=label == "compiled")  # fmt: skip
+                               precision=args.precision, compile=label != "eager")  # fmt: skip
         trainers[label] = Trainer(model, opts, make_loss_fn(opts), None,
                                   after_step=make_balancer(opts, model))  # fmt: skip
+        if label in ablations:
+            trainers[label].compiler.close()
+            trainers[label].compiler = TrainingCompiler(
+                model, compile_loss=ablations[label], options={"cpp_wrapper": False}
+            )
 
     times: dict[str, list[float]] = {k: [] for k in trainers}
     first: dict[str, float] = {}
     labels = list(trainers)
     for i, batch in enumerate(batches):
-        for label in labels[i % 2 :] + labels[: i % 2]:  # who goes first alternates
+        for label in labels[i % len(labels) :] + labels[: i % len(labels)]:  # rotating order
             t0 = time.perf_counter()
             trainers[label].train_step([batch])
             dt = time.perf_counter() - t0
@@ -110,17 +123,23 @@ def main(argv=None) -> None:
     where = (
         "cold (empty) cache" if args.cold else "default cache dir, may be warm from earlier runs"
     )
-    print(f"\ncompiled in {compile_s:.1f} s ({where}); first step {first['compiled']:.1f} s "
-          f"compiled, {first['eager']:.2f} s eager", flush=True)  # fmt: skip
-    print(f"{'':<9} {'tokens/s':>9} {'ms/step':>8}")
+    if args.ablate:  # the compilers' clocks overlap: compile time is not told apart
+        print(f"\nfirst step {first['compiled']:.1f} s compiled ({where}), "
+              f"{first['eager']:.2f} s eager", flush=True)  # fmt: skip
+    else:
+        print(f"\ncompiled in {compile_s:.1f} s ({where}); first step {first['compiled']:.1f} s "
+              f"compiled, {first['eager']:.2f} s eager", flush=True)  # fmt: skip
+    print(f"{'':<26} {'tokens/s':>9} {'ms/step':>8} {'/ eager':>8}")
     for k in trainers:
-        print(f"{k:<9} {tps[k]:>9,.0f} {med[k] * 1e3:>8.1f}")
+        name = k if k in ("eager", "compiled") else "compiled " + k
+        print(f"{name:<26} {tps[k]:>9,.0f} {med[k] * 1e3:>8.1f} {med['eager'] / med[k]:>7.2f}x")
     ratio = med["eager"] / med["compiled"]
     n = args.main_steps
     eager_s, compiled_s = n * med["eager"], n * med["compiled"] + compile_s
     print(f"compiled / eager tokens/s: {ratio:.2f}x")
-    print(f"{n} pre-training steps: eager {eager_s:.0f} s, compiled {compiled_s:.0f} s "
-          f"including compilation: {eager_s / compiled_s:.2f}x")  # fmt: skip
+    if not args.ablate:
+        print(f"{n} pre-training steps: eager {eager_s:.0f} s, compiled {compiled_s:.0f} s "
+              f"including compilation: {eager_s / compiled_s:.2f}x")  # fmt: skip
     print(f"loss after the same steps: eager {losses['eager']:.4f}, compiled "
           f"{losses['compiled']:.4f}")  # fmt: skip
     load = os.getloadavg()[0]

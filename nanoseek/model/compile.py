@@ -106,21 +106,25 @@ class TrainingCompiler:
         model: nn.Module,
         max_variants: int | None = None,
         varying_shapes: bool = False,
+        compile_loss: bool = True,
         **compile_kwargs,
     ):
         """varying_shapes: the micro-batches' rows and length change from step to step (RL
         completions): inside the block, `model(input_ids, ...)` runs on input padded at the
         end to a multiple of SEQ_BUCKET and to the most rows seen (masked out of the router
         statistics and the balance loss, invisible to the real tokens) and returns outputs cut
-        back to the real shape, so a new shape rarely needs a new graph."""
+        back to the real shape, so a new shape rarely needs a new graph.
+        compile_loss=False leaves the cross-entropy to the eager hand-chunked Function, and
+        options={"cpp_wrapper": False} keeps inductor's Python wrapper (the ablations of
+        bench/compile_speedup.py --ablate)."""
         default = MAX_VARIANTS_BUCKETED if varying_shapes else MAX_VARIANTS
         self.model, self.max_variants = model, max_variants or default
         self.varying_shapes, self._rows = varying_shapes, 0
         kwargs = dict(fullgraph=True, dynamic=False, backend=BACKEND) | compile_kwargs
         if kwargs["backend"] == "inductor" and "mode" not in kwargs:
             # the graph's wrapper (buffer allocation, the GEMM calls between fused kernels) in
-            # C++ rather than Python: ~8% off the main job's compiled step on CPU, for a longer
-            # first compile (the wrapper is built too; inductor's disk cache keeps it)
+            # C++ rather than Python: 3-6% off the main job's compiled step on CPU, for a
+            # longer first compile (the wrapper is built too; inductor's disk cache keeps it)
             kwargs.setdefault("options", {"cpp_wrapper": True})
         # every layer's graphs hang off one code object (`nn.Module._call_impl`), so an earlier
         # run's graphs in this process would count against this one's limit: the pipeline and
@@ -131,7 +135,7 @@ class TrainingCompiler:
         self._fns = [torch.compile(layer._call_impl, **kwargs) for layer in self.layers]
         # the cross-entropy on the main and MTP logits: one graph per logits shape (fixed-shape
         # batches: 1 + MTP depths); inductor fuses it into one pass forward, one backward
-        self._loss = torch.compile(reference_loss, **kwargs)
+        self._loss = torch.compile(reference_loss, **kwargs) if compile_loss else None
         self.clock = CompileClock()
 
     @property
@@ -148,7 +152,8 @@ class TrainingCompiler:
         if self.varying_shapes:  # not compiled itself: pads, calls the module, cuts back
             self.model._compiled_call_impl = self._padded_call
         try:
-            with torch._dynamo.config.patch(**limits), compiled_loss(self._loss):
+            loss = compiled_loss(self._loss) if self._loss else contextlib.nullcontext()
+            with torch._dynamo.config.patch(**limits), loss:
                 yield
         finally:
             for layer in self.layers:
