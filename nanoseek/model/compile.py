@@ -121,7 +121,8 @@ class TrainingCompiler:
         self.model, self.max_variants = model, max_variants or default
         self.varying_shapes, self._rows = varying_shapes, 0
         kwargs = dict(fullgraph=True, dynamic=False, backend=BACKEND) | compile_kwargs
-        if kwargs["backend"] == "inductor" and "mode" not in kwargs:
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        if kwargs["backend"] == "inductor" and "mode" not in kwargs and on_cpu:
             # the graph's wrapper (buffer allocation, the GEMM calls between fused kernels) in
             # C++ rather than Python: 3-6% off the main job's compiled step on CPU, for a
             # longer first compile (the wrapper is built too; inductor's disk cache keeps it)

@@ -68,3 +68,25 @@ def test_no_valid_target_gives_nan_like_torch():
     logits, _ = _case(torch.float32, N=6)
     t = torch.full((6,), L.IGNORE_INDEX)
     assert torch.isnan(L.lm_loss(logits, t)) and torch.isnan(F.cross_entropy(logits, t))
+
+
+def test_compiled_loss_block_routes_lm_loss_and_restores():
+    """Inside `compiled_loss(fn)` lm_loss calls fn (the trainers' compiled cross-entropy), with
+    the flattened logits and targets; outside it, and after an exception, the chunked path."""
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, 0] = L.IGNORE_INDEX
+    calls = []
+
+    def spy(lg, t):
+        calls.append((tuple(lg.shape), tuple(t.shape)))
+        return L.reference_loss(lg, t)
+
+    with L.compiled_loss(spy):
+        inside = L.lm_loss(logits, targets)
+    assert calls == [((10, 11), (10,))]
+    torch.testing.assert_close(inside, L.lm_loss(logits, targets, impl="chunked"))
+    with pytest.raises(RuntimeError), L.compiled_loss(spy):
+        raise RuntimeError("a failed step")
+    L.lm_loss(logits, targets)
+    assert len(calls) == 1
