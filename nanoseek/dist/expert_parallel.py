@@ -34,6 +34,8 @@ from nanoseek.model.moe import RoutedExperts
 class ExpertParallelExperts(nn.Module):
     """Experts [first, first + El) of E; `gate_up_proj` [El,2F,D], `down_proj` [El,D,F]."""
 
+    all_local = False  # the other experts live on the other ranks: no `MoE.forward_few`
+
     def __init__(self, experts: RoutedExperts, group: dist.ProcessGroup):
         super().__init__()
         self.group = group

@@ -133,6 +133,10 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3D tensors; checkpoints keep the per-expert HF keys
     (`experts.{e}.gate_proj/up_proj/down_proj`), see nanoseek/checkpoint/keys.py."""
 
+    # every expert's weights live in this process, so `MoE.forward_few` may pick any of them
+    # (expert parallelism swaps in a module holding a shard, nanoseek/dist/expert_parallel.py)
+    all_local = True
+
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.n_experts, self.hidden = n_experts, hidden
@@ -222,7 +226,7 @@ class MoE(FixedDtypeBuffers):
         if (
             not self.training
             and not torch.is_grad_enabled()
-            and type(self.experts) is RoutedExperts  # every expert here, not sharded (EP)
+            and self.experts.all_local  # not sharded by expert parallelism
             and (B * T <= self.few_tokens or not weights.modules_hold_weights)
         ):
             return self.forward_few(x, weights), None
