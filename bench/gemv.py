@@ -2,6 +2,7 @@
 
     python bench/gemv.py                 # one thread, fp32, the bench model's decode shapes
     python bench/gemv.py --threads 2
+    python bench/gemv.py --threads 2 --dtype bf16 --rows 2 --shapes big   # the 803M model's shapes
 
 At batch 1 a decode step multiplies one activation row by every weight it touches, so its GEMMs
 are matrix-vector products bound by how fast the weights stream in. The routed experts rotate
@@ -30,6 +31,9 @@ import torch.nn.functional as F
 from nanoseek.machine import banner
 
 SHAPES = {"expert gate+up": (256, 512), "expert down": (256, 256), "head": (256, 8192)}
+# bench/vs_llamacpp.py's 803M model: a dense MLP's up / an attention projection / its experts
+BIG_SHAPES = {"mlp up / head": (1024, 4096), "q_b": (512, 3072), "expert gate+up": (1024, 1024),
+              "expert down": (512, 1024)}  # fmt: skip
 
 
 def kernels(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
@@ -38,15 +42,17 @@ def kernels(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
     out = {
         "F.linear": lambda i: F.linear(x, ws[i]),
         "x @ W^T": lambda i: x @ wts[i],
-        "mv": lambda i: torch.mv(ws[i], x[0]),
     }
+    if x.shape[0] == 1:
+        out["mv"] = lambda i: torch.mv(ws[i], x[0])
     try:
-        mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, 1) for w in ws]
-        out["mkl packed"] = lambda i: torch.ops.mkl._mkl_linear(x, mkl[i], ws[i], None, 1)
+        rows = x.shape[0]
+        mkl = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in ws]
+        out["mkl packed"] = lambda i: torch.ops.mkl._mkl_linear(x, mkl[i], ws[i], None, rows)
     except (AttributeError, RuntimeError):
         pass
     try:
-        dnn = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+        dnn = [torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0]) for w in ws]
         out["onednn packed"] = lambda i: torch.ops.mkldnn._linear_pointwise(
             x, dnn[i], None, "none", [], ""
         )
@@ -71,22 +77,28 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pool-mb", type=int, default=128, help="weights cycled through per shape")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--rows", type=int, default=1, help="activation rows (2: a verify step)")
+    p.add_argument("--shapes", choices=["bench", "big"], default="bench")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(banner())  # the machine, its matmul peaks and read bandwidth, measured now
-    print(f"fp32, {args.threads} thread(s), {args.pool_mb} MB of weights cycled per shape")
-    for name, (k, n) in SHAPES.items():
-        nbytes = k * n * 4
+    print(f"{args.dtype}, {args.rows} row(s), {args.threads} thread(s), {args.pool_mb} MB of "
+          "weights cycled per shape")  # fmt: skip
+    for name, (k, n) in (BIG_SHAPES if args.shapes == "big" else SHAPES).items():
+        nbytes = k * n * dtype.itemsize
         count = max(2, args.pool_mb * 2**20 // nbytes)
-        ws = [torch.randn(n, k) for _ in range(count)]
-        x = torch.randn(1, k)
+        ws = [torch.randn(n, k).to(dtype) for _ in range(count)]
+        x = torch.randn(args.rows, k).to(dtype)
         cells = []
         for kname, fn in kernels(x, ws).items():
             fn(0)  # warm-up
             s = per_call(fn, count, args.reps)
             cells.append(f"{kname} {s * 1e6:.0f} us ({nbytes / s / 1e9:.1f} GB/s)")
-        print(f"{name:15s} [1,{k}] x [{k},{n}] ({nbytes / 1e6:.2f} MB): " + ", ".join(cells))
+        print(f"{name:15s} [{args.rows},{k}] x [{k},{n}] ({nbytes / 1e6:.2f} MB): "
+              + ", ".join(cells))  # fmt: skip
 
 
 if __name__ == "__main__":

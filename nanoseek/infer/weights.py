@@ -9,7 +9,8 @@ engine keeps the matrices a decode step multiplies in the layout that streams fa
   streams it up to 1.4x faster than the [out, in] layout F.linear reads (the head; 1.0-1.2x for
   expert-sized matrices, `python bench/gemv.py`) once weights fall out of cache, which they do
   every step. For 2-3 rows (a speculative verify step) the [out, in] layout streams up to 2x
-  faster, and for bf16 at any row count up to 1.9x (Intel Xeon, 2026-12-07), so there the
+  faster (`bench/gemv.py --rows 2 --shapes big`), and for bf16 at any row count up to 1.9x
+  (one bf16 row goes through torch.mv, faster still; Intel Xeon, 2026-12-07), so there the
   runner keeps nn.Linear's layout (`transpose=False`: views, no copies); so does a GPU;
 - projections of the same input (q_a and kv_a, gate and up) as one W^T of their concatenation:
   one GEMM instead of several;
