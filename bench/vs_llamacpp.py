@@ -54,6 +54,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -120,16 +121,17 @@ def speedrun_model(cache: str, steps: int) -> str:
     return model
 
 
-def big_model(cache: str, tokenizer_dir) -> str:
-    """Random weights of big_config(), saved once in bf16 with the speedrun's tokenizer files
-    (ids past the tokenizer's are padding tokens for llama.cpp; the bench compares ids)."""
+def big_model(cache: str, tokenizer_source: Callable[[], str]) -> str:
+    """Random weights of big_config(), saved once in bf16 with the tokenizer files of the
+    directory `tokenizer_source()` returns, called only when the model is written (ids past the
+    tokenizer's are padding tokens for llama.cpp; the bench compares ids)."""
     out = os.path.join(cache, "big-803M")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     print(f"writing the random 803M model to {out} (once)", flush=True)
     torch.manual_seed(0)
     model = nanoseek.CausalLM(big_config())
-    tokenizer_dir = tokenizer_dir()  # built only when the model is
+    tokenizer_dir = tokenizer_source()
     extra = [os.path.join(tokenizer_dir, f) for f in ("tokenizer.json", "tokenizer_config.json")]
     nanoseek.save(model, out, dtype=torch.bfloat16, extra_files=extra)
     return out

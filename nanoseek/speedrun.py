@@ -376,6 +376,7 @@ def stage_distill(ctx: Context) -> dict:
         out=ctx.dir("distill"), teacher=teacher, student=student_init, loss="forward_kl",
         task=o.task, task_level=o.level, task_n=o.distill_examples, task_holdout=True,
         seq_len=o.seq_len * 2,
+        # 4 rows of the default 16: more, smaller steps over the same examples (distill_steps)
         batch_size=max(1, o.batch_size // 4), max_steps=o.distill_steps, lr=1e-3,
         lr_schedule="wsd", warmup_steps=min(20, max(1, o.distill_steps // 10)),
         eval_every=max(1, o.distill_steps // 4), save_every=max(1, o.distill_steps // 2),
