@@ -1,20 +1,26 @@
 """Weight-only int8 for decoding (opt-in, `Engine(..., quantize="int8")`): a quarter of the bytes.
 
-Shape legend: N rows, K in features, O out features, E experts.
+Shape legend: N rows, K in features, O out features, E experts, G matrices (heads).
 
 Decoding a few tokens on CPU reads every weight it multiplies once per step, so its speed is the
 memory bandwidth divided by the bytes of the weights (bench/decode.py --gemm-split shows GEMMs
 taking most of a step). Storing the decode-time copies as int8 with one scale per output
-channel (symmetric, absmax / 127) reads 1 byte per weight instead of 4 (fp32) and runs on ATen's
-`_weight_int8pack_mm` CPU kernel, which dequantises inside the GEMM. Activations go through it in
-bf16 (the kernel's fast input type) and come back in the model dtype.
+channel (symmetric, absmax / 127) reads 1 byte per weight instead of 4 (fp32). Up to
+`native.MAX_ROWS` rows go through nanoseek's own kernel (nanoseek/infer/native.py: activations
+as int16 with one scale per row, so the weights' rounding is the only one that matters, and
+1.4-1.6x the bandwidth of ATen's kernel for one row); more rows, or a CPU without the kernel,
+run on ATen's `_weight_int8pack_mm`, which dequantises inside the GEMM and takes the activations
+in bf16. Outputs come back in the activations' dtype.
 
-This changes the numbers: ~0.7% relative error per matmul from the weights, plus bf16 rounding
-of the activations, so greedy output is NOT token-identical to the exact path (bench/decode.py
-prints the share of identical tokens; tests/infer/test_quant.py bounds the logit error). Prefill,
-training and every exact-path test stay in the model dtype; only what `DecodeWeights` would copy
-(the projections, the experts, the output head) is quantised, the absorbed attention weights
-W_UK / W_UV and the norms are not.
+This changes the numbers: ~0.7% relative error per matmul from the weights (plus bf16 rounding of
+the activations on ATen's path), so greedy output is NOT token-identical to the exact path
+(bench/decode.py prints the share of identical tokens; tests/infer/test_quant.py bounds the logit
+error). Prefill, training and every exact-path test stay in the model dtype; only what
+`DecodeWeights` would copy (the projections, the experts, the output head and, with the native
+kernel, MLA's absorbed W_UK / W_UV) is quantised; the norms and the router are not.
+
+`mm` and `bmm` are the decode weights' multiplications; they also send one or two bf16 rows
+against nn.Linear's [O, K] layout to the native bf16 kernel (`torch.mv` without it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from nanoseek.infer import native
 
 QUANTIZE = (None, "int8")
 
@@ -53,11 +61,24 @@ class Int8Weight:
         return Int8Weight(self.q[e], self.scale[e])
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> x @ W^T [..., O] in x's dtype (bf16 in, bf16 out: no casts)."""
+        """x [..., K] -> x @ W^T [..., O] in x's dtype."""
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale)  # [N,O]
-        y = y.to(x.dtype)
+        kernels = native.kernels()
+        if kernels is not None and flat.shape[0] <= native.MAX_ROWS and self.native_ok():
+            y = kernels.q8(flat, self.q, self.scale, x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], -1)
+
+    def bmm(self, x: torch.Tensor) -> torch.Tensor:
+        """Per matrix g of a stacked q [G, O, K]: x [G, N, K] -> [G, N, O] in x's dtype."""
+        kernels = native.kernels()  # any row count: per-head matrices are small
+        if kernels is not None and self.native_ok():
+            return kernels.q8(x, self.q, self.scale, x.dtype)
+        return torch.bmm(x, self.dequantize().to(x.dtype).transpose(1, 2))
+
+    def native_ok(self) -> bool:
+        return self.q.shape[-1] % 32 == 0 and self.q.is_contiguous() and self.scale.is_contiguous()
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[..., None]
@@ -71,8 +92,25 @@ def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x @ W^T for a decode weight: a float W^T [K, O] tensor or an `Int8Weight`."""
     if isinstance(w, Int8Weight):
         return w.mm(x)
-    if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and w.t().is_contiguous():
-        # one bf16 row against nn.Linear's [O, K] layout: torch.mv streams the weight up to
-        # 1.4x faster than F.linear's GEMM (`python bench/gemv.py --dtype bf16 --shapes big`)
-        return torch.mv(w.t(), x.reshape(-1)).view(*x.shape[:-1], -1)
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.bfloat16 and rows <= 2 and w.t().is_contiguous():
+        # one or two bf16 rows against nn.Linear's [O, K] layout: the native kernel, or torch.mv
+        # for one row (up to 1.4x F.linear's bandwidth: `python bench/gemv.py --dtype bf16`)
+        kernels = native.kernels()
+        if kernels is not None and x.shape[-1] % 32 == 0:
+            y = kernels.bf16(x.reshape(rows, -1), w.t())
+            return y.view(*x.shape[:-1], -1)
+        if rows == 1:
+            return torch.mv(w.t(), x.reshape(-1)).view(*x.shape[:-1], -1)
     return x @ w
+
+
+def bmm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """x [G, N, K] @ W_g^T per matrix g: W^T [G, K, O] (a float tensor) or an `Int8Weight`."""
+    if isinstance(w, Int8Weight):
+        return w.bmm(x)
+    if x.dtype == torch.bfloat16 and x.shape[1] <= 2 and w.transpose(1, 2).is_contiguous():
+        kernels = native.kernels()
+        if kernels is not None and x.shape[-1] % 32 == 0:
+            return kernels.bf16(x, w.transpose(1, 2))
+    return torch.bmm(x, w)

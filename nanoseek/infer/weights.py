@@ -15,7 +15,9 @@ engine keeps the matrices a decode step multiplies in the layout that streams fa
 - projections of the same input (q_a and kv_a, gate and up) as one W^T of their concatenation:
   one GEMM instead of several;
 - MLA's absorbed weights W_UK [H,N,C] and W_UV^T [H,C,V] as contiguous copies: views of
-  kv_b_proj would be copied by every batched matmul of every step;
+  kv_b_proj would be copied by every batched matmul of every step. Where the native kernels
+  (nanoseek/infer/native.py) run, bf16 copies are kept as per-head rows ([H,C,N], [H,V,C]:
+  the layout those kernels stream) and int8 engines quantise them too;
 - or, with `quantize="int8"`, weight-only int8 copies of the projections, experts and head
   (nanoseek/infer/quant.py).
 Entries are made on first use and re-made when a weight changes (`refresh`, keyed on the
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanoseek.infer.quant import QUANTIZE, Int8Weight, mm
+from nanoseek.infer import native
+from nanoseek.infer.quant import QUANTIZE, Int8Weight, bmm, mm
 
 
 @dataclass
@@ -51,8 +54,9 @@ class DecodeWeights:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         self.transpose, self.quantize = transpose, quantize
-        # int8 kernels take bf16 activations: the experts' input is cast once per layer
-        self.expert_dtype = torch.bfloat16 if quantize else None
+        self.native = native.kernels() is not None
+        # ATen's int8 kernel takes bf16 activations: the experts' input is cast once per layer
+        self.expert_dtype = torch.bfloat16 if quantize and not self.native else None
         self._entries: dict[tuple, _Entry] = {}
         # modules -> (their weights, split sizes, biases), MLA -> its kv_b_proj weight: modules
         # hash by identity, and their parameters are updated in place (optimizer steps,
@@ -91,9 +95,10 @@ class DecodeWeights:
         return entry.split
 
     mm = staticmethod(mm)
+    bmm = staticmethod(bmm)
 
-    def absorbed(self, mla: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H,N,C] and W_UV^T [H,C,V], contiguous (never quantised)."""
+    def absorbed(self, mla: nn.Module) -> tuple:
+        """W_UK [H,N,C] and W_UV^T [H,C,V] (see the module docstring for their layouts)."""
         w = self._plans.get(mla)
         if w is None:
             w = self._plans[mla] = mla.kv_b_proj.weight
@@ -110,7 +115,8 @@ class DecodeWeights:
         total = 0
         for e in self._entries.values():
             if e.kind == "absorbed":
-                total += sum(t.numel() * t.element_size() for t in e.value)
+                total += sum(t.nbytes if isinstance(t, Int8Weight) else t.numel() * t.element_size()
+                             for t in e.value)  # fmt: skip
             elif isinstance(e.value, Int8Weight):
                 total += e.value.nbytes
             elif self.transpose or len(e.weights) > 1:
@@ -149,8 +155,14 @@ class DecodeWeights:
         e.key, e.split = key, None
         with torch.no_grad():
             if e.kind == "absorbed":
-                w_uk, w_uv = e.mla.absorbed_weights()
-                e.value = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+                w_uk, w_uv = e.mla.absorbed_weights()  # [H,N,C], [H,V,C]
+                if self.native and self.quantize == "int8":  # per-head rows, int8
+                    e.value = (Int8Weight.quantize(w_uk.transpose(1, 2)), Int8Weight.quantize(w_uv))
+                elif self.native and w_uk.dtype == torch.bfloat16:  # per-head rows, bf16
+                    rows = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
+                    e.value = tuple(r.transpose(1, 2) for r in rows)
+                else:
+                    e.value = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
                 return
             ws = [w.detach() for w in e.weights]
             w = ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)  # [..., out, in]

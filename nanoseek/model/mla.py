@@ -127,14 +127,14 @@ class MLA(nn.Module):
         B, T, H, N = q_nope.shape
         C = self.kv_lora_rank
         w_uk, w_uv_t = weights.absorbed(self)  # [H,N,C], [H,C,V]
-        q_lat = torch.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H,BT,C]
+        q_lat = weights.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H,BT,C]
         q = torch.cat((q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)), dim=-1)  # [BT,H,C+R]
         scores = torch.baddbmm(
             bias, q.view(B, T * H, -1), kv.transpose(1, 2), alpha=self.softmax_scale
         )  # [B,TH,S]
         p = scores.float().softmax(-1).to(kv.dtype)
         o_lat = torch.bmm(p, kv[..., :C])  # [B,TH,C]
-        o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]
+        o = weights.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]
         return o.transpose(0, 1).reshape(B, T, -1)
 
     def forward(self, x, cos, sin, mask=None, cache=None):

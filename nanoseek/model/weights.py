@@ -1,11 +1,12 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
-Every projection of the model goes through a *weights* object with four methods, so that one
+Every projection of the model goes through a *weights* object with five methods, so that one
 forward serves training, prefill and decode while the layout of the matrices may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
-- `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1].
+- `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1];
+- `bmm(x, w)`: x [H,T,in] @ w per head for one of those.
 
 `ModuleWeights` (here) calls the modules themselves: training, FP8 training (which swaps the
 modules) and prefill use it. The inference engine passes its own implementation
@@ -41,6 +42,8 @@ class ModuleWeights:
     def absorbed(mla) -> tuple[torch.Tensor, torch.Tensor]:
         w_uk, w_uv = mla.absorbed_weights()  # views of kv_b_proj
         return w_uk, w_uv.transpose(1, 2)
+
+    bmm = staticmethod(torch.bmm)
 
 
 MODULE_WEIGHTS = ModuleWeights()

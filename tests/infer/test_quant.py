@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer import Engine, SamplingParams, native
 from nanoseek.infer.quant import Int8Weight, mm
 from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.weights import DecodeWeights
@@ -27,9 +27,19 @@ def test_int8_weight_round_trip_and_matmul():
     assert mm(x[0], q[1]).shape == (40,)  # a single vector (batch-1 expert GEMV)
 
 
+@pytest.fixture(params=["native", "aten"])
+def kernels(request, monkeypatch):
+    """Each int8 test once on nanoseek's native kernels and once on ATen's."""
+    if request.param == "aten":
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    elif native.kernels() is None:
+        pytest.skip(f"native kernels: {native.reason()}")
+    return request.param
+
+
 @pytest.mark.parametrize("q_lora_rank", [None, 16])
 @torch.inference_mode()
-def test_int8_decode_logits_close_to_exact(q_lora_rank):
+def test_int8_decode_logits_close_to_exact(q_lora_rank, kernels):
     """Prefill (exact) then decode steps with int8 weights: logits within a few percent of the
     exact path's, on the same cache contents."""
     cfg = tiny_config(q_lora_rank=q_lora_rank)
@@ -48,7 +58,7 @@ def test_int8_decode_logits_close_to_exact(q_lora_rank):
         assert 0 < err < 0.08, (t, err)
 
 
-def test_int8_engine_generates_and_refreshes_after_an_update():
+def test_int8_engine_generates_and_refreshes_after_an_update(kernels):
     cfg = tiny_config()
     model = random_model(cfg)
     engine = Engine(model, max_batch_size=2, max_seq_len=32, quantize="int8")

@@ -1,0 +1,205 @@
+/* Native GEMV kernels for decoding on x86 CPUs with AVX-512 (BF16 and VNNI), built on first use
+ * by nanoseek/infer/native.py with the system C compiler and called through ctypes.
+ *
+ * Shape legend: G matrices, M activation rows (a few: decode, verify), K in, O out features.
+ *
+ *   y[g, m, o] = sum_k x[g, m, k] * W_g[o, k]          (W_g = w + woff[g], rows of K)
+ *
+ * Decoding reads every weight once per step, so these stream W once and keep the M activation
+ * rows in L1: each weight vector is loaded (and widened) once for up to 4 activation rows, and
+ * four output rows at a time share each activation load.
+ * - bf16: one vdpbf16ps multiplies 32 bf16 pairs and accumulates in fp32 (the rounding of a
+ *   bf16 GEMM with fp32 accumulation, as PyTorch's).
+ * - q8: the weights int8 with one scale per output row; the activations are quantised here to
+ *   int16 with one scale per row (~15 bits: as exact as fp32 next to the weights' int8), and
+ *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
+ * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
+ * Threads: OpenMP, which binds to the runtime torch already loaded (libgomp.so.1), so
+ * torch.set_num_threads applies here too.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ABI 1
+int nanoseek_gemv_abi(void) { return ABI; }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
+    defined(__AVX512VNNI__)
+#include <immintrin.h>
+int nanoseek_gemv_supported(void) { return 1; }
+
+static inline void store(void *y, int64_t i, float v, int out_bf16) {
+  if (!out_bf16) {
+    ((float *)y)[i] = v;
+    return;
+  }
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u += 0x7fff + ((u >> 16) & 1); /* round to nearest even */
+  ((uint16_t *)y)[i] = (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* Software prefetch PF bytes ahead in each weight row (the next rows' start once past the end:
+ * the rows this thread reads next): measured 5-15% more bandwidth for one row on one core */
+#define PF 2048
+#define PREFETCH(w, K, k, R, size)                                                              \
+  for (int r = 0; r < R; r++)                                                                  \
+    _mm_prefetch((const char *)(w + (int64_t)r * K + k) + PF, _MM_HINT_T0);
+
+/* Up to 4 output rows (r0..r0+R) of one matrix against MT <= 4 activation rows: each weight
+ * vector is loaded (and widened) once and used for all MT rows. */
+#define TILE(MT_)                                                                                \
+  static inline __attribute__((always_inline)) void tile_bf16_##MT_(                          \
+      const uint16_t *x, const uint16_t *w, void *y, int64_t y0, int R, int K, int O,           \
+      int out_bf16) {                                                                          \
+    __m512 acc[MT_][4];                                                                        \
+    for (int m = 0; m < MT_; m++)                                                              \
+      for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                             \
+    for (int k = 0; k < K; k += 32) {                                                          \
+      __m512bh wv[4];                                                                          \
+      for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + (int64_t)r * K + k); \
+      PREFETCH(w, K, k, R, 2)                                                                  \
+      for (int m = 0; m < MT_; m++) {                                                          \
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (int64_t)m * K + k);              \
+        for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);         \
+      }                                                                                        \
+    }                                                                                          \
+    for (int m = 0; m < MT_; m++)                                                              \
+      for (int r = 0; r < R; r++)                                                              \
+        store(y, y0 + (int64_t)m * O + r, _mm512_reduce_add_ps(acc[m][r]), out_bf16);          \
+  }                                                                                            \
+  static inline __attribute__((always_inline)) void tile_q16_##MT_(                           \
+      const int16_t *x, const float *sx, const int8_t *w, const uint16_t *scale, void *y,       \
+      int64_t y0, int R, int K, int O, int out_bf16) {                                         \
+    float sum[MT_][4] = {{0}};                                                                 \
+    for (int k0 = 0; k0 < K; k0 += CHUNK) {                                                    \
+      const int k1 = k0 + CHUNK < K ? k0 + CHUNK : K;                                          \
+      __m512i acc[MT_][4];                                                                     \
+      for (int m = 0; m < MT_; m++)                                                            \
+        for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_si512();                        \
+      for (int k = k0; k < k1; k += 32) {                                                      \
+        __m512i wv[4];                                                                         \
+        for (int r = 0; r < R; r++)                                                            \
+          wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + (int64_t)r * K + k))); \
+        if (!(k & 63)) PREFETCH(w, K, k, R, 1)                                                  \
+        for (int m = 0; m < MT_; m++) {                                                        \
+          const __m512i xv = _mm512_loadu_si512(x + (int64_t)m * K + k);                       \
+          for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv, wv[r]);    \
+        }                                                                                      \
+      }                                                                                        \
+      for (int m = 0; m < MT_; m++)                                                            \
+        for (int r = 0; r < R; r++) sum[m][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][r])); \
+    }                                                                                          \
+    for (int m = 0; m < MT_; m++)                                                              \
+      for (int r = 0; r < R; r++)                                                              \
+        store(y, y0 + (int64_t)m * O + r, sum[m][r] * sx[m] * bf16_to_float(scale[r]), out_bf16); \
+  }
+/* int32 accumulation over CHUNK columns: each lane adds two products of at most
+ * 32767 * 127 per step of 32, so 2 * 32767 * 127 * CHUNK / 32 < 2^31; the 16 lanes are summed
+ * in fp32 (their int32 sum could overflow) */
+#define CHUNK 4096
+TILE(1)
+TILE(2)
+TILE(3)
+TILE(4)
+
+/* one block of up to 4 output rows against all M activation rows, in tiles of 4 rows */
+static void block_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t y0, int R, int M,
+                       int K, int O, int out_bf16) {
+  for (int m = 0; m < M; m += 4) {
+    const uint16_t *xm = x + (int64_t)m * K;
+    const int64_t ym = y0 + (int64_t)m * O;
+    /* R a constant in each call, so that the accumulators live in registers */
+#define ROWS(MT_)                                                                   \
+  if (R == 4)                                                                       \
+    tile_bf16_##MT_(xm, w, y, ym, 4, K, O, out_bf16);                               \
+  else                                                                              \
+    for (int r = 0; r < R; r++) tile_bf16_##MT_(xm, w + (int64_t)r * K, y, ym + r, 1, K, O, out_bf16);
+    switch (M - m < 4 ? M - m : 4) {
+      case 1: ROWS(1) break;
+      case 2: ROWS(2) break;
+      case 3: ROWS(3) break;
+      default: ROWS(4)
+    }
+#undef ROWS
+  }
+}
+
+static void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_t *scale,
+                      void *y, int64_t y0, int R, int M, int K, int O, int out_bf16) {
+  for (int m = 0; m < M; m += 4) {
+    const int16_t *xm = x + (int64_t)m * K;
+    const int64_t ym = y0 + (int64_t)m * O;
+#define ROWS(MT_)                                                                   \
+  if (R == 4)                                                                       \
+    tile_q16_##MT_(xm, sx + m, w, scale, y, ym, 4, K, O, out_bf16);                 \
+  else                                                                              \
+    for (int r = 0; r < R; r++)                                                     \
+      tile_q16_##MT_(xm, sx + m, w + (int64_t)r * K, scale + r, y, ym + r, 1, K, O, out_bf16);
+    switch (M - m < 4 ? M - m : 4) {
+      case 1: ROWS(1) break;
+      case 2: ROWS(2) break;
+      case 3: ROWS(3) break;
+      default: ROWS(4)
+    }
+#undef ROWS
+  }
+}
+
+/* x bf16 [G|1, M, K] (x_gstride 0: one x for every matrix), w bf16 rows (matrix g at
+ * w + woff[g]), y [G, M, O] fp32 or bf16; K % 32 == 0 */
+void nanoseek_gemv_bf16(const uint16_t *x, int64_t x_gstride, const uint16_t *w,
+                        const int64_t *woff, void *y, int G, int M, int K, int O, int out_bf16) {
+  const int blocks = (O + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < (int64_t)G * blocks; b++) {
+    const int g = (int)(b / blocks), o = (int)(b % blocks) * 4;
+    const int R = O - o < 4 ? O - o : 4;
+    block_bf16(x + g * x_gstride, w + woff[g] + (int64_t)o * K, y, (int64_t)g * M * O + o, R, M,
+               K, O, out_bf16);
+  }
+}
+
+/* x fp32 [G|1, M, K] -> int16 with one scale per row (amax / 32767: the activations keep ~15
+ * bits, so the weights' int8 is the only rounding that matters), w int8 rows with bf16 scales
+ * (matrix g at w + woff[g], its scales at scale + soff[g]), y [G, M, O] fp32 or bf16;
+ * K % 32 == 0 */
+void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const int64_t *woff,
+                      const uint16_t *scale, const int64_t *soff, void *y, int G, int M, int K,
+                      int O, int out_bf16) {
+  const int64_t xg = x_gstride ? G : 1, rows = xg * M;
+  int16_t *q = malloc((size_t)rows * K * sizeof(int16_t));
+  float *sx = malloc((size_t)rows * sizeof(float));
+  for (int64_t gm = 0; gm < rows; gm++) {
+    const float *xr = x + (gm / M) * x_gstride + (gm % M) * (int64_t)K;
+    float amax = 0.f;
+    for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int k = 0; k < K; k++) q[gm * K + k] = (int16_t)lrintf(xr[k] * inv);
+    sx[gm] = amax / 32767.f;
+  }
+  const int blocks = (O + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < (int64_t)G * blocks; b++) {
+    const int g = (int)(b / blocks), o = (int)(b % blocks) * 4;
+    const int R = O - o < 4 ? O - o : 4;
+    const int64_t xo = x_gstride ? (int64_t)g * M : 0;
+    block_q16(q + xo * K, sx + xo, w + woff[g] + (int64_t)o * K, scale + soff[g] + o, y,
+              (int64_t)g * M * O + o, R, M, K, O, out_bf16);
+  }
+  free(q);
+  free(sx);
+}
+#else
+/* another CPU or compiler: nanoseek keeps PyTorch's kernels */
+int nanoseek_gemv_supported(void) { return 0; }
+#endif

@@ -1,0 +1,119 @@
+"""The native decode GEMV kernels against PyTorch: every tile and tail, batched matrices, the
+int32 chunking of the int8 kernel, the dispatch around them, and the fallbacks where they
+cannot be built."""
+
+import pytest
+import torch
+
+from nanoseek.infer import native, quant
+from nanoseek.infer.quant import Int8Weight
+
+KERNELS = native.kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"native kernels: {native.reason()}")
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("n_out", [4, 7, 64])  # 7: a tail of 3 rows after a block of 4
+def test_bf16_matches_fp32_reference(m, n_out):
+    g = torch.Generator().manual_seed(m * 100 + n_out)
+    x = torch.randn(m, 96, generator=g).bfloat16()
+    w = torch.randn(n_out, 96, generator=g).bfloat16()
+    want = x.float() @ w.float().T  # the same bf16 inputs, exact products, fp32 sums
+    fp32 = KERNELS.bf16(x, w, out_dtype=torch.float32)
+    assert fp32.shape == (m, n_out) and fp32.dtype == torch.float32
+    torch.testing.assert_close(fp32, want, rtol=1e-5, atol=1e-4)
+    out = KERNELS.bf16(x, w)  # bf16 out: round to nearest even, as .bfloat16() does
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, fp32.bfloat16())
+
+
+@needs_kernels
+def test_bf16_batched_heads():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 128, generator=g).bfloat16()  # [G,M,K]
+    w = torch.randn(16, 33, 128, generator=g).bfloat16()  # [G,O,K]
+    want = torch.bmm(x.float(), w.float().transpose(1, 2))
+    torch.testing.assert_close(KERNELS.bf16(x, w, torch.float32), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 4, 6])
+def test_int8_as_exact_as_its_weights(m):
+    """Against the dequantised weights in fp32: activations as int16 per row leave ~1e-4 of
+    relative error even with an outlier channel 30x the rest (ATen's bf16 activations: ~2e-3)."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=g)
+    x[:, 7] *= 30
+    q = Int8Weight.quantize(torch.randn(37, 256, generator=g))
+    want = x @ q.dequantize().T
+    got = KERNELS.q8(x, q.q, q.scale, torch.float32)
+    assert got.shape == (m, 37)
+    assert rel(got, want) < 5e-4
+    assert rel(KERNELS.q8(x, q.q, q.scale, torch.bfloat16), want) < 5e-3  # + bf16 output
+
+
+@needs_kernels
+def test_int8_long_rows_do_not_overflow():
+    """K past one int32 chunk (4096), every product at its largest and of one sign: the exact
+    sum needs more than 31 bits, which the chunked accumulation must not wrap."""
+    k = 4096 * 2 + 64
+    q = Int8Weight(torch.full((5, k), 127, dtype=torch.int8), torch.ones(5, dtype=torch.bfloat16))
+    x = torch.full((1, k), 3.0)
+    got = KERNELS.q8(x, q.q, q.scale, torch.float32)
+    torch.testing.assert_close(got, torch.full((1, 5), 3.0 * 127 * k), rtol=1e-6, atol=0)
+
+
+@needs_kernels
+def test_int8_batched_and_zero_rows():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 24, 64, generator=g)
+    q = Int8Weight.quantize(w)
+    x = torch.randn(4, 2, 64, generator=g)
+    x[1, 0] = 0  # an all-zero row: scale 0, output 0, no NaN
+    want = torch.bmm(x, q.dequantize().transpose(1, 2))
+    got = q.bmm(x)
+    assert rel(got, want) < 5e-4 and (got[1, 0] == 0).all()
+
+
+def test_dispatch_agrees_with_aten(monkeypatch):
+    """quant.mm / bmm give the same numbers (to each path's rounding) with and without the
+    native kernels, for every case that reaches them."""
+    g = torch.Generator().manual_seed(2)
+    q = Int8Weight.quantize(torch.randn(48, 64, generator=g))
+    x32 = torch.randn(3, 64, generator=g)
+    wb = torch.randn(40, 64, generator=g).bfloat16()
+    xb = torch.randn(2, 64, generator=g).bfloat16()
+    heads = Int8Weight.quantize(torch.randn(4, 16, 64, generator=g))
+    xh = torch.randn(4, 2, 64, generator=g)
+
+    def run():
+        return (quant.mm(x32, q), quant.mm(xb, wb.t()), quant.mm(xb[0], wb.t()),
+                quant.bmm(xh, heads))  # fmt: skip
+
+    with_native = run()
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    aten = run()
+    for a, b in zip(with_native, aten):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel(a, b.float()) < 1e-2
+
+
+def test_disabled_or_unbuildable_means_none(monkeypatch):
+    try:
+        native.kernels.cache_clear()
+        monkeypatch.setenv(native.ENV, "0")
+        assert native.kernels() is None and native.reason() == f"{native.ENV}=0"
+        native.kernels.cache_clear()
+        monkeypatch.delenv(native.ENV)
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails
+        if native.platform.machine().lower() in ("x86_64", "amd64"):
+            assert native.kernels() is None and "could not build" in native.reason()
+    finally:
+        native.kernels.cache_clear()
+        monkeypatch.undo()
+        native.kernels()  # the real kernels again for the tests after this one
