@@ -88,7 +88,9 @@ _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
 class Kernels:
-    """ctypes bindings of gemv.c; every tensor must be contiguous CPU memory."""
+    """ctypes bindings of gemv.c; every tensor must be contiguous CPU memory, and every tensor
+    whose pointer a call takes is held in a local until the call returns (a temporary's
+    `data_ptr()` would point at freed memory)."""
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
@@ -96,37 +98,54 @@ class Kernels:
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
         self._offsets: dict[tuple, torch.Tensor] = {}
 
-    def _woff(self, G: int, size: int) -> torch.Tensor:
-        """Element offsets of G matrices of `size` elements laid one after the other."""
-        key = (G, size)
+    def _offsets_of(self, ids: list[int] | None, g: int, size: int) -> torch.Tensor:
+        """Element offsets of the matrices used: ids[i] * size, or g matrices one after another."""
+        if ids is not None:
+            return torch.tensor(ids, dtype=torch.int64) * size
+        key = (g, size)
         t = self._offsets.get(key)
         if t is None:
-            t = self._offsets[key] = torch.arange(G, dtype=torch.int64) * size
+            t = self._offsets[key] = torch.arange(g, dtype=torch.int64) * size
         return t
 
-    def bf16(self, x: torch.Tensor, w: torch.Tensor, out_dtype=torch.bfloat16) -> torch.Tensor:
-        """x [M,K] or [G,M,K] bf16, w [O,K] or [G,O,K] bf16 (contiguous) -> x @ w^T [(G,)M,O]."""
+    @staticmethod
+    def _shapes(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None) -> tuple[int, int, int]:
+        """(G, M, x's stride between matrices) for x [M,K] with w [O,K], x [G,M,K] with w
+        [G,O,K], or, with ids into a stacked w [E,O,K], x [K] (one row for every expert) or
+        x [len(ids), K] (one row each)."""
+        if ids is None:
+            return (1, x.shape[0], 0) if w.dim() == 2 else (x.shape[0], x.shape[1], x[0].numel())
+        return len(ids), 1, (0 if x.dim() == 1 else x.shape[-1])
+
+    def bf16(self, x: torch.Tensor, w: torch.Tensor, out_dtype=torch.bfloat16,
+             ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """x bf16 @ W^T for bf16 rows w [..., O, K] (contiguous); see `_shapes`. Returns
+        [M,O], [G,M,O] or, with ids, [len(ids), O]."""
         n_out, k = w.shape[-2:]
-        g, m = (1, x.shape[0]) if w.dim() == 2 else x.shape[:2]
+        g, m, x_gstride = self._shapes(x, w, ids)
         x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], n_out, dtype=out_dtype)
+        y = torch.empty(g, n_out, dtype=out_dtype) if ids is not None else \
+            torch.empty(*x.shape[:-1], n_out, dtype=out_dtype)  # fmt: skip
+        woff = self._offsets_of(ids, g, n_out * k)  # held here: the call reads its memory
         self.lib.nanoseek_gemv_bf16(
-            x.data_ptr(), m * k, w.data_ptr(), self._woff(g, n_out * k).data_ptr(), y.data_ptr(),
+            x.data_ptr(), x_gstride, w.data_ptr(), woff.data_ptr(), y.data_ptr(),
             g, m, k, n_out, out_dtype == torch.bfloat16,
         )  # fmt: skip
         return y
 
-    def q8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype) -> torch.Tensor:
-        """x [M,K] or [G,M,K] (any float; int16 inside, one scale per row), q int8 [O,K] or
-        [G,O,K], scale bf16 [O] or [G,O] -> x @ (q * scale)^T [(G,)M,O] in out_dtype (fp32 or
+    def q8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype,
+           ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """x (any float; int16 inside, one scale per row) @ (q * scale)^T for int8 rows q
+        [..., O, K] with bf16 scales [..., O]; shapes as `bf16`, output in out_dtype (fp32 or
         bf16)."""
         n_out, k = q.shape[-2:]
-        g, m = (1, x.shape[0]) if q.dim() == 2 else x.shape[:2]
+        g, m, x_gstride = self._shapes(x, q, ids)
         xf = x.float().contiguous()
-        y = torch.empty(*x.shape[:-1], n_out, dtype=out_dtype)
+        y = torch.empty(g, n_out, dtype=out_dtype) if ids is not None else \
+            torch.empty(*x.shape[:-1], n_out, dtype=out_dtype)  # fmt: skip
+        woff, soff = self._offsets_of(ids, g, n_out * k), self._offsets_of(ids, g, n_out)
         self.lib.nanoseek_gemv_q8(
-            xf.data_ptr(), m * k, q.data_ptr(), self._woff(g, n_out * k).data_ptr(),
-            scale.data_ptr(), self._woff(g, n_out).data_ptr(), y.data_ptr(),
-            g, m, k, n_out, out_dtype == torch.bfloat16,
+            xf.data_ptr(), x_gstride, q.data_ptr(), woff.data_ptr(), scale.data_ptr(),
+            soff.data_ptr(), y.data_ptr(), g, m, k, n_out, out_dtype == torch.bfloat16,
         )  # fmt: skip
         return y

@@ -97,6 +97,23 @@ class DecodeWeights:
     mm = staticmethod(mm)
     bmm = staticmethod(bmm)
 
+    def experts_mm(self, x: torch.Tensor, param: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """x [in] (shared) or [K, in] (row i for expert ids[i]) through experts `ids` of a
+        stacked [E, out, in] weight -> [K, out]: one native call for all K where it runs (one
+        token's experts at decode), else one `mm` per expert."""
+        value = self._entry("t", param).value
+        kernels = native.kernels() if x.shape[-1] % 32 == 0 else None
+        if kernels is not None and isinstance(value, Int8Weight) and value.native_ok():
+            return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
+        if (
+            kernels is not None
+            and x.dtype == torch.bfloat16
+            and value.transpose(1, 2).is_contiguous()
+        ):
+            return kernels.bf16(x, value.transpose(1, 2), ids=ids)
+        split = self.experts(param)
+        return torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
+
     def absorbed(self, mla: nn.Module) -> tuple:
         """W_UK [H,N,C] and W_UV^T [H,C,V] (see the module docstring for their layouts)."""
         w = self._plans.get(mla)

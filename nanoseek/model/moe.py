@@ -253,7 +253,8 @@ class MoE(FixedDtypeBuffers):
 
         The grouped path pads every expert's row block and reads all E experts' weights; here
         only the chosen experts run, on exactly their rows:
-        - one or two tokens: K GEMVs per token, no gathers;
+        - one or two tokens: per token, its K experts' gate/up projections as one call and their
+          down projections as another (`weights.experts_mm`), no gathers;
         - more: the token-expert pairs sorted by expert (one sort, one gather, one scatter-add),
           one GEMM pair per chosen expert on its contiguous rows.
         Measured alternative, not kept: every expert on every token as two batched matmuls with
@@ -275,12 +276,12 @@ class MoE(FixedDtypeBuffers):
         # experts that take another input dtype (int8 kernels: bf16) get it cast once here, not
         # around every GEMM; their outputs are accumulated into y in x's dtype
         xe = flat if weights.expert_dtype is None else flat.to(weights.expert_dtype)
-        if flat.shape[0] <= 2:  # K GEMVs per token, no gathers
-            for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
-                xn, yn = xe[n], y[n]
-                for e, w in zip(es, ws):
-                    gate, up = mm(xn, gate_up[e]).chunk(2)
-                    yn.add_(mm(F.silu(gate).mul_(up), down[e]), alpha=w)
+        if flat.shape[0] <= 2:  # per token: its K experts in two calls, no gathers
+            params = self.experts.gate_up_proj, self.experts.down_proj
+            for n, es in enumerate(indices.tolist()):
+                gate, up = weights.experts_mm(xe[n], params[0], es).chunk(2, dim=-1)  # [K,F]
+                h = weights.experts_mm(F.silu(gate).mul_(up), params[1], es)  # [K,D]
+                y[n].add_(gate_weights[n].to(h.dtype) @ h)  # [V3 eq. 12]: sum_i g_i FFN_i
             return y.view(B, T, D)
         K = indices.shape[1]
         expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert

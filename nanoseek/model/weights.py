@@ -1,10 +1,11 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
-Every projection of the model goes through a *weights* object with five methods, so that one
+Every projection of the model goes through a *weights* object with six methods, so that one
 forward serves training, prefill and decode while the layout of the matrices may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
+- `experts_mm(x, param, ids)`: one token through several experts of a stacked weight at once;
 - `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1];
 - `bmm(x, w)`: x [H,T,in] @ w per head for one of those.
 
@@ -37,6 +38,14 @@ class ModuleWeights:
     @staticmethod
     def mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         return x @ w_t
+
+    @staticmethod
+    def experts_mm(x: torch.Tensor, param: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """x [in] (one input for every expert) or [K, in] (row i for expert ids[i]) through
+        experts `ids` of a stacked [E, out, in] weight -> [K, out]."""
+        return torch.stack(
+            [(x if x.dim() == 1 else x[i]) @ param[e].t() for i, e in enumerate(ids)]
+        )
 
     @staticmethod
     def absorbed(mla) -> tuple[torch.Tensor, torch.Tensor]:

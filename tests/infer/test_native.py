@@ -7,6 +7,8 @@ import torch
 
 from nanoseek.infer import native, quant
 from nanoseek.infer.quant import Int8Weight
+from nanoseek.infer.weights import DecodeWeights
+from nanoseek.model.weights import MODULE_WEIGHTS
 
 KERNELS = native.kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"native kernels: {native.reason()}")
@@ -117,3 +119,25 @@ def test_disabled_or_unbuildable_means_none(monkeypatch):
         native.kernels.cache_clear()
         monkeypatch.undo()
         native.kernels()  # the real kernels again for the tests after this one
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_experts_mm_runs_the_chosen_experts(kind, shared_input):
+    """DecodeWeights.experts_mm (one native call) against the modules' loop over experts, with
+    an expert chosen twice and the input shared (gate/up) or one row per expert (down)."""
+    g = torch.Generator().manual_seed(3)
+    param = torch.randn(8, 40, 64, generator=g)  # [E,O,K]
+    ids = [5, 1, 5, 7]
+    x = torch.randn(64 if shared_input else (len(ids), 64), generator=g)
+    if kind == "int8":
+        weights = DecodeWeights(transpose=False, quantize="int8")
+        exact = Int8Weight.quantize(param).dequantize()
+    else:
+        param, x = param.bfloat16(), x.bfloat16()
+        weights, exact = DecodeWeights(transpose=False), param.float()
+    got = weights.experts_mm(x, param, ids)
+    want = MODULE_WEIGHTS.experts_mm(x.float(), exact, ids)
+    assert got.shape == (len(ids), 40) and got.dtype == x.dtype
+    assert rel(got, want) < (5e-4 if kind == "int8" else 5e-3)
