@@ -83,12 +83,13 @@ def ensure(cache: str, fmt: str, preset: str) -> str:
 # ----------------------------------------------------------------------------- one run (child)
 def bytes_per_token(model, weights) -> int:
     """Weights one token reads at batch 1: every int8 copy but the routed experts, K/E of the
-    routed experts, the bf16 kv_b_proj (as W_UK / W_UV), routers and norms, one embedding row."""
+    routed experts, kv_b_proj as W_UK / W_UV (int8 where the native kernels run, else bf16),
+    routers and norms, one embedding row."""
     c = model.config
     total = 0
     for e in weights._entries.values():
         v = e.value
-        nbytes = v.nbytes if hasattr(v, "nbytes") else sum(t.numel() * t.element_size() for t in v)
+        nbytes = sum(t.nbytes for t in v) if isinstance(v, tuple) else v.nbytes
         routed = e.kind == "t" and e.weights[0].dim() == 3
         total += nbytes * c.num_experts_per_tok // c.n_routed_experts if routed else nbytes
     for name, p in model.named_parameters():
@@ -124,9 +125,7 @@ def run_one(args) -> dict:
         out[f"tokens_per_s_b{batch}"] = batch * args.new_tokens / secs
         del engine
     out["bytes_per_token"] = bytes_per_token(model, weights)
-    out["int8_gib"] = (
-        sum(e.value.nbytes for e in weights._entries.values() if hasattr(e.value, "nbytes")) / 2**30
-    )
+    out["int8_gib"] = weights.nbytes() / 2**30  # the decode copies (int8, W_UK / W_UV)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 

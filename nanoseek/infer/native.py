@@ -84,6 +84,12 @@ def kernels() -> Kernels | None:
     return Kernels(lib)
 
 
+def kernels_for(x: torch.Tensor) -> Kernels | None:
+    """`kernels()` for a CPU tensor x, None for any other device (the kernels take host
+    pointers)."""
+    return kernels() if x.device.type == "cpu" else None
+
+
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 

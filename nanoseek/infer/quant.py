@@ -63,7 +63,7 @@ class Int8Weight:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., O] in x's dtype."""
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        kernels = native.kernels()
+        kernels = native.kernels_for(x)
         if kernels is not None and flat.shape[0] <= native.MAX_ROWS and self.native_ok():
             y = kernels.q8(flat, self.q, self.scale, x.dtype)
         else:
@@ -72,7 +72,7 @@ class Int8Weight:
 
     def bmm(self, x: torch.Tensor) -> torch.Tensor:
         """Per matrix g of a stacked q [G, O, K]: x [G, N, K] -> [G, N, O] in x's dtype."""
-        kernels = native.kernels()  # any row count: per-head matrices are small
+        kernels = native.kernels_for(x)  # any row count: per-head matrices are small
         if kernels is not None and self.native_ok():
             return kernels.q8(x, self.q, self.scale, x.dtype)
         return torch.bmm(x, self.dequantize().to(x.dtype).transpose(1, 2))
@@ -96,7 +96,7 @@ def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and rows <= 2 and w.t().is_contiguous():
         # one or two bf16 rows against nn.Linear's [O, K] layout: the native kernel, or torch.mv
         # for one row (up to 1.4x F.linear's bandwidth: `python bench/gemv.py --dtype bf16`)
-        kernels = native.kernels()
+        kernels = native.kernels_for(x)
         if kernels is not None and x.shape[-1] % 32 == 0:
             y = kernels.bf16(x.reshape(rows, -1), w.t())
             return y.view(*x.shape[:-1], -1)
@@ -110,7 +110,7 @@ def bmm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     if isinstance(w, Int8Weight):
         return w.bmm(x)
     if x.dtype == torch.bfloat16 and x.shape[1] <= 2 and w.transpose(1, 2).is_contiguous():
-        kernels = native.kernels()
+        kernels = native.kernels_for(x)
         if kernels is not None and x.shape[-1] % 32 == 0:
             return kernels.bf16(x, w.transpose(1, 2))
     return torch.bmm(x, w)

@@ -9,7 +9,8 @@ checkpoint tensor by tensor (`checkpoint.io.load` with a sink; FP8 block-scaled 
 dequantised first) and quantises every matrix the forward multiplies through its weights
 object (the projections, shared and routed experts, the output head) into `Int8Weight`s as it
 arrives; those parameters stay on the meta device. What stays in `dtype`: the embedding, the
-norms, the routers and MLA's `kv_b_proj` (the absorbed attention weights, read as W_UK / W_UV).
+norms, the routers and MLA's `kv_b_proj` (prefill decompresses with it; decoding reads it as the
+absorbed W_UK / W_UV, of which the engine keeps int8 copies where the native kernels run).
 
 The model runs only through the engine: every forward, prefill included, multiplies through
 the returned `DecodeWeights` (`modules_hold_weights` is False), and the MoE runs the chosen

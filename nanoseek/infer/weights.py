@@ -10,8 +10,8 @@ engine keeps the matrices a decode step multiplies in the layout that streams fa
   expert-sized matrices, `python bench/gemv.py`) once weights fall out of cache, which they do
   every step. For 2-3 rows (a speculative verify step) the [out, in] layout streams up to 2x
   faster (`bench/gemv.py --rows 2 --shapes big`), and for bf16 at any row count up to 1.9x
-  (one bf16 row goes through torch.mv, faster still; Intel Xeon, 2026-12-07), so there the
-  runner keeps nn.Linear's layout (`transpose=False`: views, no copies); so does a GPU;
+  (one or two bf16 rows go through the native kernel, nanoseek/infer/native.py, or torch.mv;
+  Intel Xeon, 2026-12-07), so there the runner keeps nn.Linear's layout (`transpose=False`: views, no copies); so does a GPU;
 - projections of the same input (q_a and kv_a, gate and up) as one W^T of their concatenation:
   one GEMM instead of several;
 - MLA's absorbed weights W_UK [H,N,C] and W_UV^T [H,C,V] as contiguous copies: views of
@@ -102,7 +102,7 @@ class DecodeWeights:
         stacked [E, out, in] weight -> [K, out]: one native call for all K where it runs (one
         token's experts at decode), else one `mm` per expert."""
         value = self._entry("t", param).value
-        kernels = native.kernels() if x.shape[-1] % 32 == 0 else None
+        kernels = native.kernels_for(x) if x.shape[-1] % 32 == 0 else None
         if kernels is not None and isinstance(value, Int8Weight) and value.native_ok():
             return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
         if (
@@ -173,11 +173,12 @@ class DecodeWeights:
         with torch.no_grad():
             if e.kind == "absorbed":
                 w_uk, w_uv = e.mla.absorbed_weights()  # [H,N,C], [H,V,C]
-                if self.native and self.quantize == "int8":  # per-head rows, int8
+                rows = native.kernels_for(w_uk) is not None  # the layout the kernels stream
+                if rows and self.quantize == "int8":  # per-head rows, int8
                     e.value = (Int8Weight.quantize(w_uk.transpose(1, 2)), Int8Weight.quantize(w_uv))
-                elif self.native and w_uk.dtype == torch.bfloat16:  # per-head rows, bf16
-                    rows = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
-                    e.value = tuple(r.transpose(1, 2) for r in rows)
+                elif rows and w_uk.dtype == torch.bfloat16:  # per-head rows, bf16
+                    per_head = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
+                    e.value = tuple(r.transpose(1, 2) for r in per_head)
                 else:
                     e.value = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
                 return

@@ -105,6 +105,12 @@ def test_dispatch_agrees_with_aten(monkeypatch):
         assert rel(a, b.float()) < 1e-2
 
 
+def test_only_cpu_tensors_reach_the_kernels():
+    """They take host pointers: any other device keeps PyTorch's kernels."""
+    assert native.kernels_for(torch.empty(2, device="meta")) is None
+    assert native.kernels_for(torch.empty(2)) is native.kernels()
+
+
 def test_disabled_or_unbuildable_means_none(monkeypatch):
     try:
         native.kernels.cache_clear()
