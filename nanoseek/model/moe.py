@@ -278,10 +278,12 @@ class MoE(FixedDtypeBuffers):
         xe = flat if weights.expert_dtype is None else flat.to(weights.expert_dtype)
         if flat.shape[0] <= 2:  # per token: its K experts in two calls, no gathers
             params = self.experts.gate_up_proj, self.experts.down_proj
-            for n, es in enumerate(indices.tolist()):
+            for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
                 gate, up = weights.experts_mm(xe[n], params[0], es).chunk(2, dim=-1)  # [K,F]
                 h = weights.experts_mm(F.silu(gate).mul_(up), params[1], es)  # [K,D]
-                y[n].add_(gate_weights[n].to(h.dtype) @ h)  # [V3 eq. 12]: sum_i g_i FFN_i
+                yn = y[n]
+                for w, h_e in zip(ws, h.unbind()):  # [V3 eq. 12]: sum_i g_i FFN_i, in expert
+                    yn.add_(h_e, alpha=w)  # order (the fp32 sums of every earlier version)
             return y.view(B, T, D)
         K = indices.shape[1]
         expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
