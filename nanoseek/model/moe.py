@@ -6,8 +6,9 @@ K experts per token, M = N*K token-expert pairs.
 Two expert implementations that must agree (tests/model/test_moe.py):
 - `grouped` (fast): sort the M pairs by expert, run each SwiGLU GEMM once for all experts with
   `torch._grouped_mm` over the contiguous per-expert row blocks (one split-loop fallback where
-  grouped_mm does not apply), weight, and scatter-add back. No host sync outside that fallback
-  and static shapes, so torch.compile traces the whole layer; on CPU each block is padded with
+  grouped_mm does not apply), gather each token's K rows back and weight and sum them
+  (gathers forward and backward: no scatter, which compiled CPU code runs with atomic adds).
+  No host sync outside that fallback and static shapes, so torch.compile traces the whole layer; on CPU each block is padded with
   zero rows to a multiple of `_row_granule` rows (see there why) in a layout of fixed size.
 - `looped` (reference): for each expert, gather its tokens and run its SwiGLU, like the
   original DeepSeek inference code.
@@ -15,6 +16,8 @@ No capacity limit and no token dropping.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,36 +81,93 @@ def _grouped_mm_eager(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) ->
     return torch._grouped_mm(x, w_t, offs=offs)
 
 
-def expert_rows(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, granule: int = 1):
+class ExpertRows(NamedTuple):
+    """The expert-sorted row layout of the N*K (token, expert) pairs (`expert_rows`)."""
+
+    src: torch.Tensor  # [M'] the token of each row, N for a padding row
+    offs: torch.Tensor  # [E] int32, the end of each expert's block
+    pos: torch.Tensor  # [N,K] the rows of each token's pairs, ascending (expert order)
+    slot: torch.Tensor  # [N,K] the slot k (column of indices) of each entry of pos
+    inv: torch.Tensor  # [M'] the entry of pos.reshape(-1) that names each row, N*K if padding
+
+
+def expert_rows(indices: torch.Tensor, n_experts: int, granule: int = 1) -> ExpertRows:
     """Lay the N*K (token, expert) pairs out as per-expert row blocks.
 
-    indices, weights [N,K] -> src [M'] (token of each row, N for a padding row), w [M'] (its
-    gate weight, 0 for padding), offs [E] int32 (end of each expert's block). With granule 1,
-    M' = N*K and nothing is padded. Otherwise each block starts at a multiple of `granule` and
-    M' is a bound fixed by the shapes alone, N*K + E*(granule-1) rounded up to the granule,
-    whatever the routing: the last expert's block runs to M' over the slack (padding rows).
-    A data-independent M' needs no host sync, so torch.compile traces it without a graph break.
+    indices [N,K] -> `ExpertRows`. With granule 1, M' = N*K and nothing is padded. Otherwise
+    each block starts at a multiple of `granule` and M' is a bound fixed by the shapes alone,
+    N*K + E*(granule-1) rounded up to the granule, whatever the routing: the last expert's
+    block runs to M' over the slack (padding rows). A data-independent M' needs no host sync,
+    so torch.compile traces it without a graph break.
     """
     N, K = indices.shape
     flat = indices.reshape(-1)  # [M]
+    M = flat.numel()
     expert, order = flat.sort(stable=True)  # pairs sorted by expert
     # block ends; unlike bincount, searchsorted has a data-independent shape (no graph break)
     ends = torch.searchsorted(expert, torch.arange(1, n_experts + 1, device=flat.device))
-    token, w = order // K, weights.reshape(-1)[order]
+    token = order // K
     if granule == 1:
-        return token, w, ends.to(torch.int32)
-    M = flat.numel()
-    rows = -(-(M + n_experts * (granule - 1)) // granule) * granule  # M' (static)
-    counts = ends.diff(prepend=ends.new_zeros(1))
-    padded_ends = ((counts + granule - 1) // granule * granule).cumsum(0)  # [E]
-    starts = torch.cat((padded_ends.new_zeros(1), padded_ends[:-1]))  # [E]
-    row = torch.arange(M, device=flat.device) + (starts - (ends - counts))[expert]  # [M]
-    src = token.new_full((rows,), N).scatter(0, row, token)
-    w_pad = w.new_zeros(rows).scatter(0, row, w)
-    # the slack goes to the last expert: zero rows, so the GEMM stays exact and every block
-    # (its block too) keeps a multiple of `granule` rows
-    offs = torch.cat((padded_ends[:-1], padded_ends.new_full((1,), rows)))
-    return src, w_pad, offs.to(torch.int32)
+        rows, row, src, offs = M, torch.arange(M, device=flat.device), token, ends
+    else:
+        rows = -(-(M + n_experts * (granule - 1)) // granule) * granule  # M' (static)
+        counts = ends.diff(prepend=ends.new_zeros(1))
+        padded_ends = ((counts + granule - 1) // granule * granule).cumsum(0)  # [E]
+        starts = torch.cat((padded_ends.new_zeros(1), padded_ends[:-1]))  # [E]
+        row = torch.arange(M, device=flat.device) + (starts - (ends - counts))[expert]  # [M]
+        src = token.new_full((rows,), N).scatter(0, row, token)
+        # the slack goes to the last expert: zero rows, so the GEMM stays exact and every block
+        # (its block too) keeps a multiple of `granule` rows
+        offs = torch.cat((padded_ends[:-1], padded_ends.new_full((1,), rows)))
+    # sorted pair i (flat pair order[i]) went to row[i]; a token's rows ascending are its
+    # experts in order, the order index_add_ would add them in
+    pos, slot = torch.empty_like(order).scatter_(0, order, row).view(N, K).sort(dim=1)
+    inv = order.new_full((rows,), M).scatter(
+        0, pos.reshape(-1), torch.arange(M, device=flat.device)
+    )
+    return ExpertRows(src, offs.to(torch.int32), pos, slot, inv)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x.index_select(0, index) whose backward gathers too, through `inverse`: [R] (the entry
+    of index naming each row of x, len(index) for none: a zero gradient) or [R,K] (the K
+    entries naming each row, summed in that order). Autograd's own backward, index_add_, is a
+    scatter, which compiled CPU code runs with atomic adds (the slowest kernel of a compiled MoE
+    layer); the values are the same, for K = 2 the same bits."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        if inverse.dim() == 1:  # may name the zero row past the end
+            grad = F.pad(grad, (0, 0, 0, 1))
+        g = grad.index_select(0, inverse.reshape(-1))
+        if inverse.dim() == 2:
+            g = g.view(*inverse.shape, -1).sum(1)
+        return F.pad(g, (0, 0, 0, ctx.rows - g.shape[0])), None, None  # x's padding row: 0
+
+
+def dispatch_rows(x: torch.Tensor, layout: ExpertRows) -> torch.Tensor:
+    """x [N(+1),D] -> the expert-sorted rows [M',D] (row r holds token src[r]; padding rows
+    read row N, all zero)."""
+    return _GatherRows.apply(x, layout.src, layout.pos)
+
+
+def combine_rows(
+    out: torch.Tensor, layout: ExpertRows, weights: torch.Tensor, dtype
+) -> torch.Tensor:
+    """y [N,D] = sum_k weights[n,k] * (row of pair (n,k) of out [M',D]) [V3 eq. 12], weighted
+    in out's dtype, summed in `dtype`: the products and sums of weighting the rows and
+    index_add_-ing them, without a scatter forward or backward."""
+    N, K = layout.pos.shape
+    rows = _GatherRows.apply(out, layout.pos.reshape(-1), layout.inv).view(N, K, -1)  # [N,K,D]
+    w = weights.gather(1, layout.slot)  # [N,K] in pos order
+    return (rows * w[..., None].to(rows.dtype)).to(dtype).sum(1)
 
 
 def _row_granule(x: torch.Tensor) -> int:
@@ -152,21 +212,18 @@ class RoutedExperts(nn.Module):
             return self._looped(x, indices, weights)
         N, D = x.shape
         granule = _row_granule(x)
-        src, w, offs = expert_rows(indices, weights, self.n_experts, granule)
+        layout = expert_rows(indices, self.n_experts, granule)
         # row r of the expert-sorted layout holds token src[r]; src = N marks a padding row,
         # which reads (and writes) one extra all-zero row
         x_src = x if granule == 1 else F.pad(x, (0, 0, 0, 1))  # [N(+1),D]
         # cast to the GEMMs' dtype (autocast's, if on) before the gather: K times fewer values
         x_src = x_src.to(compute_dtype(x))
-        # index_select, not x_src[src]: its backward is index_add_, ~4x faster on CPU than the
-        # accumulating index_put_ of advanced indexing
-        h = self.linear_fn(x_src.index_select(0, src), self.gate_up_proj, offs)  # [M',2F]
-        gate, up = h.split(self.hidden, dim=-1)
+        h = self.linear_fn(dispatch_rows(x_src, layout), self.gate_up_proj, layout.offs)
+        gate, up = h.split(self.hidden, dim=-1)  # [M',F] each
         h = F.silu(gate) * up
-        out = self.linear_fn(h, self.down_proj, offs)  # [M',D], autocast's dtype if on
-        out = out * w[:, None].to(out.dtype)
-        # the K expert outputs of a token are summed in x's dtype (fp32 under autocast)
-        return x.new_zeros(x_src.shape).index_add_(0, src, out.to(x.dtype))[:N]
+        out = self.linear_fn(h, self.down_proj, layout.offs)  # [M',D], autocast's dtype if on
+        # the K weighted expert outputs of a token are summed in x's dtype (fp32 under autocast)
+        return combine_rows(out, layout, weights, x.dtype)
 
     def _looped(self, x, indices, weights):
         y = torch.zeros_like(x)

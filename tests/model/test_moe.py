@@ -170,22 +170,70 @@ def test_expert_rows_layout(granule):
     torch.manual_seed(0)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
     idx[idx == 2] = 3  # an expert without tokens
-    w = torch.rand(N, K)
-    src, w_rows, offs = expert_rows(idx, w, E, granule)
+    src, offs, pos, slot, inv = expert_rows(idx, E, granule)
     M = N * K
     bound = M if granule == 1 else -(-(M + E * (granule - 1)) // granule) * granule
-    assert src.shape == w_rows.shape == (bound,) and offs.dtype == torch.int32
+    assert src.shape == (bound,) and offs.dtype == torch.int32
     assert offs[-1] == bound  # the layout's size depends on the shapes only
     starts = [0, *offs[:-1].tolist()]
     for e in range(E):
         s, t = starts[e], int(offs[e])
         assert (t - s) % granule == 0
         rows = src[s:t]
-        real = rows != N  # padding rows read the zero row N with weight 0
-        assert (w_rows[s:t][~real] == 0).all()
-        tok, slot = torch.where(idx == e)
+        real = rows != N  # padding rows read the zero row N
+        tok, _ = torch.where(idx == e)
         assert torch.equal(rows[real], tok)  # the tokens of expert e, in order
-        assert torch.equal(w_rows[s:t][real], w[tok, slot])
+    # pos is src's inverse: token n's K rows, ascending (expert order); slot names the column
+    # of idx each one came from; inv names, for each row, its entry of pos (M: padding)
+    assert pos.shape == slot.shape == (N, K) and (pos.diff(dim=1) > 0).all()
+    assert torch.equal(src[pos], torch.arange(N)[:, None].expand(N, K))
+    assert torch.equal(idx.gather(1, slot), torch.searchsorted(offs, pos, right=True))
+    assert torch.equal(pos.reshape(-1)[inv[src != N]], torch.nonzero(src != N).squeeze(1))
+    assert (inv[src == N] == M).all()
+
+
+@pytest.mark.parametrize("granule", [1, 16])
+@pytest.mark.parametrize("k", [2, 3])
+def test_dispatch_and_combine_match_index_select_and_index_add(granule, k):
+    """The MoE's row gather and combine (gathers forward and backward) against index_select /
+    a weighted index_add_ (autograd's scatter backwards): the same outputs and gradients, for
+    K = 2 the same bits."""
+    from nanoseek.model.moe import combine_rows, dispatch_rows
+
+    N, E, D = 23, 6, 8
+    g = torch.Generator().manual_seed(k)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    layout = expert_rows(idx, E, granule)
+    src, pos, slot = layout.src, layout.pos, layout.slot
+    x = torch.randn(N + (granule > 1), D, generator=g)
+    up = torch.randn(src.shape[0], D, generator=g)  # the gradient arriving at the rows
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    rows_a, rows_b = dispatch_rows(a, layout), b.index_select(0, src)
+    assert torch.equal(rows_a, rows_b)
+    (rows_a * up).sum().backward()
+    (rows_b * up).sum().backward()
+    # the padding row (granule > 1) is F.pad's: its gradient is dropped, so only tokens compare
+    torch.testing.assert_close(
+        a.grad[:N], b.grad[:N], rtol=0 if k == 2 else 1e-6, atol=0 if k == 2 else 1e-6
+    )
+
+    out = torch.randn(src.shape[0], D, generator=g).bfloat16()  # the experts' outputs
+    gate = torch.rand(N, k, generator=g)
+    oa, ob = out.clone().requires_grad_(), out.clone().requires_grad_()
+    ga, gb = gate.clone().requires_grad_(), gate.clone().requires_grad_()
+    w_rows = torch.zeros(src.shape[0])  # each row's gate weight, laid out as a scatter would
+    w_rows = w_rows.index_put((pos.reshape(-1),), gb.gather(1, slot).reshape(-1))
+    y_a = combine_rows(oa, layout, ga, torch.float32)
+    y_b = torch.zeros(N + (granule > 1), D).index_add(
+        0, src, (ob * w_rows[:, None].bfloat16()).float()
+    )[:N]
+    dy = torch.randn(N, D, generator=g)
+    (y_a * dy).sum().backward()
+    (y_b * dy).sum().backward()
+    exact = dict(rtol=0, atol=0) if k == 2 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_a, y_b, **exact)
+    torch.testing.assert_close(oa.grad, ob.grad, **exact)
+    torch.testing.assert_close(ga.grad, gb.grad, **exact)
 
 
 def test_moe_layer_traces_without_graph_break():
