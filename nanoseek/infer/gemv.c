@@ -112,6 +112,15 @@ TILE(2)
 TILE(3)
 TILE(4)
 
+/* the tile of MT = min(4, M - m) activation rows, MT a constant in each branch */
+#define BY_TILE                        \
+  switch (M - m < 4 ? M - m : 4) {     \
+    case 1: ROWS(1) break;             \
+    case 2: ROWS(2) break;             \
+    case 3: ROWS(3) break;             \
+    default: ROWS(4)                   \
+  }
+
 /* one block of up to 4 output rows against all M activation rows, in tiles of 4 rows */
 static void block_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t y0, int R, int M,
                        int K, int O, int out_bf16) {
@@ -124,12 +133,7 @@ static void block_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t y0
     tile_bf16_##MT_(xm, w, y, ym, 4, K, O, out_bf16);                               \
   else                                                                              \
     for (int r = 0; r < R; r++) tile_bf16_##MT_(xm, w + (int64_t)r * K, y, ym + r, 1, K, O, out_bf16);
-    switch (M - m < 4 ? M - m : 4) {
-      case 1: ROWS(1) break;
-      case 2: ROWS(2) break;
-      case 3: ROWS(3) break;
-      default: ROWS(4)
-    }
+    BY_TILE
 #undef ROWS
   }
 }
@@ -145,12 +149,7 @@ static void block_q16(const int16_t *x, const float *sx, const int8_t *w, const 
   else                                                                              \
     for (int r = 0; r < R; r++)                                                     \
       tile_q16_##MT_(xm, sx + m, w + (int64_t)r * K, scale + r, y, ym + r, 1, K, O, out_bf16);
-    switch (M - m < 4 ? M - m : 4) {
-      case 1: ROWS(1) break;
-      case 2: ROWS(2) break;
-      case 3: ROWS(3) break;
-      default: ROWS(4)
-    }
+    BY_TILE
 #undef ROWS
   }
 }
