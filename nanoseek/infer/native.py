@@ -90,6 +90,14 @@ def kernels_for(x: torch.Tensor) -> Kernels | None:
     return kernels() if x.device.type == "cpu" else None
 
 
+def _out(x: torch.Tensor, g: int | None, n_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """The output buffer: [g, O] (experts by id) or [..., O], in bf16 or fp32, the two dtypes
+    the kernels write (any other is converted from fp32 after the call)."""
+    kept = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    shape = (g, n_out) if g is not None else (*x.shape[:-1], n_out)
+    return torch.empty(shape, dtype=kept)
+
+
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 
 
@@ -130,8 +138,7 @@ class Kernels:
         n_out, k = w.shape[-2:]
         g, m, x_gstride = self._shapes(x, w, ids)
         x = x.contiguous()
-        y = torch.empty(g, n_out, dtype=out_dtype) if ids is not None else \
-            torch.empty(*x.shape[:-1], n_out, dtype=out_dtype)  # fmt: skip
+        y = _out(x, g if ids is not None else None, n_out, out_dtype)
         woff = self._offsets_of(ids, g, n_out * k)  # held here: the call reads its memory
         self.lib.nanoseek_gemv_bf16(
             x.data_ptr(), x_gstride, w.data_ptr(), woff.data_ptr(), y.data_ptr(),
@@ -147,11 +154,10 @@ class Kernels:
         n_out, k = q.shape[-2:]
         g, m, x_gstride = self._shapes(x, q, ids)
         xf = x.float().contiguous()
-        y = torch.empty(g, n_out, dtype=out_dtype) if ids is not None else \
-            torch.empty(*x.shape[:-1], n_out, dtype=out_dtype)  # fmt: skip
+        y = _out(x, g if ids is not None else None, n_out, out_dtype)
         woff, soff = self._offsets_of(ids, g, n_out * k), self._offsets_of(ids, g, n_out)
         self.lib.nanoseek_gemv_q8(
             xf.data_ptr(), x_gstride, q.data_ptr(), woff.data_ptr(), scale.data_ptr(),
-            soff.data_ptr(), y.data_ptr(), g, m, k, n_out, out_dtype == torch.bfloat16,
+            soff.data_ptr(), y.data_ptr(), g, m, k, n_out, y.dtype == torch.bfloat16,
         )  # fmt: skip
-        return y
+        return y.to(out_dtype)

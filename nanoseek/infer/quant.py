@@ -93,7 +93,7 @@ def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     if isinstance(w, Int8Weight):
         return w.mm(x)
     rows = x.numel() // x.shape[-1]
-    if x.dtype == torch.bfloat16 and rows <= 2 and w.t().is_contiguous():
+    if x.dtype == w.dtype == torch.bfloat16 and rows <= 2 and w.t().is_contiguous():
         # one or two bf16 rows against nn.Linear's [O, K] layout: the native kernel, or torch.mv
         # for one row (up to 1.4x F.linear's bandwidth: `python bench/gemv.py --dtype bf16`)
         kernels = native.kernels_for(x)
@@ -109,7 +109,11 @@ def bmm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x [G, N, K] @ W_g^T per matrix g: W^T [G, K, O] (a float tensor) or an `Int8Weight`."""
     if isinstance(w, Int8Weight):
         return w.bmm(x)
-    if x.dtype == torch.bfloat16 and x.shape[1] <= 2 and w.transpose(1, 2).is_contiguous():
+    if (
+        x.dtype == w.dtype == torch.bfloat16
+        and x.shape[1] <= 2
+        and w.transpose(1, 2).is_contiguous()
+    ):
         kernels = native.kernels_for(x)
         if kernels is not None and x.shape[-1] % 32 == 0:
             return kernels.bf16(x, w.transpose(1, 2))

@@ -107,7 +107,7 @@ class DecodeWeights:
             return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
         if (
             kernels is not None
-            and x.dtype == torch.bfloat16
+            and x.dtype == value.dtype == torch.bfloat16
             and value.transpose(1, 2).is_contiguous()
         ):
             return kernels.bf16(x, value.transpose(1, 2), ids=ids)

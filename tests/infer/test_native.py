@@ -105,6 +105,17 @@ def test_dispatch_agrees_with_aten(monkeypatch):
         assert rel(a, b.float()) < 1e-2
 
 
+@needs_kernels
+def test_other_output_dtypes_are_converted():
+    """The kernels write fp32 or bf16; fp16 activations get their output in fp16, not bytes of
+    another dtype in an fp16 buffer."""
+    q = Int8Weight.quantize(torch.randn(12, 64))
+    x = torch.randn(2, 64).half()
+    y = q.mm(x)
+    assert y.dtype == torch.float16
+    assert rel(y, x.float() @ q.dequantize().T) < 2e-3
+
+
 def test_only_cpu_tensors_reach_the_kernels():
     """They take host pointers: any other device keeps PyTorch's kernels."""
     assert native.kernels_for(torch.empty(2, device="meta")) is None
