@@ -10,7 +10,7 @@ int16 (one scale per row: ~15 bits, so the result is as exact as the weights' in
 where llama.cpp's q8_0 rounds the activations to int8 per block of 32), four weight rows per
 activation load and a software prefetch ahead in each row. Measured on one core of an Intel
 Xeon (AMX; 2026-12-07) against a read bandwidth of ~12 GB/s, with weights cycled through DRAM:
-int8 8.6-9.5 GB/s against ATen's 5.8-6.3, bf16 9.4-11.0 against torch.mv's 7.0-11.8
+int8 8.6-11.8 GB/s against ATen's 5.8-6.9, bf16 9.4-11.0 against torch.mv's 7.0-11.8
 (`python bench/gemv.py --dtype bf16|int8` compares them on the machine it runs on).
 
 The C source ships with the package and is compiled once per process with the system's C
@@ -36,7 +36,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
 ABI = 1  # gemv.c's ABI: the argument lists below
-MAX_ROWS = 8  # activation rows a native call takes; more go to PyTorch's GEMMs
+# activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
+# 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
+MAX_ROWS = 8
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV = "NANOSEEK_NATIVE"
 
@@ -70,7 +72,8 @@ def kernels() -> Kernels | None:
         lib = ctypes.CDLL(str(out))  # after torch: libgomp.so.1 binds to torch's OpenMP runtime
     except (OSError, subprocess.SubprocessError) as e:
         err = getattr(e, "stderr", "") or str(e)
-        _reason = f"{cc} could not build {SOURCE.name}: {err.strip().splitlines()[-1:]}"
+        last = (err.strip().splitlines() or [""])[-1]
+        _reason = f"{cc} could not build {SOURCE.name}: {last}"
         return None
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)  # the mapping stays valid once loaded
