@@ -115,15 +115,19 @@ class Kernels:
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
         self._offsets: dict[tuple, torch.Tensor] = {}
 
-    def _offsets_of(self, ids: list[int] | None, g: int, size: int) -> torch.Tensor:
-        """Element offsets of the matrices used: ids[i] * size, or g matrices one after another."""
+    def _offsets_of(self, ids: list[int] | None, g: int, *sizes: int) -> list[torch.Tensor]:
+        """Element offsets of the matrices used, one tensor per size (of a matrix, of its
+        scales): ids[i] * size, or g matrices one after another (cached)."""
         if ids is not None:
-            return torch.tensor(ids, dtype=torch.int64) * size
-        key = (g, size)
-        t = self._offsets.get(key)
-        if t is None:
-            t = self._offsets[key] = torch.arange(g, dtype=torch.int64) * size
-        return t
+            t = torch.tensor(ids, dtype=torch.int64)
+            return [t * size for size in sizes]
+        out = []
+        for size in sizes:
+            t = self._offsets.get((g, size))
+            if t is None:
+                t = self._offsets[(g, size)] = torch.arange(g, dtype=torch.int64) * size
+            out.append(t)
+        return out
 
     @staticmethod
     def _shapes(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None) -> tuple[int, int, int]:
@@ -142,12 +146,12 @@ class Kernels:
         g, m, x_gstride = self._shapes(x, w, ids)
         x = x.contiguous()
         y = _out(x, g if ids is not None else None, n_out, out_dtype)
-        woff = self._offsets_of(ids, g, n_out * k)  # held here: the call reads its memory
+        (woff,) = self._offsets_of(ids, g, n_out * k)  # held here: the call reads its memory
         self.lib.nanoseek_gemv_bf16(
             x.data_ptr(), x_gstride, w.data_ptr(), woff.data_ptr(), y.data_ptr(),
-            g, m, k, n_out, out_dtype == torch.bfloat16,
+            g, m, k, n_out, y.dtype == torch.bfloat16,
         )  # fmt: skip
-        return y
+        return y.to(out_dtype)
 
     def q8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype,
            ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
@@ -158,7 +162,7 @@ class Kernels:
         g, m, x_gstride = self._shapes(x, q, ids)
         xf = x.float().contiguous()
         y = _out(x, g if ids is not None else None, n_out, out_dtype)
-        woff, soff = self._offsets_of(ids, g, n_out * k), self._offsets_of(ids, g, n_out)
+        woff, soff = self._offsets_of(ids, g, n_out * k, n_out)
         self.lib.nanoseek_gemv_q8(
             xf.data_ptr(), x_gstride, q.data_ptr(), woff.data_ptr(), scale.data_ptr(),
             soff.data_ptr(), y.data_ptr(), g, m, k, n_out, y.dtype == torch.bfloat16,

@@ -63,8 +63,8 @@ class Int8Weight:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., O] in x's dtype."""
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        kernels = native.kernels_for(x)
-        if kernels is not None and flat.shape[0] <= native.MAX_ROWS and self.native_ok():
+        kernels = self.kernels_for(x) if flat.shape[0] <= native.MAX_ROWS else None
+        if kernels is not None:
             y = kernels.q8(flat, self.q, self.scale, x.dtype)
         else:
             y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
@@ -72,13 +72,17 @@ class Int8Weight:
 
     def bmm(self, x: torch.Tensor) -> torch.Tensor:
         """Per matrix g of a stacked q [G, O, K]: x [G, N, K] -> [G, N, O] in x's dtype."""
-        kernels = native.kernels_for(x)  # any row count: per-head matrices are small
-        if kernels is not None and self.native_ok():
+        kernels = self.kernels_for(x)  # any row count: per-head matrices are small
+        if kernels is not None:
             return kernels.q8(x, self.q, self.scale, x.dtype)
         return torch.bmm(x, self.dequantize().to(x.dtype).transpose(1, 2))
 
-    def native_ok(self) -> bool:
-        return self.q.shape[-1] % 32 == 0 and self.q.is_contiguous() and self.scale.is_contiguous()
+    def kernels_for(self, x: torch.Tensor) -> native.Kernels | None:
+        """The native kernels, where they run for x against these weights (their K a multiple
+        of 32, contiguous), else None."""
+        if self.q.shape[-1] % 32 or not (self.q.is_contiguous() and self.scale.is_contiguous()):
+            return None
+        return native.kernels_for(x)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[..., None]
@@ -88,20 +92,30 @@ class Int8Weight:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
 
+def bf16_kernels(x: torch.Tensor, w_rows: torch.Tensor) -> native.Kernels | None:
+    """The native kernels, where they run for bf16 x against bf16 weight rows w_rows [..., O, K]
+    (nn.Linear's layout, contiguous, K a multiple of 32), else None. Callers bound the rows:
+    from 4 rows on MKL's bf16 GEMM is faster."""
+    if (
+        x.dtype == w_rows.dtype == torch.bfloat16
+        and x.shape[-1] % 32 == 0
+        and w_rows.is_contiguous()
+    ):
+        return native.kernels_for(x)
+    return None
+
+
 def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x @ W^T for a decode weight: a float W^T [K, O] tensor or an `Int8Weight`."""
     if isinstance(w, Int8Weight):
         return w.mm(x)
     rows = x.numel() // x.shape[-1]
-    if x.dtype == w.dtype == torch.bfloat16 and rows <= 2 and w.t().is_contiguous():
-        # one or two bf16 rows against nn.Linear's [O, K] layout: the native kernel, or torch.mv
-        # for one row (up to 1.4x F.linear's bandwidth: `python bench/gemv.py --dtype bf16`)
-        kernels = native.kernels_for(x)
-        if kernels is not None and x.shape[-1] % 32 == 0:
-            y = kernels.bf16(x.reshape(rows, -1), w.t())
-            return y.view(*x.shape[:-1], -1)
-        if rows == 1:
-            return torch.mv(w.t(), x.reshape(-1)).view(*x.shape[:-1], -1)
+    if rows <= 2 and (kernels := bf16_kernels(x, w.t())) is not None:
+        return kernels.bf16(x.reshape(rows, -1), w.t()).view(*x.shape[:-1], -1)
+    if rows == 1 and x.dtype == w.dtype == torch.bfloat16 and w.t().is_contiguous():
+        # one bf16 row without the kernels: torch.mv streams nn.Linear's layout up to 1.4x
+        # faster than F.linear (`python bench/gemv.py --dtype bf16 --shapes big`)
+        return torch.mv(w.t(), x.reshape(-1)).view(*x.shape[:-1], -1)
     return x @ w
 
 
@@ -109,12 +123,6 @@ def bmm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x [G, N, K] @ W_g^T per matrix g: W^T [G, K, O] (a float tensor) or an `Int8Weight`."""
     if isinstance(w, Int8Weight):
         return w.bmm(x)
-    if (
-        x.dtype == w.dtype == torch.bfloat16
-        and x.shape[1] <= 2
-        and w.transpose(1, 2).is_contiguous()
-    ):
-        kernels = native.kernels_for(x)
-        if kernels is not None and x.shape[-1] % 32 == 0:
-            return kernels.bf16(x, w.transpose(1, 2))
+    if x.shape[1] <= 2 and (kernels := bf16_kernels(x, w.transpose(1, 2))) is not None:
+        return kernels.bf16(x, w.transpose(1, 2))
     return torch.bmm(x, w)

@@ -11,7 +11,8 @@ engine keeps the matrices a decode step multiplies in the layout that streams fa
   every step. For 2-3 rows (a speculative verify step) the [out, in] layout streams up to 2x
   faster (`bench/gemv.py --rows 2 --shapes big`), and for bf16 at any row count up to 1.9x
   (one or two bf16 rows go through the native kernel, nanoseek/infer/native.py, or torch.mv;
-  Intel Xeon, 2026-12-07), so there the runner keeps nn.Linear's layout (`transpose=False`: views, no copies); so does a GPU;
+  Intel Xeon, 2026-12-07), so there the runner keeps nn.Linear's layout (`transpose=False`:
+  views, no copies); so does a GPU;
 - projections of the same input (q_a and kv_a, gate and up) as one W^T of their concatenation:
   one GEMM instead of several;
 - MLA's absorbed weights W_UK [H,N,C] and W_UV^T [H,C,V] as contiguous copies: views of
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from nanoseek.infer import native
-from nanoseek.infer.quant import QUANTIZE, Int8Weight, bmm, mm
+from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
 
 
 @dataclass
@@ -54,9 +55,8 @@ class DecodeWeights:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         self.transpose, self.quantize = transpose, quantize
-        self.native = native.kernels() is not None
         # ATen's int8 kernel takes bf16 activations: the experts' input is cast once per layer
-        self.expert_dtype = torch.bfloat16 if quantize and not self.native else None
+        self.expert_dtype = torch.bfloat16 if quantize and native.kernels() is None else None
         self._entries: dict[tuple, _Entry] = {}
         # modules -> (their weights, split sizes, biases), MLA -> its kv_b_proj weight: modules
         # hash by identity, and their parameters are updated in place (optimizer steps,
@@ -102,14 +102,10 @@ class DecodeWeights:
         stacked [E, out, in] weight -> [K, out]: one native call for all K where it runs (one
         token's experts at decode), else one `mm` per expert."""
         value = self._entry("t", param).value
-        kernels = native.kernels_for(x) if x.shape[-1] % 32 == 0 else None
-        if kernels is not None and isinstance(value, Int8Weight) and value.native_ok():
-            return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
-        if (
-            kernels is not None
-            and x.dtype == value.dtype == torch.bfloat16
-            and value.transpose(1, 2).is_contiguous()
-        ):
+        if isinstance(value, Int8Weight):
+            if (kernels := value.kernels_for(x)) is not None:
+                return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
+        elif (kernels := bf16_kernels(x, value.transpose(1, 2))) is not None:
             return kernels.bf16(x, value.transpose(1, 2), ids=ids)
         split = self.experts(param)
         return torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
@@ -173,7 +169,11 @@ class DecodeWeights:
         with torch.no_grad():
             if e.kind == "absorbed":
                 w_uk, w_uv = e.mla.absorbed_weights()  # [H,N,C], [H,V,C]
-                rows = native.kernels_for(w_uk) is not None  # the layout the kernels stream
+                # per-head rows, the layout the kernels stream, where they run for both
+                rows = (
+                    native.kernels_for(w_uk) is not None
+                    and w_uk.shape[1] % 32 == 0 == w_uk.shape[2] % 32
+                )
                 if rows and self.quantize == "int8":  # per-head rows, int8
                     e.value = (Int8Weight.quantize(w_uk.transpose(1, 2)), Int8Weight.quantize(w_uv))
                 elif rows and w_uk.dtype == torch.bfloat16:  # per-head rows, bf16

@@ -325,9 +325,6 @@ class MoE(FixedDtypeBuffers):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         gate_weights, indices, _ = self.gate(flat)  # [N,K] fp32, [N,K]
-        gate_up = weights.experts(self.experts.gate_up_proj)  # E x W^T [D,2F]
-        down = weights.experts(self.experts.down_proj)  # E x W^T [F,D]
-        mm = weights.mm
         shared = self.shared_experts
         y = torch.zeros_like(flat) if shared is None else shared(flat, weights)
         # experts that take another input dtype (int8 kernels: bf16) get it cast once here, not
@@ -342,6 +339,9 @@ class MoE(FixedDtypeBuffers):
                 for w, h_e in zip(ws, h.unbind()):  # [V3 eq. 12]: sum_i g_i FFN_i, in expert
                     yn.add_(h_e, alpha=w)  # order (the fp32 sums of every earlier version)
             return y.view(B, T, D)
+        gate_up = weights.experts(self.experts.gate_up_proj)  # E x W^T [D,2F]
+        down = weights.experts(self.experts.down_proj)  # E x W^T [F,D]
+        mm = weights.mm
         K = indices.shape[1]
         expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
         counts = torch.bincount(expert, minlength=self.n_experts).tolist()
