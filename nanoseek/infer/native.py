@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 1  # gemv.c's ABI: the argument lists below
+ABI = 2  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -113,6 +113,7 @@ class Kernels:
         self.lib = lib
         lib.nanoseek_gemv_bf16.argtypes = [_P, _L, _P, _P, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
         self._offsets: dict[tuple, torch.Tensor] = {}
 
     def _offsets_of(self, ids: list[int] | None, g: int, *sizes: int) -> list[torch.Tensor]:
@@ -168,3 +169,14 @@ class Kernels:
             soff.data_ptr(), y.data_ptr(), g, m, k, n_out, y.dtype == torch.bfloat16,
         )  # fmt: skip
         return y.to(out_dtype)
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm of x [..., D] with weight [D], both fp32 or both bf16, in one call: fp32
+        statistics, the rounding order of nanoseek's RMSNorm (model/norm.py); the sum of squares
+        is added in another order, so results may differ from it in the last bit."""
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        self.lib.nanoseek_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                                  x.numel() // x.shape[-1], x.shape[-1], eps,
+                                  x.dtype == torch.bfloat16)  # fmt: skip
+        return y

@@ -36,6 +36,8 @@ from torch import nn
 from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
 
+_NORM_DTYPES = (torch.float32, torch.bfloat16)
+
 
 @dataclass
 class _Entry:
@@ -109,6 +111,19 @@ class DecodeWeights:
             return kernels.bf16(x, value.transpose(1, 2), ids=ids)
         split = self.experts(param)
         return torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An RMSNorm module applied to x. In int8 engines and in bf16, one native call where the
+        kernels run (PyTorch's RMSNorm is ~8 operators: 1.4 ms of a 16 ms decode step of the
+        803M model, `bench/vs_llamacpp.py`); its sum of squares is added in another order, so
+        fp32 results may differ in the last bit. Exact fp32 engines call the module: their
+        decoding stays bit-identical to its forward's norms."""
+        w = module.weight
+        native_ok = self.quantize is not None or x.dtype == torch.bfloat16
+        if native_ok and x.dtype == w.dtype and x.dtype in _NORM_DTYPES:
+            if (kernels := native.kernels_for(x)) is not None:
+                return kernels.rmsnorm(x, w, module.eps)
+        return module(x)
 
     def absorbed(self, mla: nn.Module) -> tuple:
         """W_UK [H,N,C] and W_UV^T [H,C,V] (see the module docstring for their layouts)."""

@@ -32,9 +32,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask=None, token_mask=None, cache=None):
         """x [B,T,D] -> (x [B,T,D], balance loss (MoE in training) or None). `cache`: this
         layer's view of a latent cache, whose `weights` also multiply the FFN (inference)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h = self.post_attention_layernorm(x)
         weights = MODULE_WEIGHTS if cache is None else cache.weights
+        x = x + self.self_attn(weights.norm(self.input_layernorm, x), cos, sin, mask, cache)
+        h = weights.norm(self.post_attention_layernorm, x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h, token_mask, weights)
         else:

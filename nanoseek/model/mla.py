@@ -67,12 +67,12 @@ class MLA(nn.Module):
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         q, kv = weights.linear(x, first, self.kv_a_proj_with_mqa)
         if self.q_lora_rank is not None:
-            (q,) = weights.linear(self.q_a_layernorm(q), self.q_b_proj)  # [V3 eqs. 1-3]
+            (q,) = weights.linear(weights.norm(self.q_a_layernorm, q), self.q_b_proj)  # eqs. 1-3
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split(
             [self.nope_dim, self.rope_dim], dim=-1
         )
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)  # [V3 eq. 1]
+        c_kv = weights.norm(self.kv_a_layernorm, c_kv)  # [V3 eq. 1]
         if freqs is None:
             q_rope = apply_rope(q_rope, cos, sin)
             k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [V3 eq. 3]

@@ -42,6 +42,6 @@ class MTPLayer(DecoderLayer):
         (h [B,T',D] before the norm, balance loss or None). Training and speculative drafting
         (with `cache`, the module's own latent cache) run this same forward."""
         weights = MODULE_WEIGHTS if cache is None else cache.weights
-        x = torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1)
+        x = torch.cat((weights.norm(self.enorm, emb_next), weights.norm(self.hnorm, h_prev)), -1)
         (x,) = weights.linear(x, self.eh_proj)  # eq. 21
         return super().forward(x, cos, sin, mask, token_mask, cache)  # eq. 22

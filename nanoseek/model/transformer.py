@@ -137,7 +137,7 @@ class CausalLM(nn.Module):
         """Hidden states [...,D] -> logits [...,V]: the final norm (or an MTP module's `norm`)
         and the output head, which the MTP modules share [V3 §2.2]."""
         norm = self.model.norm if norm is None else norm
-        return weights.linear(norm(h), self.lm_head)[0]
+        return weights.linear(weights.norm(norm, h), self.lm_head)[0]
 
     def forward(
         self,

@@ -1,13 +1,15 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
-Every projection of the model goes through a *weights* object with six methods, so that one
-forward serves training, prefill and decode while the layout of the matrices may differ:
+Every projection and norm of the model goes through a *weights* object with seven methods, so
+that one forward serves training, prefill and decode while the layout of the matrices (and the
+kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
 - `experts_mm(x, param, ids)`: one token through several experts of a stacked weight at once;
 - `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1];
-- `bmm(x, w)`: x [H,T,in] @ w per head for one of those.
+- `bmm(x, w)`: x [H,T,in] @ w per head for one of those;
+- `norm(module, x)`: an RMSNorm module applied to x.
 
 `ModuleWeights` (here) calls the modules themselves: training, FP8 training (which swaps the
 modules) and prefill use it. The inference engine passes its own implementation
@@ -53,6 +55,10 @@ class ModuleWeights:
         return w_uk, w_uv.transpose(1, 2)
 
     bmm = staticmethod(torch.bmm)
+
+    @staticmethod
+    def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
 
 
 MODULE_WEIGHTS = ModuleWeights()

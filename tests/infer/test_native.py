@@ -1,6 +1,6 @@
-"""The native decode GEMV kernels against PyTorch: every tile and tail, batched matrices, the
-int32 chunking of the int8 kernel, the dispatch around them, and the fallbacks where they
-cannot be built."""
+"""The native decode kernels against PyTorch: every GEMV tile and tail, batched matrices, the
+int32 chunking of the int8 kernel, RMSNorm, the dispatch around them, and the fallbacks where
+they cannot be built."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ import torch
 from nanoseek.infer import native, quant
 from nanoseek.infer.quant import Int8Weight
 from nanoseek.infer.weights import DecodeWeights
+from nanoseek.model.norm import RMSNorm
 from nanoseek.model.weights import MODULE_WEIGHTS
 
 KERNELS = native.kernels()
@@ -158,3 +159,41 @@ def test_experts_mm_runs_the_chosen_experts(kind, shared_input):
     want = MODULE_WEIGHTS.experts_mm(x.float(), exact, ids)
     assert got.shape == (len(ids), 40) and got.dtype == x.dtype
     assert rel(got, want) < (5e-4 if kind == "int8" else 5e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 2, 40), (5, 17), (1100, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_the_module(shape, dtype):
+    """One native call against nanoseek's RMSNorm: tails of a 16-wide vector (40, 17), rows
+    split over threads (1100 x 256), a non-contiguous input. fp32 to the last bit or two (the
+    sum of squares in another order); bf16 within one rounding of it."""
+    g = torch.Generator().manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.3 + 1)
+    x = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 3).to(dtype)[..., ::2]
+    with torch.inference_mode():
+        want, got = norm(x), KERNELS.rmsnorm(x, norm.weight, norm.eps)
+    assert got.shape == x.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # x * rstd can land on the other side of a bf16 rounding boundary
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+        assert (got != want).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_decode_norms(kind):
+    """DecodeWeights.norm: the module itself in exact fp32 engines (bit-identical), the native
+    kernel in int8 engines and in bf16 where it runs, to the module's numbers."""
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    norm = RMSNorm(64).to(dtype)
+    x = torch.randn(2, 1, 64).to(dtype)
+    weights = DecodeWeights(transpose=False, quantize="int8" if kind == "int8" else None)
+    with torch.inference_mode():
+        want, got = norm(x), weights.norm(norm, x)
+    if kind == "fp32" or KERNELS is None:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=2**-7 if kind == "bf16" else 1e-6, atol=1e-6)
