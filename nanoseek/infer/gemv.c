@@ -3,7 +3,7 @@
  *
  * Shape legend: G matrices, M activation rows (a few: decode, verify), K in, O out features.
  *
- *   y[g, m, o] = sum_k x[g, m, k] * W_g[o, k]          (W_g = w + woff[g], rows of K)
+ *   y[g, m, o] = sum_k x[g, m, k] * W_g[o, k]          (W_g matrix g, or ids[g], of w [E, O, K])
  *
  * Decoding reads every weight once per step, so these stream W once and keep the M activation
  * rows in L1: each weight vector is loaded (and widened) once for up to 4 activation rows, and
@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 2
+#define ABI 3
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -156,27 +156,27 @@ static void block_q16(const int16_t *x, const float *sx, const int8_t *w, const 
   }
 }
 
-/* x bf16 [G|1, M, K] (x_gstride 0: one x for every matrix), w bf16 rows (matrix g at
- * w + woff[g]), y [G, M, O] fp32 or bf16; K % 32 == 0 */
+/* x bf16 [G|1, M, K] (x_gstride 0: one x for every matrix), w bf16 [E, O, K] of which matrix
+ * ids[g] (ids NULL: matrix g) is multiplied, y [G, M, O] fp32 or bf16; K % 32 == 0 */
+#define MATRIX(g) ((ids ? ids[g] : (int64_t)(g)) * O)
 void nanoseek_gemv_bf16(const uint16_t *x, int64_t x_gstride, const uint16_t *w,
-                        const int64_t *woff, void *y, int G, int M, int K, int O, int out_bf16) {
+                        const int64_t *ids, void *y, int G, int M, int K, int O, int out_bf16) {
   const int blocks = (O + 3) / 4;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < (int64_t)G * blocks; b++) {
     const int g = (int)(b / blocks), o = (int)(b % blocks) * 4;
     const int R = O - o < 4 ? O - o : 4;
-    block_bf16(x + g * x_gstride, w + woff[g] + (int64_t)o * K, y, (int64_t)g * M * O + o, R, M,
-               K, O, out_bf16);
+    block_bf16(x + g * x_gstride, w + (MATRIX(g) + o) * K, y, (int64_t)g * M * O + o, R, M, K, O,
+               out_bf16);
   }
 }
 
 /* x fp32 [G|1, M, K] -> int16 with one scale per row (amax / 32767: the activations keep ~15
- * bits, so the weights' int8 is the only rounding that matters), w int8 rows with bf16 scales
- * (matrix g at w + woff[g], its scales at scale + soff[g]), y [G, M, O] fp32 or bf16;
+ * bits, so the weights' int8 is the only rounding that matters), w int8 [E, O, K] with bf16
+ * scales [E, O], matrices chosen as in nanoseek_gemv_bf16, y [G, M, O] fp32 or bf16;
  * K % 32 == 0 */
-void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const int64_t *woff,
-                      const uint16_t *scale, const int64_t *soff, void *y, int G, int M, int K,
-                      int O, int out_bf16) {
+void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const uint16_t *scale,
+                      const int64_t *ids, void *y, int G, int M, int K, int O, int out_bf16) {
   const int64_t xg = x_gstride ? G : 1, rows = xg * M;
   int16_t *q = malloc((size_t)rows * K * sizeof(int16_t));
   float *sx = malloc((size_t)rows * sizeof(float));
@@ -194,7 +194,7 @@ void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const 
     const int g = (int)(b / blocks), o = (int)(b % blocks) * 4;
     const int R = O - o < 4 ? O - o : 4;
     const int64_t xo = x_gstride ? (int64_t)g * M : 0;
-    block_q16(q + xo * K, sx + xo, w + woff[g] + (int64_t)o * K, scale + soff[g] + o, y,
+    block_q16(q + xo * K, sx + xo, w + (MATRIX(g) + o) * K, scale + MATRIX(g) + o, y,
               (int64_t)g * M * O + o, R, M, K, O, out_bf16);
   }
   free(q);

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 2  # gemv.c's ABI: the argument lists below
+ABI = 3  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -93,88 +93,74 @@ def kernels_for(x: torch.Tensor) -> Kernels | None:
     return kernels() if x.device.type == "cpu" else None
 
 
-def _out(x: torch.Tensor, g: int | None, n_out: int, dtype: torch.dtype) -> torch.Tensor:
-    """The output buffer: [g, O] (experts by id) or [..., O], in bf16 or fp32, the two dtypes
-    the kernels write (any other is converted from fp32 after the call)."""
-    kept = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    shape = (g, n_out) if g is not None else (*x.shape[:-1], n_out)
-    return torch.empty(shape, dtype=kept)
-
-
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_IDS = ctypes.POINTER(ctypes.c_int64)
+_KEPT = (torch.float32, torch.bfloat16)  # the output dtypes the kernels write
 
 
 class Kernels:
     """ctypes bindings of gemv.c; every tensor must be contiguous CPU memory, and every tensor
     whose pointer a call takes is held in a local until the call returns (a temporary's
-    `data_ptr()` would point at freed memory)."""
+    `data_ptr()` would point at freed memory). A decode step makes ~70 of these calls, so they
+    dispatch no PyTorch operator they can avoid (one `empty` for the output): each costs
+    microseconds right after a kernel has streamed the caches."""
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        lib.nanoseek_gemv_bf16.argtypes = [_P, _L, _P, _P, _P, _I, _I, _I, _I, _I]
-        lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        lib.nanoseek_gemv_bf16.argtypes = [_P, _L, _P, _IDS, _P, _I, _I, _I, _I, _I]
+        lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
-        self._offsets: dict[tuple, torch.Tensor] = {}
-
-    def _offsets_of(self, ids: list[int] | None, g: int, *sizes: int) -> list[torch.Tensor]:
-        """Element offsets of the matrices used, one tensor per size (of a matrix, of its
-        scales): ids[i] * size, or g matrices one after another (cached)."""
-        if ids is not None:
-            t = torch.tensor(ids, dtype=torch.int64)
-            return [t * size for size in sizes]
-        out = []
-        for size in sizes:
-            t = self._offsets.get((g, size))
-            if t is None:
-                t = self._offsets[(g, size)] = torch.arange(g, dtype=torch.int64) * size
-            out.append(t)
-        return out
 
     @staticmethod
-    def _shapes(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None) -> tuple[int, int, int]:
-        """(G, M, x's stride between matrices) for x [M,K] with w [O,K], x [G,M,K] with w
-        [G,O,K], or, with ids into a stacked w [E,O,K], x [K] (one row for every expert) or
-        x [len(ids), K] (one row each)."""
-        if ids is None:
-            return (1, x.shape[0], 0) if w.dim() == 2 else (x.shape[0], x.shape[1], x[0].numel())
-        return len(ids), 1, (0 if x.dim() == 1 else x.shape[-1])
+    def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
+        """(G, M, x's stride between matrices, ids as a C array or None, the output buffer) for
+        x [..., K] with w [O,K] (M rows), x [G,M,K] with w [G,O,K], or, with ids into a stacked
+        w [E,O,K], x [K] (one row for every expert) or x [len(ids), K] (one row each). The
+        output is [..., O], [G,M,O] or [len(ids), O], in out_dtype if the kernels write it,
+        else in fp32."""
+        n_out, k = w.shape[-2:]
+        kept = out_dtype if out_dtype in _KEPT else torch.float32
+        if ids is not None:
+            g = len(ids)
+            y = torch.empty((g, n_out), dtype=kept)
+            return g, 1, (0 if x.dim() == 1 else k), (ctypes.c_int64 * g)(*ids), y
+        if w.dim() == 2:
+            y = torch.empty((*x.shape[:-1], n_out), dtype=kept)
+            return 1, x.numel() // k, 0, None, y
+        g, m = x.shape[0], x.shape[1]
+        return g, m, m * k, None, torch.empty((g, m, n_out), dtype=kept)
 
     def bf16(self, x: torch.Tensor, w: torch.Tensor, out_dtype=torch.bfloat16,
              ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
-        """x bf16 @ W^T for bf16 rows w [..., O, K] (contiguous); see `_shapes`. Returns
-        [M,O], [G,M,O] or, with ids, [len(ids), O]."""
-        n_out, k = w.shape[-2:]
-        g, m, x_gstride = self._shapes(x, w, ids)
-        x = x.contiguous()
-        y = _out(x, g if ids is not None else None, n_out, out_dtype)
-        (woff,) = self._offsets_of(ids, g, n_out * k)  # held here: the call reads its memory
+        """x bf16 @ W^T for bf16 rows w [..., O, K] (contiguous); shapes as `_call` says."""
+        g, m, x_gstride, c_ids, y = self._call(x, w, ids, out_dtype)
+        if not x.is_contiguous():
+            x = x.contiguous()
         self.lib.nanoseek_gemv_bf16(
-            x.data_ptr(), x_gstride, w.data_ptr(), woff.data_ptr(), y.data_ptr(),
-            g, m, k, n_out, y.dtype == torch.bfloat16,
+            x.data_ptr(), x_gstride, w.data_ptr(), c_ids, y.data_ptr(),
+            g, m, w.shape[-1], w.shape[-2], y.dtype == torch.bfloat16,
         )  # fmt: skip
-        return y.to(out_dtype)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def q8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype,
            ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
         """x (any float; int16 inside, one scale per row) @ (q * scale)^T for int8 rows q
-        [..., O, K] with bf16 scales [..., O]; shapes as `bf16`, output in out_dtype (fp32 or
-        bf16)."""
-        n_out, k = q.shape[-2:]
-        g, m, x_gstride = self._shapes(x, q, ids)
-        xf = x.float().contiguous()
-        y = _out(x, g if ids is not None else None, n_out, out_dtype)
-        woff, soff = self._offsets_of(ids, g, n_out * k, n_out)
+        [..., O, K] with bf16 scales [..., O]; shapes as `_call` says."""
+        g, m, x_gstride, c_ids, y = self._call(x, q, ids, out_dtype)
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
         self.lib.nanoseek_gemv_q8(
-            xf.data_ptr(), x_gstride, q.data_ptr(), woff.data_ptr(), scale.data_ptr(),
-            soff.data_ptr(), y.data_ptr(), g, m, k, n_out, y.dtype == torch.bfloat16,
+            x.data_ptr(), x_gstride, q.data_ptr(), scale.data_ptr(), c_ids, y.data_ptr(),
+            g, m, q.shape[-1], q.shape[-2], y.dtype == torch.bfloat16,
         )  # fmt: skip
-        return y.to(out_dtype)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm of x [..., D] with weight [D], both fp32 or both bf16, in one call: fp32
         statistics, the rounding order of nanoseek's RMSNorm (model/norm.py); the sum of squares
         is added in another order, so results may differ from it in the last bit."""
-        x = x.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
         y = torch.empty_like(x)
         self.lib.nanoseek_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
                                   x.numel() // x.shape[-1], x.shape[-1], eps,

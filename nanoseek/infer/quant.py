@@ -62,13 +62,12 @@ class Int8Weight:
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., O] in x's dtype."""
-        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        kernels = self.kernels_for(x) if flat.shape[0] <= native.MAX_ROWS else None
-        if kernels is not None:
-            y = kernels.q8(flat, self.q, self.scale, x.dtype)
-        else:
-            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], -1)
+        rows = x.numel() // x.shape[-1]
+        if rows <= native.MAX_ROWS and (kernels := self.kernels_for(x)) is not None:
+            return kernels.q8(x, self.q, self.scale, x.dtype)
+        flat = x.reshape(rows, -1)
+        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
 
     def bmm(self, x: torch.Tensor) -> torch.Tensor:
         """Per matrix g of a stacked q [G, O, K]: x [G, N, K] -> [G, N, O] in x's dtype."""
@@ -111,7 +110,7 @@ def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
         return w.mm(x)
     rows = x.numel() // x.shape[-1]
     if rows <= 2 and (kernels := bf16_kernels(x, w.t())) is not None:
-        return kernels.bf16(x.reshape(rows, -1), w.t()).view(*x.shape[:-1], -1)
+        return kernels.bf16(x, w.t())
     if rows == 1 and x.dtype == w.dtype == torch.bfloat16 and w.t().is_contiguous():
         # one bf16 row without the kernels: torch.mv streams nn.Linear's layout up to 1.4x
         # faster than F.linear (`python bench/gemv.py --dtype bf16 --shapes big`)
