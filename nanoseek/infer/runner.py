@@ -30,6 +30,8 @@ from nanoseek.infer.weights import DecodeWeights
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.weights import MODULE_WEIGHTS
 
+KEY_BLOCK = 64  # bf16 / fp16 decoding reads the cache in blocks of this many positions
+
 
 class ModelRunner:
     """Owns the latent caches and runs the model over them; knows nothing about requests."""
@@ -90,6 +92,13 @@ class ModelRunner:
         if not any(start):  # prefill: the modules' own weights (if any), plain attention
             w = MODULE_WEIGHTS if self.weights.modules_hold_weights else self.weights
             return CacheStep(cache, row0, positions, seq, True, w, cos, sin)
+        if self.model.dtype != torch.float32:
+            # oneDNN, which runs bf16 / fp16 matmuls on CPU, builds a kernel for every new shape
+            # (~1 ms, more than the decode step's attention): read the keys in blocks of
+            # KEY_BLOCK positions, so that a shape repeats for KEY_BLOCK steps. The extra keys
+            # are masked; fp32 (MKL, no per-shape cost) reads exactly `seq`, bit for bit as
+            # before
+            seq = min(-(-seq // KEY_BLOCK) * KEY_BLOCK, self.max_seq_len)
         keys = torch.arange(seq, device=dev)
         allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
         bias = torch.zeros(B, T, seq, dtype=self.model.dtype, device=dev)
