@@ -77,14 +77,18 @@ class LatentCache:
         positions: torch.Tensor,
         c_kv: torch.Tensor,
         k_rope: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """Store the latents of new tokens of rows row0..row0+B-1 at their own positions.
 
-        positions [B,T] int64, c_kv [B,T,C], k_rope [B,T,R]."""
-        B, T = positions.shape
-        rows = torch.arange(row0, row0 + B, device=positions.device)[:, None].expand(B, T)
+        positions [B,T] int64, c_kv [B,T,C], k_rope [B,T,R]; rows [B,T] the row of each entry
+        (made here when not given: a step over several layers makes it once)."""
+        if rows is None:
+            rows = write_rows(row0, positions)
         entry = torch.cat((c_kv, k_rope), dim=-1)  # [B,T,C+R]
-        self.kv[layer].index_put_((rows, positions), entry.to(self.kv.dtype))
+        if entry.dtype != self.kv.dtype:
+            entry = entry.to(self.kv.dtype)
+        self.kv[layer].index_put_((rows, positions), entry)
 
     def write_prefix(self, layer: int, row0: int, c_kv: torch.Tensor, k_rope: torch.Tensor):
         """Store positions 0..T-1 of rows row0..row0+B-1 (a prefill): two slice copies."""
@@ -123,6 +127,12 @@ class LatentCache:
         return self.kv.numel() * self.kv.element_size()
 
 
+def write_rows(row0: int, positions: torch.Tensor) -> torch.Tensor:
+    """[B,T] the cache row of each new entry of rows row0..row0+B-1 (positions [B,T])."""
+    B, T = positions.shape
+    return torch.arange(row0, row0 + B, device=positions.device)[:, None].expand(B, T)
+
+
 @dataclass
 class CacheStep:
     """One forward over rows row0..row0+B-1 of a cache: what the model's modules read from it
@@ -138,6 +148,7 @@ class CacheStep:
     sin: torch.Tensor | None = None
     freqs: torch.Tensor | None = None  # decode: cos + i sin [B,T,1,R/2] complex64
     bias: torch.Tensor | None = None  # decode: [B,T*H|1,S] additive mask, 0 or -inf
+    rows: torch.Tensor | None = None  # decode: [B,T] the cache row of each new entry
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
@@ -161,5 +172,5 @@ class LayerCache:
         if st.prefill:
             st.cache.write_prefix(self.i, st.row0, c_kv, k_rope)
             return None
-        st.cache.write(self.i, st.row0, st.positions, c_kv, k_rope)
+        st.cache.write(self.i, st.row0, st.positions, c_kv, k_rope, st.rows)
         return st.cache.layer(self.i, st.row0, c_kv.shape[0], st.seq)

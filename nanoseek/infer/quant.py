@@ -109,12 +109,14 @@ def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     if isinstance(w, Int8Weight):
         return w.mm(x)
     rows = x.numel() // x.shape[-1]
-    if rows <= 2 and (kernels := bf16_kernels(x, w.t())) is not None:
-        return kernels.bf16(x, w.t())
-    if rows == 1 and x.dtype == w.dtype == torch.bfloat16 and w.t().is_contiguous():
-        # one bf16 row without the kernels: torch.mv streams nn.Linear's layout up to 1.4x
-        # faster than F.linear (`python bench/gemv.py --dtype bf16 --shapes big`)
-        return torch.mv(w.t(), x.reshape(-1)).view(*x.shape[:-1], -1)
+    if x.dtype == torch.bfloat16 and rows <= 2:  # (the dtype first: fp32 decoding of a tiny
+        w_rows = w.t()  # model pays for every operator, views included)
+        if (kernels := bf16_kernels(x, w_rows)) is not None:
+            return kernels.bf16(x, w_rows)
+        if rows == 1 and w.dtype == torch.bfloat16 and w_rows.is_contiguous():
+            # one bf16 row without the kernels: torch.mv streams nn.Linear's layout up to 1.4x
+            # faster than F.linear (`python bench/gemv.py --dtype bf16 --shapes big`)
+            return torch.mv(w_rows, x.reshape(-1)).view(*x.shape[:-1], -1)
     return x @ w
 
 
@@ -122,6 +124,8 @@ def bmm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x [G, N, K] @ W_g^T per matrix g: W^T [G, K, O] (a float tensor) or an `Int8Weight`."""
     if isinstance(w, Int8Weight):
         return w.bmm(x)
-    if x.shape[1] <= 2 and (kernels := bf16_kernels(x, w.transpose(1, 2))) is not None:
-        return kernels.bf16(x, w.transpose(1, 2))
+    if x.dtype == torch.bfloat16 and x.shape[1] <= 2:
+        w_rows = w.transpose(1, 2)
+        if (kernels := bf16_kernels(x, w_rows)) is not None:
+            return kernels.bf16(x, w_rows)
     return torch.bmm(x, w)

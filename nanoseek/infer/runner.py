@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.infer.cache import CacheStep, LatentCache
+from nanoseek.infer.cache import CacheStep, LatentCache, write_rows
 from nanoseek.infer.weights import DecodeWeights
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.weights import MODULE_WEIGHTS
@@ -106,7 +106,9 @@ class ModelRunner:
         if T > 1:  # query rows are (t, h) pairs: repeat each t's mask over the heads
             bias = bias[:, :, None].expand(B, T, self.n_heads, seq).reshape(B, -1, seq)
         freqs = torch.complex(cos, sin)
-        return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin, freqs, bias)
+        rows = write_rows(row0, positions)
+        return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin, freqs, bias,
+                         rows)  # fmt: skip
 
     def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int):
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""

@@ -107,8 +107,9 @@ class DecodeWeights:
         if isinstance(value, Int8Weight):
             if (kernels := value.kernels_for(x)) is not None:
                 return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
-        elif (kernels := bf16_kernels(x, value.transpose(1, 2))) is not None:
-            return kernels.bf16(x, value.transpose(1, 2), ids=ids)
+        elif x.dtype == torch.bfloat16:
+            if (kernels := bf16_kernels(x, w_rows := value.transpose(1, 2))) is not None:
+                return kernels.bf16(x, w_rows, ids=ids)
         split = self.experts(param)
         return torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
 

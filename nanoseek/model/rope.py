@@ -102,6 +102,7 @@ def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """`apply_rope(x, cos, sin)` as one complex multiply (fewer kernels: what decoding a few
     tokens wants). freqs = cos + i sin (complex64) broadcastable to [..., R/2]. Same layout as
     `apply_rope`: rotated real parts first, then rotated imaginary parts; fp32 inside."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., R/2]
-    out = torch.view_as_real(xc * freqs)  # [..., R/2, 2]
-    return out.transpose(-1, -2).reshape(x.shape).to(x.dtype)
+    fp32 = x.dtype == torch.float32  # no-op casts are operator calls too
+    xc = torch.view_as_complex((x if fp32 else x.float()).unflatten(-1, (-1, 2)))  # [..., R/2]
+    out = torch.view_as_real(xc * freqs).transpose(-1, -2).reshape(x.shape)  # [..., R]
+    return out if fp32 else out.to(x.dtype)

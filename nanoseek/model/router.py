@@ -45,7 +45,8 @@ class Router(FixedDtypeBuffers):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [N,D] -> affinity scores s [N,E] in fp32 [V3 eq. 15]."""
-        logits = F.linear(x.float(), self.weight.float())
+        w = self.weight
+        logits = F.linear(x.float(), w if w.dtype == torch.float32 else w.float())
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(-1)
 
     def forward(self, x: torch.Tensor):
