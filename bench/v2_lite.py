@@ -3,6 +3,7 @@ int8, its load time, peak memory and decode speed against the read-bandwidth roo
 
     python bench/v2_lite.py                        # cache in ~/.cache/nanoseek/v2-lite
     python bench/v2_lite.py --cache /data/v2lite --formats bf16 --new-tokens 32
+    python bench/v2_lite.py --formats fp8 --llama   # + llama.cpp on the same checkpoint
 
 The checkpoint (`nanoseek info deepseek-v2-lite`: 15.7B parameters, 2.66B active per token,
 27 layers, 64 routed experts top-6 + 2 shared) is written once with random weights, as bf16
@@ -13,6 +14,16 @@ Printed per run: load seconds, peak resident memory (the process's high-water ma
 the bytes of weights one token reads at batch 1 (int8 projections, the 6 chosen experts of
 each layer, the bf16 kv_b_proj and routers, one embedding row) and tokens/s as % of the
 roofline = read bandwidth (measured in the same run) / those bytes.
+
+`--llama` also runs llama.cpp on the same checkpoint (llama-cpp-python from bench/.llama-venv,
+see bench/llamacpp_setup.py): converted once with llama.cpp's own converter to q8_0 (~17 GB
+beside the checkpoint; from the FP8 format the converter dequantises, then quantises), greedy
+at batch 1 after the same 16-token prompt, in a process of its own with the same threads, its
+tokens/s against the same roofline (q8_0 reads 34 bytes per 32 weights where nanoseek's int8
+reads 32 and a bf16 scale per row) and the share of positions where the two choose the same
+token. The converter needs a tokenizer: the speedrun model's (bench/vs_llamacpp.py, built once)
+is copied next to the checkpoint; ids past its 1024 are padding tokens to llama.cpp, which is
+fine for a bench that compares ids.
 
 transformers cannot load this checkpoint on a 24 GB machine: transformers 5.25's
 `AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16)` materialises the bf16 model,
@@ -38,7 +49,14 @@ from nanoseek.config import ModelConfig
 from nanoseek.machine import banner, read_bandwidth
 
 FORMATS = ("bf16", "fp8")
-NEED_GB = {"bf16": 33, "fp8": 17}  # disk for each format, with margin
+NEED_GB = {"bf16": 33, "fp8": 17, "q8_0": 18}  # disk for each format, with margin
+PROMPT = 16  # prompt tokens
+
+
+def prompt_ids(vocab_size: int, batch: int) -> list[list[int]]:
+    """The prompts of a run: random ids, the same for every format and for llama.cpp."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(10, vocab_size, (batch, PROMPT), generator=g).tolist()
 
 
 # ----------------------------------------------------------------------------- the checkpoint
@@ -112,22 +130,69 @@ def run_one(args) -> dict:
     rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     out = {"format": args.child, "load_s": load_s, "peak_rss_gib_after_load": rss_load}
     cfg = model.config
-    g = torch.Generator().manual_seed(1)
     for batch in args.batches:
-        ids = torch.randint(10, cfg.vocab_size, (batch, 16), generator=g).tolist()
-        engine = Engine(model, max_batch_size=batch, max_seq_len=16 + args.new_tokens + 4,
+        ids = prompt_ids(cfg.vocab_size, batch)
+        engine = Engine(model, max_batch_size=batch, max_seq_len=PROMPT + args.new_tokens + 4,
                         weights=weights)  # fmt: skip
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
         engine.generate(ids, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
         t0 = time.perf_counter()
-        engine.generate(ids, params)
+        done = engine.generate(ids, params)
         secs = time.perf_counter() - t0
         out[f"tokens_per_s_b{batch}"] = batch * args.new_tokens / secs
+        if batch == 1:
+            out["tokens_b1"] = done[0].token_ids
         del engine
     out["bytes_per_token"] = bytes_per_token(model, weights)
     out["int8_gib"] = weights.nbytes() / 2**30  # the decode copies (int8, W_UK / W_UV)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+def run_llama(directory: str, args, vocab_size: int) -> dict | None:
+    """llama.cpp on the checkpoint in `directory` (q8_0, converted once), batch 1; None (with
+    the reason printed) where llama-cpp-python or the disk for the GGUF is missing."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import llamacpp_setup as ll
+    from bench.vs_llamacpp import DEFAULT_CACHE, speedrun_model
+
+    found = ll.find()
+    if found is None:
+        print("llama.cpp: llama-cpp-python is not built (python bench/llamacpp_setup.py build)")
+        return None
+    python, tree = found
+    gguf = directory.rstrip("/") + "-q8_0.gguf"
+    log = os.path.join(os.path.dirname(gguf), "llama.log")
+    if not os.path.exists(gguf):
+        free = shutil.disk_usage(os.path.dirname(gguf)).free / 1e9
+        if free < NEED_GB["q8_0"]:
+            print(f"llama.cpp: {free:.0f} GB free, the q8_0 GGUF needs ~{NEED_GB['q8_0']} GB")
+            return None
+        tokenizer = speedrun_model(DEFAULT_CACHE, 100)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not os.path.exists(os.path.join(directory, name)):
+                shutil.copy(os.path.join(tokenizer, name), directory)
+        print(f"converting {directory} with convert_hf_to_gguf.py --outtype q8_0", flush=True)
+        t0 = time.perf_counter()
+        ll.convert(directory, gguf, "q8_0", tree, log)
+        print(f"  converted in {time.perf_counter() - t0:.0f} s", flush=True)
+    worker = ll.Worker(python, log)
+    try:
+        t0 = time.perf_counter()
+        worker.call(op="load", path=gguf, n_ctx=PROMPT + args.new_tokens + 8,
+                    threads=args.threads)  # fmt: skip
+        load_s = time.perf_counter() - t0
+        prompt = prompt_ids(vocab_size, 1)[0]
+        # the GGUF is memory-mapped: a first run of the same greedy tokens pages in every
+        # weight the timed runs read (nanoseek's weights are in memory once loaded)
+        worker.call(op="generate", prompt=prompt, n=args.new_tokens)
+        r = min((worker.call(op="generate", prompt=prompt, n=args.new_tokens) for _ in range(2)),
+                key=lambda r: r["seconds"])  # fmt: skip
+    finally:
+        worker.close()
+    return {"load_s": load_s, "tokens_per_s_b1": args.new_tokens / r["seconds"],
+            "tokens": r["tokens"], "gguf_gb": os.path.getsize(gguf) / 1e9}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- main
@@ -142,6 +207,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--write-only", action="store_true", help="write the checkpoints, measure nothing"
     )
+    p.add_argument("--llama", action="store_true", help="also llama.cpp (q8_0) on each checkpoint")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one format's run, in a fresh process
     args = p.parse_args(argv)
     if args.child:
@@ -175,6 +241,19 @@ def main(argv=None) -> None:
             tps = res[f"tokens_per_s_b{b}"]
             note = f" = {tps / roof:.0%} of the batch-1 roofline" if b == 1 else ""
             print(f"  batch {b}: {tps:.2f} tokens/s{note}")
+        if args.llama:
+            config = ModelConfig.from_pretrained(os.path.join(args.cache, fmt))
+            ll = run_llama(os.path.join(args.cache, fmt), args, config.vocab_size)
+            if ll is not None:
+                tps = ll["tokens_per_s_b1"]
+                ours = res.get("tokens_per_s_b1")
+                same = sum(a == b for a, b in zip(ll["tokens"], res.get("tokens_b1", [])))
+                print(
+                    f"  llama.cpp (q8_0 GGUF {ll['gguf_gb']:.1f} GB, load {ll['load_s']:.0f} s)"
+                    f": batch 1 {tps:.2f} tokens/s = {tps / roof:.0%} of the same roofline"
+                    + (f"; nanoseek / llama.cpp {ours / tps:.2f}x" if ours else "")
+                    + f"; same greedy token at {same}/{len(ll['tokens'])} positions"
+                )
 
 
 if __name__ == "__main__":
