@@ -2,6 +2,7 @@
 
     python bench/mtp_speculative.py                      # 803M MoE + its MTP module, fp32
     python bench/mtp_speculative.py --threads 1 --dense  # + a dense model of the same width
+    python bench/mtp_speculative.py --quantize int8      # int8 decode weights (native kernels)
 
 At batch 1 a decode step reads every weight it uses once, so speculative decoding pays off when
 verifying k+1 tokens costs little more than decoding one. The model is bench/vs_llamacpp.py's
@@ -69,11 +70,12 @@ class Timed:
         return timed
 
 
-def measure(model, prompt: list[int], n: int) -> dict:
+def measure(model, prompt: list[int], n: int, quantize: str | None = None) -> dict:
     """Plain and MTP greedy decoding of n tokens (batch 1), each engine warmed up first."""
     seq = len(prompt) + n + 2
-    plain = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq)
-    spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp")
+    plain = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, quantize=quantize)
+    spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp",
+                           quantize=quantize)  # fmt: skip
     for engine in (plain, spec):  # warm-up: allocator, thread pool, decode weight copies
         nanoseek.generate(model, [prompt], max_new_tokens=8, engine=engine)
     tp, ts = Timed(plain), Timed(spec)
@@ -96,8 +98,8 @@ def measure(model, prompt: list[int], n: int) -> dict:
     )  # fmt: skip
 
 
-def report(label: str, cfg, r: dict, bandwidth: float) -> None:
-    nbytes = bytes_per_token(cfg) * 4  # fp32
+def report(label: str, cfg, r: dict, bandwidth: float, bytes_per_weight: float) -> None:
+    nbytes = bytes_per_token(cfg) * bytes_per_weight
     step, verify, draft, rest = (r[k] * 1e3 for k in ("t_step", "t_verify", "t_draft", "t_rest"))
     print(f"\n{label}: {nbytes / 1e9:.2f} GB of weights per token, {1 / r['t_step']:.1f} tokens/s "
           f"plain ({nbytes / r['t_step'] / bandwidth:.0%} of the roofline)")  # fmt: skip
@@ -116,6 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dense", action="store_true", help="also a dense model of the same width")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 decode weights")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.threads is not None:
@@ -124,7 +127,8 @@ def main(argv=None) -> None:
     print(banner(), flush=True)
     bandwidth = read_bandwidth()
     print(f"read bandwidth at {torch.get_num_threads()} threads: {bandwidth / 1e9:.1f} GB/s; "
-          f"batch 1, greedy, {args.new_tokens} new tokens, fp32", flush=True)  # fmt: skip
+          f"batch 1, greedy, {args.new_tokens} new tokens, "
+          f"{'int8 weights' if args.quantize else 'fp32'}", flush=True)  # fmt: skip
     prompt = list(range(5, 37))
     configs = {"MoE (803M, 64 experts top-6)": big_config().replace(num_nextn_predict_layers=1)}
     if args.dense:
@@ -135,7 +139,8 @@ def main(argv=None) -> None:
         for label, cfg in configs.items():
             torch.manual_seed(0)
             model = nanoseek.CausalLM(cfg).eval()
-            report(label, cfg, measure(model, prompt, args.new_tokens), bandwidth)
+            r = measure(model, prompt, args.new_tokens, args.quantize)
+            report(label, cfg, r, bandwidth, 1 if args.quantize else 4)
             del model
 
 
