@@ -83,6 +83,25 @@ def test_int8_batched_and_zero_rows():
     assert rel(got, want) < 5e-4 and (got[1, 0] == 0).all()
 
 
+@needs_kernels
+def test_leading_dims_and_strided_activations():
+    """x [B,T,K] against one matrix, and per-head x given as a transposed view ([G,M,K] from
+    [M,G,K], as MLA's absorbed attention passes it): the same numbers as contiguous 2D calls."""
+    g = torch.Generator().manual_seed(4)
+    q = Int8Weight.quantize(torch.randn(24, 64, generator=g))
+    x = torch.randn(2, 3, 64, generator=g)
+    want = KERNELS.q8(x.reshape(6, 64), q.q, q.scale, torch.float32).reshape(2, 3, 24)
+    assert torch.equal(KERNELS.q8(x, q.q, q.scale, torch.float32), want)
+    heads = Int8Weight.quantize(torch.randn(4, 16, 64, generator=g))
+    xh = torch.randn(3, 4, 64, generator=g).transpose(0, 1)  # [G=4, M=3, K], not contiguous
+    want = torch.bmm(xh, heads.dequantize().transpose(1, 2))
+    assert rel(KERNELS.q8(xh, heads.q, heads.scale, torch.float32), want) < 5e-4
+    wb = torch.randn(4, 16, 64, generator=g).bfloat16()
+    got = KERNELS.bf16(xh.bfloat16(), wb, torch.float32)
+    torch.testing.assert_close(got, torch.bmm(xh.bfloat16().float(), wb.float().transpose(1, 2)),
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
+
+
 def test_dispatch_agrees_with_aten(monkeypatch):
     """quant.mm / bmm give the same numbers (to each path's rounding) with and without the
     native kernels, for every case that reaches them."""
