@@ -96,8 +96,8 @@ class ModelRunner:
             # oneDNN, which runs bf16 / fp16 matmuls on CPU, builds a kernel for every new shape
             # (~1 ms, more than the decode step's attention): read the keys in blocks of
             # KEY_BLOCK positions, so that a shape repeats for KEY_BLOCK steps. The extra keys
-            # are masked; fp32 (MKL, no per-shape cost) reads exactly `seq`, bit for bit as
-            # before
+            # are masked; fp32 (MKL, no per-shape cost) reads exactly `seq`, so its scores are
+            # those of the valid positions to the bit
             seq = min(-(-seq // KEY_BLOCK) * KEY_BLOCK, self.max_seq_len)
         keys = torch.arange(seq, device=dev)
         allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row

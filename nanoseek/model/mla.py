@@ -67,7 +67,8 @@ class MLA(nn.Module):
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         q, kv = weights.linear(x, first, self.kv_a_proj_with_mqa)
         if self.q_lora_rank is not None:
-            (q,) = weights.linear(weights.norm(self.q_a_layernorm, q), self.q_b_proj)  # eqs. 1-3
+            q = weights.norm(self.q_a_layernorm, q)  # [V3 eqs. 1-3]
+            (q,) = weights.linear(q, self.q_b_proj)
         q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split(
             [self.nope_dim, self.rope_dim], dim=-1
         )
