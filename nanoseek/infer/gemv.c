@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 3
+#define ABI 4
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -239,6 +239,21 @@ void nanoseek_rmsnorm(const void *x, const void *w, void *y, int64_t rows, int D
         _mm256_mask_storeu_epi16((uint16_t *)y + row + k, m, h);
       }
     }
+  }
+}
+
+/* acc[o] += sum_g gates[g] * h[g, o], g in order (a token's chosen experts weighted by their
+ * gates [V3 eq. 12]); h fp32 [G, O], acc fp32 or bf16 [O] (bf16: summed in fp32, rounded once) */
+void nanoseek_combine(const float *h, const float *gates, void *acc, int G, int O, int acc_bf16) {
+  for (int o = 0; o < O; o += 16) {
+    const __mmask16 m = O - o >= 16 ? 0xffff : (__mmask16)((1u << (O - o)) - 1);
+    __m512 a = load16(acc, o, m, acc_bf16);
+    for (int g = 0; g < G; g++)
+      a = _mm512_fmadd_ps(_mm512_set1_ps(gates[g]), _mm512_maskz_loadu_ps(m, h + (int64_t)g * O + o), a);
+    if (acc_bf16)
+      _mm256_mask_storeu_epi16((uint16_t *)acc + o, m, (__m256i)_mm512_cvtneps_pbh(a));
+    else
+      _mm512_mask_storeu_ps((float *)acc + o, m, a);
   }
 }
 #else

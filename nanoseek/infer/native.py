@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 3  # gemv.c's ABI: the argument lists below
+ABI = 4  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -110,6 +110,7 @@ class Kernels:
         lib.nanoseek_gemv_bf16.argtypes = [_P, _L, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
+        lib.nanoseek_combine.argtypes = [_P, ctypes.POINTER(ctypes.c_float), _P, _I, _I, _I]
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -166,3 +167,13 @@ class Kernels:
                                   x.numel() // x.shape[-1], x.shape[-1], eps,
                                   x.dtype == torch.bfloat16)  # fmt: skip
         return y
+
+    def combine(self, h: torch.Tensor, gates: list[float], out: torch.Tensor) -> torch.Tensor:
+        """out [O] (fp32 or bf16, contiguous) += sum_g gates[g] * h[g] for h fp32 [G, O], g in
+        order, fp32 inside; returns out."""
+        if not h.is_contiguous():
+            h = h.contiguous()
+        c_gates = (ctypes.c_float * len(gates))(*gates)
+        self.lib.nanoseek_combine(h.data_ptr(), c_gates, out.data_ptr(), h.shape[0], h.shape[1],
+                                  out.dtype == torch.bfloat16)  # fmt: skip
+        return out

@@ -35,7 +35,9 @@ from torch import nn
 
 from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
+from nanoseek.model.weights import combine
 
+FP32 = torch.float32
 _NORM_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -99,19 +101,30 @@ class DecodeWeights:
     mm = staticmethod(mm)
     bmm = staticmethod(bmm)
 
-    def experts_mm(self, x: torch.Tensor, param: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def experts_mm(self, x: torch.Tensor, param: torch.Tensor, ids: list[int],
+                   gates: list[float] | None = None, out: torch.Tensor | None = None):  # fmt: skip
         """x [in] (shared) or [K, in] (row i for expert ids[i]) through experts `ids` of a
-        stacked [E, out, in] weight -> [K, out]: one native call for all K where it runs (one
-        token's experts at decode), else one `mm` per expert."""
+        stacked [E, out, in] weight -> [K, out], or with `gates` their weighted sum added to
+        out (the interface's `experts_mm`): one native call for all K where it runs (one token's
+        experts at decode) and one more for the sum, else one `mm` per expert and the modules'
+        sum."""
         value = self._entry("t", param).value
+        kernels = None
         if isinstance(value, Int8Weight):
             if (kernels := value.kernels_for(x)) is not None:
-                return kernels.q8(x, value.q, value.scale, x.dtype, ids=ids)
+                h = kernels.q8(x, value.q, value.scale, x.dtype if gates is None else FP32, ids=ids)
         elif x.dtype == torch.bfloat16:
             if (kernels := bf16_kernels(x, w_rows := value.transpose(1, 2))) is not None:
-                return kernels.bf16(x, w_rows, ids=ids)
+                h = kernels.bf16(x, w_rows, x.dtype if gates is None else FP32, ids=ids)
+        if kernels is not None:
+            if gates is None:
+                return h
+            if out.dtype in (FP32, torch.bfloat16) and out.is_contiguous():
+                return kernels.combine(h, gates, out)
+            return combine(h.to(out.dtype), gates, out)
         split = self.experts(param)
-        return torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
+        h = torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
+        return h if gates is None else combine(h, gates, out)
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An RMSNorm module applied to x. In int8 engines and in bf16, one native call where the

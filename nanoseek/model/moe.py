@@ -334,10 +334,8 @@ class MoE(FixedDtypeBuffers):
             params = self.experts.gate_up_proj, self.experts.down_proj
             for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
                 gate, up = weights.experts_mm(xe[n], params[0], es).chunk(2, dim=-1)  # [K,F]
-                h = weights.experts_mm(F.silu(gate).mul_(up), params[1], es)  # [K,D]
-                yn = y[n]
-                for w, h_e in zip(ws, h.unbind()):  # [V3 eq. 12]: sum_i g_i FFN_i, in expert
-                    yn.add_(h_e, alpha=w)  # order (the fp32 sums of every earlier version)
+                # [V3 eq. 12]: y_n += sum_i g_i FFN_i, the experts added in order
+                weights.experts_mm(F.silu(gate).mul_(up), params[1], es, ws, y[n])
             return y.view(B, T, D)
         gate_up = weights.experts(self.experts.gate_up_proj)  # E x W^T [D,2F]
         down = weights.experts(self.experts.down_proj)  # E x W^T [F,D]

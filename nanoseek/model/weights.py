@@ -6,7 +6,8 @@ kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
-- `experts_mm(x, param, ids)`: one token through several experts of a stacked weight at once;
+- `experts_mm(x, param, ids, gates, out)`: one token through several experts of a stacked
+  weight at once (with gates: their gate-weighted sum added to out);
 - `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1];
 - `bmm(x, w)`: x [H,T,in] @ w per head for one of those;
 - `norm(module, x)`: an RMSNorm module applied to x.
@@ -42,12 +43,13 @@ class ModuleWeights:
         return x @ w_t
 
     @staticmethod
-    def experts_mm(x: torch.Tensor, param: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def experts_mm(x: torch.Tensor, param: torch.Tensor, ids: list[int],
+                   gates: list[float] | None = None, out: torch.Tensor | None = None):  # fmt: skip
         """x [in] (one input for every expert) or [K, in] (row i for expert ids[i]) through
-        experts `ids` of a stacked [E, out, in] weight -> [K, out]."""
-        return torch.stack(
-            [(x if x.dim() == 1 else x[i]) @ param[e].t() for i, e in enumerate(ids)]
-        )
+        experts `ids` of a stacked [E, out, in] weight -> [K, out]. With `gates`: out [out] +=
+        sum_i gates[i] * row i, added in expert order, and out is returned [V3 eq. 12]."""
+        h = torch.stack([(x if x.dim() == 1 else x[i]) @ param[e].t() for i, e in enumerate(ids)])
+        return h if gates is None else combine(h, gates, out)
 
     @staticmethod
     def absorbed(mla) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +61,14 @@ class ModuleWeights:
     @staticmethod
     def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
+
+
+def combine(h: torch.Tensor, gates: list[float], out: torch.Tensor) -> torch.Tensor:
+    """out += sum_i gates[i] * h[i], one expert after another (the order every fp32 result of
+    the decode path was computed in)."""
+    for w, h_e in zip(gates, h.unbind()):
+        out.add_(h_e, alpha=w)
+    return out
 
 
 MODULE_WEIGHTS = ModuleWeights()

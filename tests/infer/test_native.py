@@ -9,7 +9,7 @@ from nanoseek.infer import native, quant
 from nanoseek.infer.quant import Int8Weight
 from nanoseek.infer.weights import DecodeWeights
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.weights import MODULE_WEIGHTS
+from nanoseek.model.weights import MODULE_WEIGHTS, combine
 
 KERNELS = native.kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"native kernels: {native.reason()}")
@@ -216,3 +216,32 @@ def test_decode_norms(kind):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=2**-7 if kind == "bf16" else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_experts_weighted_sum(kind):
+    """experts_mm with gates adds the gate-weighted sum of the chosen experts to `out` in expert
+    order: in exact fp32 engines the modules' sum of the same products (bit for bit), in int8 /
+    bf16 engines one native call, to their rounding."""
+    g = torch.Generator().manual_seed(5)
+    param = torch.randn(8, 48, 64, generator=g)  # [E,O,K]
+    ids, gates = [6, 2, 6], [0.7, -1.3, 0.25]
+    x = torch.randn(len(ids), 64, generator=g)
+    out0 = torch.randn(48, generator=g)
+    if kind == "int8":
+        weights = DecodeWeights(transpose=False, quantize="int8")
+        exact = Int8Weight.quantize(param).dequantize()
+    elif kind == "bf16":
+        param, x, out0 = param.bfloat16(), x.bfloat16(), out0.bfloat16()
+        weights, exact = DecodeWeights(transpose=False), param.float()
+    else:
+        weights, exact = DecodeWeights(transpose=True), param
+    out = out0.clone()
+    got = weights.experts_mm(x, param, ids, gates, out)
+    assert got is out and out.dtype == out0.dtype
+    want = MODULE_WEIGHTS.experts_mm(x.float(), exact, ids, gates, out0.float().clone())
+    if kind == "fp32":  # the per-expert products, then the modules' sum: the same bits
+        assert torch.equal(out, combine(weights.experts_mm(x, param, ids), gates, out0.clone()))
+        assert rel(out, want) < 1e-6
+    else:
+        assert rel(out, want) < (5e-4 if kind == "int8" else 1e-2)
