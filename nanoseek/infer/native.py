@@ -148,8 +148,10 @@ class Kernels:
         """x (any float; int16 inside, one scale per row) @ (q * scale)^T for int8 rows q
         [..., O, K] with bf16 scales [..., O]; shapes as `_call` says."""
         g, m, x_gstride, c_ids, y = self._call(x, q, ids, out_dtype)
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
+        if x.dtype != torch.float32:
+            x = x.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
         self.lib.nanoseek_gemv_q8(
             x.data_ptr(), x_gstride, q.data_ptr(), scale.data_ptr(), c_ids, y.data_ptr(),
             g, m, q.shape[-1], q.shape[-2], y.dtype == torch.bfloat16,

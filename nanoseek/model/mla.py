@@ -77,9 +77,9 @@ class MLA(nn.Module):
         if freqs is None:
             q_rope = apply_rope(q_rope, cos, sin)
             k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [V3 eq. 3]
-        else:
-            q_rope = apply_rope_complex(q_rope, freqs)
-            k_rope = apply_rope_complex(k_rope, freqs[:, :, 0])
+        else:  # the heads' queries and the shared key in one complex multiply [B,T,H+1,R]
+            both = apply_rope_complex(torch.cat((q_rope, k_rope.unsqueeze(2)), dim=2), freqs)
+            q_rope, k_rope = both[:, :, : self.n_heads], both[:, :, self.n_heads]
         return q_nope, q_rope, c_kv, k_rope
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
