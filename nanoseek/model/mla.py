@@ -133,7 +133,10 @@ class MLA(nn.Module):
         scores = torch.baddbmm(
             bias, q.view(B, T * H, -1), kv.transpose(1, 2), alpha=self.softmax_scale
         )  # [B,TH,S]
-        p = scores.float().softmax(-1).to(kv.dtype)
+        if scores.dtype == torch.float32:  # (the casts below are operators even as no-ops)
+            p = scores.softmax(-1)
+        else:
+            p = scores.float().softmax(-1).to(kv.dtype)
         o_lat = torch.bmm(p, kv[..., :C])  # [B,TH,C]
         o = weights.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]
         return o.transpose(0, 1).reshape(B, T, -1)
