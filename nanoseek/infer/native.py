@@ -95,7 +95,7 @@ def kernels_for(x: torch.Tensor) -> Kernels | None:
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _IDS = ctypes.POINTER(ctypes.c_int64)
-_KEPT = (torch.float32, torch.bfloat16)  # the output dtypes the kernels write
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 
 
 class Kernels:
@@ -120,7 +120,7 @@ class Kernels:
         output is [..., O], [G,M,O] or [len(ids), O], in out_dtype if the kernels write it,
         else in fp32."""
         n_out, k = w.shape[-2:]
-        kept = out_dtype if out_dtype in _KEPT else torch.float32
+        kept = out_dtype if out_dtype in DTYPES else torch.float32
         if ids is not None:
             g = len(ids)
             y = torch.empty((g, n_out), dtype=kept)

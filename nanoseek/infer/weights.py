@@ -37,9 +37,6 @@ from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
 from nanoseek.model.weights import combine
 
-FP32 = torch.float32
-_NORM_DTYPES = (torch.float32, torch.bfloat16)
-
 
 @dataclass
 class _Entry:
@@ -109,22 +106,18 @@ class DecodeWeights:
         experts at decode) and one more for the sum, else one `mm` per expert and the modules'
         sum."""
         value = self._entry("t", param).value
-        kernels = None
-        if isinstance(value, Int8Weight):
-            if (kernels := value.kernels_for(x)) is not None:
-                h = kernels.q8(x, value.q, value.scale, x.dtype if gates is None else FP32, ids=ids)
-        elif x.dtype == torch.bfloat16:
-            if (kernels := bf16_kernels(x, w_rows := value.transpose(1, 2))) is not None:
-                h = kernels.bf16(x, w_rows, x.dtype if gates is None else FP32, ids=ids)
-        if kernels is not None:
-            if gates is None:
-                return h
-            if out.dtype in (FP32, torch.bfloat16) and out.is_contiguous():
-                return kernels.combine(h, gates, out)
-            return combine(h.to(out.dtype), gates, out)
-        split = self.experts(param)
-        h = torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
-        return h if gates is None else combine(h, gates, out)
+        # the sum is taken from fp32 products
+        found = _native_experts(x, value, ids, x.dtype if gates is None else torch.float32)
+        if found is None:
+            split = self.experts(param)
+            h = torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
+            return h if gates is None else combine(h, gates, out)
+        kernels, h = found
+        if gates is None:
+            return h
+        if out.dtype in native.DTYPES and out.is_contiguous():
+            return kernels.combine(h, gates, out)
+        return combine(h.to(out.dtype), gates, out)
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An RMSNorm module applied to x. In int8 engines and in bf16, one native call where the
@@ -134,7 +127,7 @@ class DecodeWeights:
         decoding stays bit-identical to its forward's norms."""
         w = module.weight
         native_ok = self.quantize is not None or x.dtype == torch.bfloat16
-        if native_ok and x.dtype == w.dtype and x.dtype in _NORM_DTYPES:
+        if native_ok and x.dtype == w.dtype and x.dtype in native.DTYPES:
             if (kernels := native.kernels_for(x)) is not None:
                 return kernels.rmsnorm(x, w, module.eps)
         return module(x)
@@ -218,3 +211,16 @@ class DecodeWeights:
             else:
                 w_t = w.transpose(-1, -2)
                 e.value = w_t.contiguous() if self.transpose else w_t
+
+
+def _native_experts(x: torch.Tensor, value, ids: list[int], out_dtype):
+    """(the kernels, x through experts `ids` of a stacked decode weight `value` in one call),
+    where the native kernels run for them (int8, or bf16 rows), else None."""
+    if isinstance(value, Int8Weight):
+        if (kernels := value.kernels_for(x)) is not None:
+            return kernels, kernels.q8(x, value.q, value.scale, out_dtype, ids=ids)
+    elif x.dtype == torch.bfloat16:
+        w_rows = value.transpose(1, 2)
+        if (kernels := bf16_kernels(x, w_rows)) is not None:
+            return kernels, kernels.bf16(x, w_rows, out_dtype, ids=ids)
+    return None
