@@ -14,8 +14,9 @@
  *   int16 with one scale per row (~15 bits: as exact as fp32 next to the weights' int8), and
  *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
  * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
- * And RMSNorm in one call: PyTorch's is a chain of ~8 operators, each slow right after a
- * kernel that streamed megabytes through the caches (~40 us a norm inside a decode step).
+ * And, each in one call, RMSNorm and a token's gate-weighted sum of its experts: PyTorch runs
+ * them as chains of operators, each slow right after a kernel that streamed megabytes through
+ * the caches (~40 us a norm inside a decode step).
  * Threads: OpenMP, which binds to the runtime torch already loaded (libgomp.so.1), so
  * torch.set_num_threads applies here too.
  */
@@ -201,14 +202,18 @@ void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const 
   free(sx);
 }
 
-/* RMSNorm of `rows` rows of D: y = x / sqrt(mean(x^2) + eps) * w, statistics in fp32. fp32:
- * (x * rstd) * w, F.rms_norm's order. bf16 (x, w, y all bf16): x * rstd rounded to bf16, then
- * times w rounded again, the order of nanoseek's RMSNorm and transformers' for bf16. The sum of
- * squares is added in another order than PyTorch's, so results may differ in the last bit. */
+/* 16 lanes of fp32, or of bf16 widened to fp32; m masks a tail */
 static inline __m512 load16(const void *p, int64_t i, __mmask16 m, int bf16) {
   if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
   const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void store16(void *p, int64_t i, __mmask16 m, __m512 v, int bf16) {
+  if (!bf16)
+    _mm512_mask_storeu_ps((float *)p + i, m, v);
+  else /* round to nearest even */
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 static inline __m512 round_bf16(__m512 v) { /* fp32 -> bf16 (nearest even) -> fp32 */
@@ -216,6 +221,15 @@ static inline __m512 round_bf16(__m512 v) { /* fp32 -> bf16 (nearest even) -> fp
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* the lanes of the 16 at k that lie before n */
+static inline __mmask16 lanes(int k, int n) {
+  return n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+}
+
+/* RMSNorm of `rows` rows of D: y = x / sqrt(mean(x^2) + eps) * w, statistics in fp32. fp32:
+ * (x * rstd) * w, F.rms_norm's order. bf16 (x, w, y all bf16): x * rstd rounded to bf16, then
+ * times w rounded again, the order of nanoseek's RMSNorm and transformers' for bf16. The sum of
+ * squares is added in another order than PyTorch's, so results may differ in the last bit. */
 void nanoseek_rmsnorm(const void *x, const void *w, void *y, int64_t rows, int D, float eps,
                       int bf16) {
 #pragma omp parallel for schedule(static) if (rows * D >= (1 << 18))
@@ -223,21 +237,14 @@ void nanoseek_rmsnorm(const void *x, const void *w, void *y, int64_t rows, int D
     const int64_t row = r * D;
     __m512 acc = _mm512_setzero_ps();
     for (int k = 0; k < D; k += 16) {
-      const __mmask16 m = D - k >= 16 ? 0xffff : (__mmask16)((1u << (D - k)) - 1);
-      const __m512 v = load16(x, row + k, m, bf16);
+      const __m512 v = load16(x, row + k, lanes(k, D), bf16);
       acc = _mm512_fmadd_ps(v, v, acc);
     }
     const __m512 rstd = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
     for (int k = 0; k < D; k += 16) {
-      const __mmask16 m = D - k >= 16 ? 0xffff : (__mmask16)((1u << (D - k)) - 1);
+      const __mmask16 m = lanes(k, D);
       const __m512 n = _mm512_mul_ps(load16(x, row + k, m, bf16), rstd);
-      const __m512 wv = load16(w, k, m, bf16);
-      if (!bf16) {
-        _mm512_mask_storeu_ps((float *)y + row + k, m, _mm512_mul_ps(n, wv));
-      } else {
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(n), wv));
-        _mm256_mask_storeu_epi16((uint16_t *)y + row + k, m, h);
-      }
+      store16(y, row + k, m, _mm512_mul_ps(bf16 ? round_bf16(n) : n, load16(w, k, m, bf16)), bf16);
     }
   }
 }
@@ -246,14 +253,12 @@ void nanoseek_rmsnorm(const void *x, const void *w, void *y, int64_t rows, int D
  * gates [V3 eq. 12]); h fp32 [G, O], acc fp32 or bf16 [O] (bf16: summed in fp32, rounded once) */
 void nanoseek_combine(const float *h, const float *gates, void *acc, int G, int O, int acc_bf16) {
   for (int o = 0; o < O; o += 16) {
-    const __mmask16 m = O - o >= 16 ? 0xffff : (__mmask16)((1u << (O - o)) - 1);
+    const __mmask16 m = lanes(o, O);
     __m512 a = load16(acc, o, m, acc_bf16);
     for (int g = 0; g < G; g++)
-      a = _mm512_fmadd_ps(_mm512_set1_ps(gates[g]), _mm512_maskz_loadu_ps(m, h + (int64_t)g * O + o), a);
-    if (acc_bf16)
-      _mm256_mask_storeu_epi16((uint16_t *)acc + o, m, (__m256i)_mm512_cvtneps_pbh(a));
-    else
-      _mm512_mask_storeu_ps((float *)acc + o, m, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(gates[g]), _mm512_maskz_loadu_ps(m, h + (int64_t)g * O + o),
+                          a);
+    store16(acc, o, m, a, acc_bf16);
   }
 }
 #else
