@@ -27,11 +27,9 @@ import torch
 
 from nanoseek.infer.cache import CacheStep, LatentCache, write_rows
 from nanoseek.infer.weights import DecodeWeights
+from nanoseek.model.mla import score_dtype
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.weights import MODULE_WEIGHTS
-
-KEY_BLOCK = 64  # bf16 / fp16 decoding reads the cache in blocks of this many positions
-
 
 class ModelRunner:
     """Owns the latent caches and runs the model over them; knows nothing about requests."""
@@ -92,16 +90,9 @@ class ModelRunner:
         if not any(start):  # prefill: the modules' own weights (if any), plain attention
             w = MODULE_WEIGHTS if self.weights.modules_hold_weights else self.weights
             return CacheStep(cache, row0, positions, seq, True, w, cos, sin)
-        if self.model.dtype != torch.float32:
-            # oneDNN, which runs bf16 / fp16 matmuls on CPU, builds a kernel for every new shape
-            # (~1 ms, more than the decode step's attention): read the keys in blocks of
-            # KEY_BLOCK positions, so that a shape repeats for KEY_BLOCK steps. The extra keys
-            # are masked; fp32 (MKL, no per-shape cost) reads exactly `seq`, so its scores are
-            # those of the valid positions to the bit
-            seq = min(-(-seq // KEY_BLOCK) * KEY_BLOCK, self.max_seq_len)
         keys = torch.arange(seq, device=dev)
         allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
-        bias = torch.zeros(B, T, seq, dtype=self.model.dtype, device=dev)
+        bias = torch.zeros(B, T, seq, dtype=score_dtype(self.model.dtype, dev), device=dev)
         bias = bias.masked_fill_(~allowed, float("-inf"))
         if T > 1:  # query rows are (t, h) pairs: repeat each t's mask over the heads
             bias = bias[:, :, None].expand(B, T, self.n_heads, seq).reshape(B, -1, seq)

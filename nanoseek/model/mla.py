@@ -26,6 +26,15 @@ from nanoseek.model.weights import MODULE_WEIGHTS
 ATTN_IMPLS = ("sdpa", "eager", "absorbed")
 
 
+def score_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype absorbed attention over a latent cache of `dtype` computes in: fp32 on CPU.
+    oneDNN, which runs bf16 / fp16 batched matmuls on CPU, is slower at a decode step's shapes
+    ([T*H, C+R] queries against S keys) than upcasting the cache and using MKL's fp32, even
+    at 3,000 cached tokens (an 803M model's bf16 decode step: 10-12% faster at 1,000 and 3,000
+    tokens, `bench/vs_llamacpp.py`'s model, 2 threads); elsewhere the cache's own dtype."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 class MLA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -123,13 +132,16 @@ class MLA(nn.Module):
         its additive bias, and W_UV maps the latent output back per head.
 
         q_nope [B,T,H,N], q_rope [B,T,H,R], kv [B,S,C+R] (c_KV then k_rope: the cache's
-        layout), bias [B|1, T*H|1, S] (0 or -inf; rows are (t, h) pairs). Returns [B,T,H*V];
-        `attend_plain` is the reference."""
+        layout), bias [B|1, T*H|1, S] (0 or -inf, in `score_dtype`; rows are (t, h) pairs).
+        Returns [B,T,H*V]; `attend_plain` is the reference."""
         B, T, H, N = q_nope.shape
         C = self.kv_lora_rank
+        dtype = kv.dtype
         w_uk, w_uv_t = weights.absorbed(self)  # [H,N,C], [H,C,V]
         q_lat = weights.bmm(q_nope.reshape(B * T, H, N).transpose(0, 1), w_uk)  # [H,BT,C]
         q = torch.cat((q_lat.transpose(0, 1), q_rope.reshape(B * T, H, -1)), dim=-1)  # [BT,H,C+R]
+        if bias.dtype != dtype:  # scores in fp32 over a bf16 / fp16 cache (`score_dtype`)
+            q, kv = q.to(bias.dtype), kv.to(bias.dtype)
         scores = torch.baddbmm(
             bias, q.view(B, T * H, -1), kv.transpose(1, 2), alpha=self.softmax_scale
         )  # [B,TH,S]
@@ -138,6 +150,8 @@ class MLA(nn.Module):
         else:
             p = scores.float().softmax(-1).to(kv.dtype)
         o_lat = torch.bmm(p, kv[..., :C])  # [B,TH,C]
+        if o_lat.dtype != dtype:
+            o_lat = o_lat.to(dtype)
         o = weights.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv_t)  # [H,BT,V]
         return o.transpose(0, 1).reshape(B, T, -1)
 

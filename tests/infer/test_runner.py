@@ -128,32 +128,27 @@ def test_bf16_decode_close_to_recompute():
 
 
 @torch.inference_mode()
-def test_bf16_reads_keys_in_blocks(monkeypatch):
-    """bf16 decoding reads the cache in blocks of KEY_BLOCK positions (one oneDNN kernel per
-    block, not per step): the extra keys are masked, so the logits are those of reading
-    exactly the valid positions, to bf16 rounding; fp32 reads exactly `seq`."""
-    from nanoseek.infer import runner as runner_mod
-
+def test_bf16_decode_scores_in_fp32_over_exactly_the_valid_keys():
+    """A bf16 model on CPU decodes with an fp32 bias (its scores run in fp32, `score_dtype`)
+    over exactly `seq` keys, and matches the fp32 model's decoding of the same weights to bf16
+    rounding, rows of different lengths included."""
     cfg = tiny_config(num_experts_per_tok=8, n_group=1, topk_group=1)
-    model = random_model(cfg).to(torch.bfloat16)
+    model = random_model(cfg)
     ids = ids_for(cfg, 2, 12)
 
-    def decode_all(block):
-        monkeypatch.setattr(runner_mod, "KEY_BLOCK", block)
-        r = ModelRunner(model, max_batch=2, max_seq_len=100)
+    def decode_all(m):
+        r = ModelRunner(m, max_batch=2, max_seq_len=100)
         r.prefill(ids[:, :5], [5, 3], row0=0)  # rows of different lengths
         out = []
         for t in range(5, 12):
             step = r.make_step(r.cache, 0, list(r.cache.lengths[:2]), 1)
-            assert step.seq == (min(100, -(-(t + 1) // block) * block))
-            out.append(r.decode(ids[:, t : t + 1])[0])
+            assert step.seq == t + 1 and step.bias.dtype == torch.float32
+            out.append(r.decode(ids[:, t : t + 1])[0].float())
         return torch.cat(out, dim=1)
 
-    blocked, exact = decode_all(64), decode_all(1)
-    torch.testing.assert_close(blocked, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
-    fp32 = ModelRunner(random_model(cfg), max_batch=1, max_seq_len=100)
-    fp32.prefill(ids[:1, :5], [5], row0=0)
-    assert fp32.make_step(fp32.cache, 0, [5], 1).seq == 6
+    exact = decode_all(model)
+    bf16 = decode_all(random_model(cfg).to(torch.bfloat16))
+    torch.testing.assert_close(bf16, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
 
 
 def test_sequence_past_max_seq_len_is_refused():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.model.mla import MLA, attention_bias, causal_attention_cpu
+from nanoseek.model.mla import MLA, attention_bias, causal_attention_cpu, score_dtype
 from nanoseek.model.rope import RotaryEmbedding
 from tests.helpers import tiny_config
 
@@ -66,6 +66,38 @@ def test_absorbed_decode_against_latent_prefix():
         full = mla.attend_plain(*mla.project(x, cos, sin)[:2], c_kv, k_rope, impl="sdpa")
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.allclose(a, full[:, -T:], atol=1e-5)  # the last T rows of full causal attention
+
+
+def test_absorbed_scores_in_fp32_over_a_bf16_cache():
+    """A bf16 cache with an fp32 bias (`score_dtype` on CPU): scores, softmax and the latent
+    output in fp32 over the bf16 values, rounded to bf16 once before W_UV; equals the same
+    attention run on fp32 copies of the bf16 inputs, and the bf16-bias path to bf16 rounding."""
+    cfg, mla, rope = _setup()
+    mla = mla.to(torch.bfloat16)
+    assert score_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    S, T, H = 20, 2, cfg.num_attention_heads
+    cos, sin = (t[:, :, None] for t in rope(torch.arange(S)[None]))
+    x = torch.randn(1, S, cfg.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        q_nope, q_rope, _, _ = mla.project(x[:, -T:], cos[:, -T:], sin[:, -T:])
+        _, _, c_kv, k_rope = mla.project(x, cos, sin)
+        kv = torch.cat((c_kv, k_rope), dim=-1)  # [1,S,C+R] bf16
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        bias32 = attention_bias(mask[None, None], T, H, x.float())
+        got = mla.attend_absorbed(q_nope, q_rope, kv, bias32)
+        in_bf16 = mla.attend_absorbed(q_nope, q_rope, kv, bias32.to(torch.bfloat16))
+        w_uk, w_uv = mla.absorbed_weights()
+        C = cfg.kv_lora_rank
+        q_lat = torch.einsum("thn,hnc->thc", q_nope[0], w_uk).float()  # rounded like the bmm
+        q = torch.cat((q_lat.to(torch.bfloat16).float(), q_rope[0].float()), -1)  # [T,H,C+R]
+        scores = q.view(T * H, -1) @ kv[0].float().T * mla.softmax_scale + bias32[0]
+        o_lat = (scores.softmax(-1) @ kv[0, :, :C].float()).to(torch.bfloat16).view(T, H, C)
+        want = torch.einsum("thc,hvc->thv", o_lat, w_uv).reshape(1, T, -1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=4e-3, rtol=4e-3)
+    err32 = (got.float() - want.float()).abs().max()
+    err16 = (in_bf16.float() - want.float()).abs().max()
+    assert err32 <= err16  # rounding the scores to bf16 (the other path) only adds error
 
 
 def test_absorbed_weights_are_views_of_kv_b_proj():
