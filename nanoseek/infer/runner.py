@@ -31,6 +31,7 @@ from nanoseek.model.mla import score_dtype
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.weights import MODULE_WEIGHTS
 
+
 class ModelRunner:
     """Owns the latent caches and runs the model over them; knows nothing about requests."""
 
