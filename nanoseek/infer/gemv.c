@@ -14,9 +14,9 @@
  *   int16 with one scale per row (~15 bits: as exact as fp32 next to the weights' int8), and
  *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
  * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
- * And, each in one call, RMSNorm and a token's gate-weighted sum of its experts: PyTorch runs
- * them as chains of operators, each slow right after a kernel that streamed megabytes through
- * the caches (~40 us a norm inside a decode step).
+ * And, each in one call, RMSNorm, the MoE router and a token's gate-weighted sum of its
+ * experts: PyTorch runs them as chains of operators, each slow right after a kernel that
+ * streamed megabytes through the caches (~40 us a norm inside a decode step).
  * Threads: OpenMP, which binds to the runtime torch already loaded (libgomp.so.1), so
  * torch.set_num_threads applies here too.
  */
@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 4
+#define ABI 5
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -260,6 +260,85 @@ void nanoseek_combine(const float *h, const float *gates, void *acc, int G, int 
                           a);
     store16(acc, o, m, a, acc_bf16);
   }
+}
+
+/* The DeepSeekMoE router [V3 §2.1.2, eqs. 12-16; V2 §2.1.2], nanoseek/model/router.py's
+ * Router.forward (the reference) for rows x [N, D] against the gate's rows w [E, D] (each fp32
+ * or bf16): logits and scores in fp32 (sigmoid, or softmax over E); the expert choice on the
+ * scores plus the bias (method NOAUX_TC) inside the best topk_group of G groups (a group scores
+ * the sum of its top 2 choices, or its best score: GROUP_LIMITED; GREEDY and G = 1 skip groups);
+ * gates = the unbiased scores of the K chosen, normalised to sum 1 if `norm`, times `scale`.
+ * Ties go to the lower index. ids [N, K] int64 in descending order of choice, gates fp32. */
+enum { GREEDY = 0, GROUP_LIMITED = 1, NOAUX_TC = 2 };
+
+static int argmax_of(const float *v, int n) {
+  int best = 0;
+  for (int i = 1; i < n; i++)
+    if (v[i] > v[best]) best = i;
+  return best;
+}
+
+void nanoseek_route(const void *x, const void *w, const float *bias, float *gates, int64_t *ids,
+                    int64_t N, int D, int E, int G, int topk_group, int K, int softmax, int method,
+                    int norm, float scale, int x_bf16, int w_bf16) {
+  float *logits = malloc(sizeof(float) * N * E);
+#pragma omp parallel for collapse(2) schedule(static) if (N * E * D >= (1 << 20))
+  for (int64_t n = 0; n < N; n++)
+    for (int e = 0; e < E; e++) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int k = 0; k < D; k += 16) {
+        const __mmask16 m = lanes(k, D);
+        acc = _mm512_fmadd_ps(load16(x, n * D + k, m, x_bf16),
+                              load16(w, (int64_t)e * D + k, m, w_bf16), acc);
+      }
+      logits[n * E + e] = _mm512_reduce_add_ps(acc);
+    }
+  for (int64_t n = 0; n < N; n++) {
+    float *s = logits + n * E, choice[E], group_score[G];
+    if (softmax) {
+      const float top = s[argmax_of(s, E)];
+      float sum = 0.f;
+      for (int e = 0; e < E; e++) sum += (s[e] = expf(s[e] - top));
+      for (int e = 0; e < E; e++) s[e] /= sum;
+    } else {
+      for (int e = 0; e < E; e++) s[e] = 1.f / (1.f + expf(-s[e]));
+    }
+    for (int e = 0; e < E; e++) choice[e] = method == NOAUX_TC ? s[e] + bias[e] : s[e];
+    if (G > 1 && method != GREEDY) {
+      const int per = E / G;
+      for (int g = 0; g < G; g++) {
+        const float *c = choice + g * per;
+        const int a = argmax_of(c, per);
+        float score = c[a];
+        if (method == NOAUX_TC && per > 1) { /* plus the second best */
+          int b = a == 0 ? 1 : 0;
+          for (int i = 0; i < per; i++)
+            if (i != a && c[i] > c[b]) b = i;
+          score += c[b];
+        }
+        group_score[g] = score;
+      }
+      int keep[G];
+      memset(keep, 0, sizeof keep);
+      for (int t = 0; t < topk_group; t++) {
+        const int g = argmax_of(group_score, G);
+        keep[g] = 1;
+        group_score[g] = -INFINITY;
+      }
+      for (int e = 0; e < E; e++)
+        if (!keep[e / per]) choice[e] = -INFINITY;
+    }
+    float total = 0.f;
+    for (int k = 0; k < K; k++) {
+      const int e = argmax_of(choice, E);
+      choice[e] = -INFINITY;
+      ids[n * K + k] = e;
+      total += (gates[n * K + k] = s[e]);
+    }
+    const float denom = (K > 1 && norm) ? total + 1e-20f : 1.f;
+    for (int k = 0; k < K; k++) gates[n * K + k] = gates[n * K + k] / denom * scale;
+  }
+  free(logits);
 }
 #else
 /* another CPU or compiler: nanoseek keeps PyTorch's kernels */

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 4  # gemv.c's ABI: the argument lists below
+ABI = 5  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -96,6 +96,7 @@ def kernels_for(x: torch.Tensor) -> Kernels | None:
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _IDS = ctypes.POINTER(ctypes.c_int64)
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
+ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # gemv.c's enum, in order
 
 
 class Kernels:
@@ -111,6 +112,7 @@ class Kernels:
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
         lib.nanoseek_combine.argtypes = [_P, ctypes.POINTER(ctypes.c_float), _P, _I, _I, _I]
+        lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -169,6 +171,27 @@ class Kernels:
                                   x.numel() // x.shape[-1], x.shape[-1], eps,
                                   x.dtype == torch.bfloat16)  # fmt: skip
         return y
+
+    def route(self, router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`router(x)[:2]` (nanoseek/model/router.py, the reference) in one call for x [N, D]:
+        gate weights [N, K] fp32 and expert ids [N, K] int64, ids in descending order of the
+        choice. x and the gate's weight each fp32 or bf16 (contiguous). The logits are summed in
+        another order than PyTorch's, so gates may differ in the last bits and a near-tie
+        (choices within ~1e-7) may go the other way."""
+        w, bias = router.weight, router.e_score_correction_bias
+        n, k = x.numel() // x.shape[-1], router.top_k
+        if not x.is_contiguous():
+            x = x.contiguous()
+        gates = torch.empty((n, k), dtype=torch.float32)
+        ids = torch.empty((n, k), dtype=torch.int64)
+        self.lib.nanoseek_route(
+            x.data_ptr(), w.data_ptr(), bias.data_ptr(), gates.data_ptr(), ids.data_ptr(), n,
+            x.shape[-1], router.n_experts, router.n_group, router.topk_group, k,
+            router.scoring_func == "softmax", ROUTE_METHODS.index(router.topk_method),
+            router.norm_topk_prob, router.routed_scaling_factor,
+            x.dtype == torch.bfloat16, w.dtype == torch.bfloat16,
+        )  # fmt: skip
+        return gates, ids
 
     def combine(self, h: torch.Tensor, gates: list[float], out: torch.Tensor) -> torch.Tensor:
         """out [O] (fp32 or bf16, contiguous) += sum_g gates[g] * h[g] for h fp32 [G, O], g in

@@ -324,7 +324,7 @@ class MoE(FixedDtypeBuffers):
         """
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        gate_weights, indices, _ = self.gate(flat)  # [N,K] fp32, [N,K]
+        gate_weights, indices = weights.route(self.gate, flat)  # [N,K] fp32, [N,K]
         shared = self.shared_experts
         y = torch.zeros_like(flat) if shared is None else shared(flat, weights)
         # experts that take another input dtype (int8 kernels: bf16) get it cast once here, not

@@ -1,8 +1,8 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
-Every projection and norm of the model goes through a *weights* object with seven methods, so
-that one forward serves training, prefill and decode while the layout of the matrices (and the
-kernels that multiply them) may differ:
+Every projection, norm and routing decision of the model goes through a *weights* object with
+eight methods, so that one forward serves training, prefill and decode while the layout of the
+matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
@@ -10,7 +10,8 @@ kernels that multiply them) may differ:
   weight at once (with gates: their gate-weighted sum added to out);
 - `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1];
 - `bmm(x, w)`: x [H,T,in] @ w per head for one of those;
-- `norm(module, x)`: an RMSNorm module applied to x.
+- `norm(module, x)`: an RMSNorm module applied to x;
+- `route(router, x)`: the MoE router's gate weights and expert ids for x.
 
 `ModuleWeights` (here) calls the modules themselves: training, FP8 training (which swaps the
 modules) and prefill use it. The inference engine passes its own implementation
@@ -61,6 +62,11 @@ class ModuleWeights:
     @staticmethod
     def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
+
+    @staticmethod
+    def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N,D] -> (gate weights [N,K] fp32, expert ids [N,K] int64)."""
+        return router(x)[:2]
 
 
 def combine(h: torch.Tensor, gates: list[float], out: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The native decode kernels against PyTorch: every GEMV tile and tail, batched matrices, the
-int32 chunking of the int8 kernel, RMSNorm, the dispatch around them, and the fallbacks where
-they cannot be built."""
+int32 chunking of the int8 kernel, RMSNorm, the router, the dispatch around them, and the
+fallbacks where they cannot be built."""
 
 import pytest
 import torch
@@ -9,7 +9,9 @@ from nanoseek.infer import native, quant
 from nanoseek.infer.quant import Int8Weight
 from nanoseek.infer.weights import DecodeWeights
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.router import Router
 from nanoseek.model.weights import MODULE_WEIGHTS, combine
+from tests.helpers import tiny_config
 
 KERNELS = native.kernels()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"native kernels: {native.reason()}")
@@ -245,3 +247,75 @@ def test_experts_weighted_sum(kind):
         assert rel(out, want) < 1e-6
     else:
         assert rel(out, want) < (5e-4 if kind == "int8" else 1e-2)
+
+
+ROUTERS = {  # [V3 §2.1.2] / [V2 §2.1.2] routers; wide rows go over both threads
+    "v3": dict(n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4),
+    "v3_wide": dict(
+        n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, hidden_size=4096
+    ),  # fmt: skip
+    "v2": dict(
+        scoring_func="softmax",
+        topk_method="group_limited_greedy",
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+    ),  # fmt: skip
+    "v2_lite": dict(
+        scoring_func="softmax",
+        topk_method="greedy",
+        n_routed_experts=16,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+    ),  # fmt: skip
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ROUTERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_matches_the_router(case, dtype):
+    """One native call against Router.forward: the same experts for every token (in another
+    order), gates equal to fp32 rounding; a biased choice that differs from the scores' (the
+    bias must steer the choice, not the gates)."""
+    cfg = tiny_config(**ROUTERS[case])
+    g = torch.Generator().manual_seed(len(case))
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5, generator=g)
+        router.e_score_correction_bias.normal_(0, 0.3, generator=g)
+    router = router.to(dtype)
+    x = torch.randn(9, cfg.hidden_size, generator=g).to(dtype)
+    with torch.inference_mode():
+        want_gates, want_ids, scores = router(x)
+        gates, ids = KERNELS.route(router, x)
+    assert gates.dtype == torch.float32 and ids.dtype == torch.int64
+    assert gates.shape == ids.shape == want_ids.shape
+    want_sorted, want_order = want_ids.sort(-1)
+    got_sorted, got_order = ids.sort(-1)
+    assert torch.equal(got_sorted, want_sorted)
+    torch.testing.assert_close(gates.gather(1, got_order), want_gates.gather(1, want_order),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    if cfg.topk_method == "noaux_tc":  # the top-K of the unbiased scores differs somewhere
+        plain = scores.topk(cfg.num_experts_per_tok, -1).indices.sort(-1).values
+        assert not torch.equal(plain, got_sorted)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_decode_route(kind):
+    """DecodeWeights.route: the module itself in exact fp32 engines (bit-identical), the native
+    router in int8 engines and in bf16 where it runs, choosing the same experts."""
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    router = Router(tiny_config(**ROUTERS["v3"])).to(dtype)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(2, router.weight.shape[1]).to(dtype)
+    weights = DecodeWeights(transpose=False, quantize="int8" if kind == "int8" else None)
+    with torch.inference_mode():
+        (want_gates, want_ids, _), (gates, ids) = router(x), weights.route(router, x)
+    if kind == "fp32" or KERNELS is None:
+        assert torch.equal(gates, want_gates) and torch.equal(ids, want_ids)
+    else:
+        assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
