@@ -86,7 +86,7 @@ class DecodeWeights:
         y = mm(x, self._entry("t", *weights).value)  # [..., sum of outs]
         if sizes is None:
             return (y if biases[0] is None else y + biases[0],)
-        outs = y.split(sizes, dim=-1)
+        outs = y.split_with_sizes(sizes, dim=-1)  # (not Tensor.split: a Python wrapper)
         return tuple(o if b is None else o + b for o, b in zip(outs, biases))
 
     def experts(self, param: torch.Tensor) -> list:

@@ -78,10 +78,12 @@ class MLA(nn.Module):
         if self.q_lora_rank is not None:
             q = weights.norm(self.q_a_layernorm, q)  # [V3 eqs. 1-3]
             (q,) = weights.linear(q, self.q_b_proj)
-        q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split(
+        # split_with_sizes: Tensor.split is a Python wrapper around it (1.4% of the samples of a
+        # bf16 decode step under py-spy)
+        q_nope, q_rope = q.view(B, T, self.n_heads, self.qk_dim).split_with_sizes(
             [self.nope_dim, self.rope_dim], dim=-1
         )
-        c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = kv.split_with_sizes([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = weights.norm(self.kv_a_layernorm, c_kv)  # [V3 eq. 1]
         if freqs is None:
             q_rope = apply_rope(q_rope, cos, sin)

@@ -345,7 +345,7 @@ class MoE(FixedDtypeBuffers):
         counts = torch.bincount(expert, minlength=self.n_experts).tolist()
         token = order // K  # [M]
         outs = []
-        for e, rows in enumerate(xe[token].split(counts)):
+        for e, rows in enumerate(xe[token].split_with_sizes(counts)):
             if rows.shape[0]:
                 gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
                 outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
