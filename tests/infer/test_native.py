@@ -249,29 +249,17 @@ def test_experts_weighted_sum(kind):
         assert rel(out, want) < (5e-4 if kind == "int8" else 1e-2)
 
 
+# fmt: off
 ROUTERS = {  # [V3 §2.1.2] / [V2 §2.1.2] routers; wide rows go over both threads
     "v3": dict(n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4),
-    "v3_wide": dict(
-        n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, hidden_size=4096
-    ),  # fmt: skip
-    "v2": dict(
-        scoring_func="softmax",
-        topk_method="group_limited_greedy",
-        n_routed_experts=16,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=3,
-    ),  # fmt: skip
-    "v2_lite": dict(
-        scoring_func="softmax",
-        topk_method="greedy",
-        n_routed_experts=16,
-        n_group=1,
-        topk_group=1,
-        num_experts_per_tok=4,
-        norm_topk_prob=False,
-    ),  # fmt: skip
+    "v3_wide": dict(n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+                    hidden_size=4096),
+    "v2": dict(scoring_func="softmax", topk_method="group_limited_greedy", n_routed_experts=16,
+               n_group=4, topk_group=2, num_experts_per_tok=3),
+    "v2_lite": dict(scoring_func="softmax", topk_method="greedy", n_routed_experts=16,
+                    n_group=1, topk_group=1, num_experts_per_tok=4, norm_topk_prob=False),
 }
+# fmt: on
 
 
 @needs_kernels
