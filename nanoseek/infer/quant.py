@@ -66,8 +66,11 @@ class Int8Weight:
         if rows <= native.MAX_ROWS and (kernels := self.kernels_for(x)) is not None:
             return kernels.q8(x, self.q, self.scale, x.dtype)
         flat = x.reshape(rows, -1)
-        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale).to(x.dtype)
-        return y.reshape(*x.shape[:-1], -1)
+        if self.q.shape[-1] % 16:  # ATen's kernel reads K in blocks of 16: with any other K it
+            y = flat.float() @ self.dequantize().T  # crashes or returns garbage (torch 2.13)
+        else:
+            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def bmm(self, x: torch.Tensor) -> torch.Tensor:
         """Per matrix g of a stacked q [G, O, K]: x [G, N, K] -> [G, N, O] in x's dtype."""
