@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 5
+#define ABI 6
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -260,6 +260,59 @@ void nanoseek_combine(const float *h, const float *gates, void *acc, int G, int 
                           a);
     store16(acc, o, m, a, acc_bf16);
   }
+}
+
+/* e^v for 16 lanes: v = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+ * (relative error < 2e-7 in fp32), times 2^n by vscalefps (which also gives 0 and inf at the
+ * ends of the range) */
+static inline __m512 exp16(__m512 v) {
+  v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v); /* ln2 = hi + lo */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* One token through its chosen experts' SwiGLU FFNs, added to its output [V3 eq. 12]:
+ * out[D] += sum_k gates[k] * W2_e (silu(W1g_e x) * W1u_e x), e = ids[k], k in order.
+ * w1 [E, 2F, D] (each expert's gate rows, then its up rows), w2 [E, D, F]: bf16 rows
+ * (q8 = 0: x bf16) or int8 with bf16 scales s1 [E, 2F], s2 [E, D] (q8 = 1: x fp32). The
+ * gate/up products and silu(g) * u stay fp32 (rounded to bf16 once for the bf16 kernel's
+ * input); out fp32 or bf16. D % 32 == 0 == F % 32. nanoseek/model/weights.py `experts_ffn`
+ * (three calls and two operators) is the reference. */
+void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, const void *w2,
+                          const uint16_t *s2, const int64_t *ids, const float *gates, void *out,
+                          int K, int D, int F, int q8, int out_bf16) {
+  float *h = malloc(sizeof(float) * K * 2 * F), *y = malloc(sizeof(float) * K * D);
+  void *a = malloc(sizeof(float) * K * F); /* fp32 (q8) or bf16 */
+  if (q8)
+    nanoseek_gemv_q8(x, 0, w1, s1, ids, h, K, 1, D, 2 * F, 0);
+  else
+    nanoseek_gemv_bf16(x, 0, w1, ids, h, K, 1, D, 2 * F, 0);
+  for (int k = 0; k < K; k++)
+    for (int j = 0; j < F; j += 16) {
+      const __mmask16 m = lanes(j, F);
+      const __m512 g = _mm512_maskz_loadu_ps(m, h + (int64_t)k * 2 * F + j);
+      const __m512 u = _mm512_maskz_loadu_ps(m, h + (int64_t)k * 2 * F + F + j);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(-g)));
+      store16(a, (int64_t)k * F + j, m, _mm512_mul_ps(silu, u), !q8);
+    }
+  if (q8)
+    nanoseek_gemv_q8(a, F, w2, s2, ids, y, K, 1, F, D, 0);
+  else
+    nanoseek_gemv_bf16(a, F, w2, ids, y, K, 1, F, D, 0);
+  nanoseek_combine(y, gates, out, K, D, out_bf16);
+  free(h);
+  free(y);
+  free(a);
 }
 
 /* The DeepSeekMoE router [V3 §2.1.2, eqs. 12-16; V2 §2.1.2], nanoseek/model/router.py's

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.weights import MODULE_WEIGHTS
@@ -20,5 +19,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, weights=MODULE_WEIGHTS) -> torch.Tensor:
         """x [...,D] -> [...,D]; `weights` multiplies (nanoseek/model/weights.py)."""
-        gate, up = weights.linear(x, self.gate_proj, self.up_proj)
-        return weights.linear(F.silu(gate) * up, self.down_proj)[0]
+        return weights.swiglu(x, self.gate_proj, self.up_proj, self.down_proj)

@@ -333,9 +333,8 @@ class MoE(FixedDtypeBuffers):
         if flat.shape[0] <= 2:  # per token: its K experts in two calls, no gathers
             params = self.experts.gate_up_proj, self.experts.down_proj
             for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
-                gate, up = weights.experts_mm(xe[n], params[0], es).chunk(2, dim=-1)  # [K,F]
-                # [V3 eq. 12]: y_n += sum_i g_i FFN_i, the experts added in order
-                weights.experts_mm(F.silu(gate).mul_(up), params[1], es, ws, y[n])
+                # [V3 eq. 12]: y_n += sum_i g_i FFN_i(x_n), the experts added in order
+                weights.experts_ffn(xe[n], *params, es, ws, y[n])
             return y.view(B, T, D)
         gate_up = weights.experts(self.experts.gate_up_proj)  # E x W^T [D,2F]
         down = weights.experts(self.experts.down_proj)  # E x W^T [F,D]

@@ -1,7 +1,7 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
 Every projection, norm and routing decision of the model goes through a *weights* object with
-eight methods, so that one forward serves training, prefill and decode while the layout of the
+ten methods, so that one forward serves training, prefill and decode while the layout of the
 matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
@@ -10,6 +10,9 @@ matrices (and the kernels that multiply them) may differ:
   weight at once (with gates: their gate-weighted sum added to out);
 - `absorbed(mla)`: W_UK [H,N,C] and W_UV^T [H,C,V] of MLA's absorbed attention [V3 §2.1.1];
 - `bmm(x, w)`: x [H,T,in] @ w per head for one of those;
+- `experts_ffn(x, gate_up, down, ids, gates, out)`: one token through several experts' SwiGLU
+  FFNs, their gate-weighted sum added to out;
+- `swiglu(x, gate_proj, up_proj, down_proj)`: a SwiGLU FFN of three projection modules;
 - `norm(module, x)`: an RMSNorm module applied to x;
 - `route(router, x)`: the MoE router's gate weights and expert ids for x.
 
@@ -22,6 +25,7 @@ faster); tests/infer/test_weights.py checks that both give the same numbers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,6 +56,14 @@ class ModuleWeights:
         h = torch.stack([(x if x.dim() == 1 else x[i]) @ param[e].t() for i, e in enumerate(ids)])
         return h if gates is None else combine(h, gates, out)
 
+    def experts_ffn(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    ids: list[int], gates: list[float], out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return experts_ffn(self, x, gate_up, down, ids, gates, out)
+
+    def swiglu(self, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,
+               down_proj: nn.Module) -> torch.Tensor:  # fmt: skip
+        return swiglu(self, x, gate_proj, up_proj, down_proj)
+
     @staticmethod
     def absorbed(mla) -> tuple[torch.Tensor, torch.Tensor]:
         w_uk, w_uv = mla.absorbed_weights()  # views of kv_b_proj
@@ -67,6 +79,25 @@ class ModuleWeights:
     def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N,D] -> (gate weights [N,K] fp32, expert ids [N,K] int64)."""
         return router(x)[:2]
+
+
+def experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                ids: list[int], gates: list[float], out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """x [D] (one token) through experts `ids` of the stacked gate/up [E, 2F, D] (gate rows,
+    then up rows) and down [E, D, F] weights as SwiGLU FFNs: out [D] += sum_i gates[i] *
+    down_i(silu(gate_i(x)) * up_i(x)), the experts added in order [V3 eq. 12]; returns out.
+    Through `weights.experts_mm`: the reference of every fused implementation."""
+    gate, up = weights.experts_mm(x, gate_up, ids).chunk(2, dim=-1)  # [K,F] each
+    return weights.experts_mm(F.silu(gate).mul_(up), down, ids, gates, out)
+
+
+def swiglu(weights, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,
+           down_proj: nn.Module) -> torch.Tensor:  # fmt: skip
+    """down(silu(gate(x)) * up(x)) [V3 §2.1.2] for x [..., D] through `weights.linear` (gate and
+    up from one fused product where the weights object fuses): the reference of every fused
+    implementation."""
+    gate, up = weights.linear(x, gate_proj, up_proj)
+    return weights.linear(F.silu(gate) * up, down_proj)[0]
 
 
 def combine(h: torch.Tensor, gates: list[float], out: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ import torch
 from nanoseek.infer import native, quant
 from nanoseek.infer.quant import Int8Weight
 from nanoseek.infer.weights import DecodeWeights
+from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.router import Router
-from nanoseek.model.weights import MODULE_WEIGHTS, combine
+from nanoseek.model.weights import MODULE_WEIGHTS, combine, experts_ffn, swiglu
 from tests.helpers import tiny_config
 
 KERNELS = native.kernels()
@@ -307,3 +308,69 @@ def test_decode_route(kind):
         assert torch.equal(gates, want_gates) and torch.equal(ids, want_ids)
     else:
         assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("width", [96, 40])  # 40: not a multiple of 32, the composed path
+def test_experts_ffn(kind, width):
+    """experts_ffn: one token through its experts' SwiGLU FFNs, the gate-weighted sum added to
+    out. Exact fp32 engines compose experts_mm (bit for bit the modules' sequence); int8 and
+    bf16 engines make one native call, equal to that composition through the same weights to
+    int8's activation rounding, and for bf16 at least as close to fp32 arithmetic on the same
+    bf16 weights (its gate/up products are not rounded to bf16 before silu). Gate values span
+    -30..30, the ends of silu's range."""
+    g = torch.Generator().manual_seed(width)
+    E, D, F = 8, 64, width
+    gate_up = torch.randn(E, 2 * F, D, generator=g) * 1.2
+    down = torch.randn(E, D, F, generator=g) * 0.2
+    ids, gates = [5, 1, 7, 1], [0.5, -0.25, 1.5, 0.125]
+    x = torch.randn(D, generator=g)
+    out0 = torch.randn(D, generator=g)
+    if kind == "bf16":
+        gate_up, down, x, out0 = gate_up.bfloat16(), down.bfloat16(), x.bfloat16(), out0.bfloat16()
+    weights = DecodeWeights(transpose=kind == "fp32", quantize="int8" if kind == "int8" else None)
+    with torch.inference_mode():
+        out = out0.clone()
+        got = weights.experts_ffn(x, gate_up, down, ids, gates, out)
+        composed = experts_ffn(weights, x, gate_up, down, ids, gates, out0.clone())
+        exact = MODULE_WEIGHTS.experts_ffn(x.float(), gate_up.float(), down.float(), ids, gates,
+                                           out0.float().clone())  # fmt: skip
+        h = torch.einsum("d,kod->ko", x.float(), gate_up.float()[ids])
+        assert h[:, :F].abs().max() > 15  # silu's input reaches far into both tails
+    assert got is out and out.dtype == out0.dtype
+    if kind == "fp32" or KERNELS is None or width % 32:
+        assert torch.equal(got, composed)
+    elif kind == "int8":
+        assert rel(got, composed.float()) < 1e-5
+        assert rel(got, exact) < 2e-2  # the weights' int8
+    else:
+        assert rel(got, exact) <= rel(composed, exact) + 1e-3
+        assert rel(got, exact) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("rows", [1, 2])  # 2: the composed path (the kernel takes one token)
+def test_swiglu(kind, rows):
+    """DecodeWeights.swiglu (the dense FFN and shared experts): for one token in int8 / bf16
+    engines one native call over the fused gate/up weight, equal to the composition through
+    the same weights to int8's activation rounding (bf16: at least as close to fp32 arithmetic
+    on the same weights); exact fp32 engines and several tokens compose, bit for bit."""
+    torch.manual_seed(rows)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    ffn = SwiGLU(64, 96).to(dtype)
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(rows, 1, 64).to(dtype)
+    weights = DecodeWeights(transpose=kind == "fp32", quantize="int8" if kind == "int8" else None)
+    with torch.inference_mode():
+        got = ffn(x, weights)
+        composed = swiglu(weights, x, ffn.gate_proj, ffn.up_proj, ffn.down_proj)
+        exact = swiglu(MODULE_WEIGHTS, x.float(), *(m.float() for m in (
+            ffn.gate_proj, ffn.up_proj, ffn.down_proj)))  # fmt: skip
+    assert got.shape == x.shape and got.dtype == dtype
+    if kind == "fp32" or KERNELS is None or rows > 1:
+        assert torch.equal(got, composed)
+    elif kind == "int8":
+        assert rel(got, composed.float()) < 1e-5
+    else:
+        assert rel(got, exact) <= rel(composed, exact) + 1e-3
