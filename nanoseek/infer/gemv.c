@@ -14,9 +14,10 @@
  *   int16 with one scale per row (~15 bits: as exact as fp32 next to the weights' int8), and
  *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
  * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
- * And, each in one call, RMSNorm, the MoE router and a token's gate-weighted sum of its
- * experts: PyTorch runs them as chains of operators, each slow right after a kernel that
- * streamed megabytes through the caches (~40 us a norm inside a decode step).
+ * And, each in one call, RMSNorm, the MoE router, a token's gate-weighted sum of its
+ * experts and a token's SwiGLU FFNs (both products, silu(g) * u, the sum): PyTorch runs them
+ * as chains of operators, each slow right after a kernel that streamed megabytes through the
+ * caches (~40 us a norm inside a decode step).
  * Threads: OpenMP, which binds to the runtime torch already loaded (libgomp.so.1), so
  * torch.set_num_threads applies here too.
  */

@@ -133,7 +133,8 @@ class DecodeWeights:
         """The dense FFN or shared experts (the interface's `swiglu`): for one token where the
         native kernels run, one call (`experts_ffn`'s kernel over the fused gate/up weight as a
         single expert of gate 1); elsewhere `swiglu` of nanoseek/model/weights.py."""
-        if x.numel() == x.shape[-1] and x.dtype in native.DTYPES:
+        native_ok = self.quantize is not None or x.dtype == torch.bfloat16  # (as for `norm`)
+        if native_ok and x.numel() == x.shape[-1] and x.dtype in native.DTYPES:
             (w1s, _, b1), (w2s, _, b2) = self._plan((gate_proj, up_proj)), self._plan((down_proj,))
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
