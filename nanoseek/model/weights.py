@@ -1,8 +1,8 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
-Every projection, norm and routing decision of the model goes through a *weights* object with
-ten methods, so that one forward serves training, prefill and decode while the layout of the
-matrices (and the kernels that multiply them) may differ:
+Every projection, norm, FFN and routing decision of the model goes through a *weights* object
+with ten methods, so that one forward serves training, prefill and decode while the layout of
+the matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
