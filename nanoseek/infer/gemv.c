@@ -203,11 +203,15 @@ void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const 
   free(sx);
 }
 
+/* 16 bf16 values widened to fp32 (exact: bf16 is fp32's upper half) */
+static inline __m512 widen16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* 16 lanes of fp32, or of bf16 widened to fp32; m masks a tail */
 static inline __m512 load16(const void *p, int64_t i, __mmask16 m, int bf16) {
   if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return widen16(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
 }
 
 static inline void store16(void *p, int64_t i, __mmask16 m, __m512 v, int bf16) {
@@ -218,8 +222,7 @@ static inline void store16(void *p, int64_t i, __mmask16 m, __m512 v, int bf16) 
 }
 
 static inline __m512 round_bf16(__m512 v) { /* fp32 -> bf16 (nearest even) -> fp32 */
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return widen16((__m256i)_mm512_cvtneps_pbh(v));
 }
 
 /* the lanes of the 16 at k that lie before n */

@@ -14,8 +14,8 @@ int8 8.6-11.8 GB/s against ATen's 5.8-6.9, bf16 9.4-11.0 against torch.mv's 7.0-
 (`python bench/gemv.py --dtype bf16|int8` compares them on the machine it runs on).
 
 The C source ships with the package and is compiled once per process with the system's C
-compiler (`cc -O3 -march=native -fopenmp`, 0.3-0.6 s here) into a private temporary directory, so no
-binary is ever loaded from a cache another process could have written. It needs x86-64 with
+compiler (`cc -O3 -march=native -fopenmp`, 0.3-0.6 s here) into a private temporary
+directory, so no binary is ever loaded from a cache another process could have written. It needs x86-64 with
 AVX-512 BF16 and VNNI (Intel Sapphire Rapids and later, AMD Zen 4 and later) and a compiler;
 anywhere else, or with NANOSEEK_NATIVE=0, `kernels()` is None and the callers keep PyTorch's
 kernels (`reason()` says why). tests/infer/test_native.py checks both against PyTorch.
@@ -94,9 +94,17 @@ def kernels_for(x: torch.Tensor) -> Kernels | None:
 
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-_IDS = ctypes.POINTER(ctypes.c_int64)
+_IDS, _FLOATS = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # gemv.c's enum, in order
+
+
+def _host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x as contiguous memory of `dtype` (default: its own) for a C pointer, with no operator
+    dispatched where x already is that."""
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 class Kernels:
@@ -111,18 +119,8 @@ class Kernels:
         lib.nanoseek_gemv_bf16.argtypes = [_P, _L, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
-        lib.nanoseek_combine.argtypes = [_P, ctypes.POINTER(ctypes.c_float), _P, _I, _I, _I]
-        lib.nanoseek_experts_ffn.argtypes = [
-            _P,
-            _P,
-            _P,
-            _P,
-            _P,
-            _IDS,
-            ctypes.POINTER(ctypes.c_float),
-            _P,
-            *[_I] * 5,
-        ]
+        lib.nanoseek_combine.argtypes = [_P, _FLOATS, _P, _I, _I, _I]
+        lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 5]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
 
     @staticmethod
@@ -148,8 +146,7 @@ class Kernels:
              ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
         """x bf16 @ W^T for bf16 rows w [..., O, K] (contiguous); shapes as `_call` says."""
         g, m, x_gstride, c_ids, y = self._call(x, w, ids, out_dtype)
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = _host(x)
         self.lib.nanoseek_gemv_bf16(
             x.data_ptr(), x_gstride, w.data_ptr(), c_ids, y.data_ptr(),
             g, m, w.shape[-1], w.shape[-2], y.dtype == torch.bfloat16,
@@ -161,10 +158,7 @@ class Kernels:
         """x (any float; int16 inside, one scale per row) @ (q * scale)^T for int8 rows q
         [..., O, K] with bf16 scales [..., O]; shapes as `_call` says."""
         g, m, x_gstride, c_ids, y = self._call(x, q, ids, out_dtype)
-        if x.dtype != torch.float32:
-            x = x.float()
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = _host(x, torch.float32)
         self.lib.nanoseek_gemv_q8(
             x.data_ptr(), x_gstride, q.data_ptr(), scale.data_ptr(), c_ids, y.data_ptr(),
             g, m, q.shape[-1], q.shape[-2], y.dtype == torch.bfloat16,
@@ -175,8 +169,7 @@ class Kernels:
         """RMSNorm of x [..., D] with weight [D], both fp32 or both bf16, in one call: fp32
         statistics, the rounding order of nanoseek's RMSNorm (model/norm.py); the sum of squares
         is added in another order, so results may differ from it in the last bit."""
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = _host(x)
         y = torch.empty_like(x)
         self.lib.nanoseek_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
                                   x.numel() // x.shape[-1], x.shape[-1], eps,
@@ -189,11 +182,7 @@ class Kernels:
         """out [D] (fp32 or bf16, contiguous) += sum_k gates[k] * the SwiGLU FFN of expert ids[k]
         on x [D], in one call: w1 [E, 2F, D] (gate rows, then up rows) and w2 [E, D, F] bf16
         rows (s1, s2 None), or int8 with bf16 scales s1 [E, 2F], s2 [E, D]. Returns out."""
-        want = torch.float32 if s1 is not None else torch.bfloat16
-        if x.dtype != want:
-            x = x.to(want)
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = _host(x, torch.float32 if s1 is not None else torch.bfloat16)
         n = len(ids)
         c_ids, c_gates = (ctypes.c_int64 * n)(*ids), (ctypes.c_float * n)(*gates)
         self.lib.nanoseek_experts_ffn(
@@ -211,8 +200,7 @@ class Kernels:
         (choices within ~1e-7) may go the other way."""
         w, bias = router.weight, router.e_score_correction_bias
         n, k = x.numel() // x.shape[-1], router.top_k
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = _host(x)
         gates = torch.empty((n, k), dtype=torch.float32)
         ids = torch.empty((n, k), dtype=torch.int64)
         self.lib.nanoseek_route(
@@ -227,8 +215,7 @@ class Kernels:
     def combine(self, h: torch.Tensor, gates: list[float], out: torch.Tensor) -> torch.Tensor:
         """out [O] (fp32 or bf16, contiguous) += sum_g gates[g] * h[g] for h fp32 [G, O], g in
         order, fp32 inside; returns out."""
-        if not h.is_contiguous():
-            h = h.contiguous()
+        h = _host(h)
         c_gates = (ctypes.c_float * len(gates))(*gates)
         self.lib.nanoseek_combine(h.data_ptr(), c_gates, out.data_ptr(), h.shape[0], h.shape[1],
                                   out.dtype == torch.bfloat16)  # fmt: skip

@@ -133,8 +133,7 @@ class DecodeWeights:
         """The dense FFN or shared experts (the interface's `swiglu`): for one token where the
         native kernels run, one call (`experts_ffn`'s kernel over the fused gate/up weight as a
         single expert of gate 1); elsewhere `swiglu` of nanoseek/model/weights.py."""
-        native_ok = self.quantize is not None or x.dtype == torch.bfloat16  # (as for `norm`)
-        if native_ok and x.numel() == x.shape[-1] and x.dtype in native.DTYPES:
+        if self._fusable(x) and x.numel() == x.shape[-1]:
             (w1s, _, b1), (w2s, _, b2) = self._plan((gate_proj, up_proj)), self._plan((down_proj,))
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
@@ -150,8 +149,7 @@ class DecodeWeights:
         fp32 results may differ in the last bit. Exact fp32 engines call the module: their
         decoding stays bit-identical to its forward's norms."""
         w = module.weight
-        native_ok = self.quantize is not None or x.dtype == torch.bfloat16
-        if native_ok and x.dtype == w.dtype and x.dtype in native.DTYPES:
+        if self._fusable(x) and x.dtype == w.dtype:
             if (kernels := native.kernels_for(x)) is not None:
                 return kernels.rmsnorm(x, w, module.eps)
         return module(x)
@@ -160,8 +158,7 @@ class DecodeWeights:
         """The router's gate weights [N,K] fp32 and expert ids [N,K] for x [N,D]. Where `norm`
         is native, one native call (the router is ~20 operators, ~120 us of every MoE layer of
         a decode step of the 803M model); exact fp32 engines call the module."""
-        native_ok = self.quantize is not None or x.dtype == torch.bfloat16
-        if native_ok and x.dtype in native.DTYPES and router.weight.dtype in native.DTYPES:
+        if self._fusable(x) and router.weight.dtype in native.DTYPES:
             if router.n_experts <= MAX_ROUTED and (kernels := native.kernels_for(x)) is not None:
                 return kernels.route(router, x)
         return router(x)[:2]
@@ -174,6 +171,12 @@ class DecodeWeights:
         return self._entry("absorbed", w, mla=mla).value
 
     # ------------------------------------------------------------------ bookkeeping
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the model's maths beyond the products (norms, router, FFN activations) may
+        run in native calls for x: in int8 engines and for bf16, in the dtypes the kernels
+        take. Exact fp32 engines keep PyTorch's operators, and with them their bits."""
+        return (self.quantize is not None or x.dtype == torch.bfloat16) and x.dtype in native.DTYPES
+
     def _plan(self, modules: tuple) -> tuple:
         """(their weights, split sizes or None, biases) of modules sharing an input: a decode
         step multiplies ~5 times per layer, so module attributes are read once, not per call."""

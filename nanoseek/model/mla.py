@@ -30,8 +30,9 @@ def score_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype absorbed attention over a latent cache of `dtype` computes in: fp32 on CPU.
     oneDNN, which runs bf16 / fp16 batched matmuls on CPU, is slower at a decode step's shapes
     ([T*H, C+R] queries against S keys) than upcasting the cache and using MKL's fp32, even
-    at 3,000 cached tokens (an 803M model's bf16 decode step: 10-12% faster at 1,000 and 3,000
-    tokens, `bench/vs_llamacpp.py`'s model, 2 threads); elsewhere the cache's own dtype."""
+    at 3,000 cached tokens (an 803M model's bf16 decode step: 5-8% faster at 27 cached tokens,
+    7-13% at 1,000 and 3,000, `bench/vs_llamacpp.py`'s model, 2 threads); elsewhere the
+    cache's own dtype."""
     return torch.float32 if device.type == "cpu" else dtype
 
 
