@@ -69,6 +69,12 @@ class LatentCache:
     def k_rope(self, layer: int, row0: int, rows: int, seq: int) -> torch.Tensor:
         return self.layer(layer, row0, rows, seq)[..., self.kv_lora_rank :]  # [rows,seq,R]
 
+    def row_address(self, layer: int, row: int) -> int:
+        """The address of row `row` of layer `layer` ([S_max, C+R], contiguous): where a native
+        decode kernel reads the row's entries and writes the new one."""
+        per_row = self.max_seq_len * (self.kv_lora_rank + self.rope_dim) * self.kv.element_size()
+        return self.kv.data_ptr() + (layer * self.max_batch + row) * per_row
+
     # ------------------------------------------------------------------ writes
     def write(
         self,

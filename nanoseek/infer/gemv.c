@@ -15,7 +15,8 @@
  *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
  * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
  * And, each in one call, RMSNorm, the MoE router, a token's gate-weighted sum of its
- * experts and a token's SwiGLU FFNs (both products, silu(g) * u, the sum): PyTorch runs them
+ * experts, a token's SwiGLU FFNs (both products, silu(g) * u, the sum) and a token's MLA over
+ * its latent cache row (projections, norms, rope, cache write, attention): PyTorch runs them
  * as chains of operators, each slow right after a kernel that streamed megabytes through the
  * caches (~40 us a norm inside a decode step).
  * Threads: OpenMP, which binds to the runtime torch already loaded (libgomp.so.1), so
@@ -26,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 6
+#define ABI 7
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -396,6 +397,148 @@ void nanoseek_route(const void *x, const void *w, const float *bias, float *gate
     for (int k = 0; k < K; k++) gates[n * K + k] = gates[n * K + k] / denom * scale;
   }
   free(logits);
+}
+
+/* activations of the model's dtype: fp32, or bf16 (bf16 = 1) */
+static inline float get_act(const void *p, int64_t i, int bf16) {
+  return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* y [G, O] = x_g [K] @ W_g^T for G matrices of w (int8 rows with bf16 scales s, q8 = 1, or
+ * bf16 rows, q8 = 0), x_g at x + g * xs elements (xs 0: one x for all), x and y of the model's
+ * dtype (the bf16 kernels take only bf16: their callers are bf16 models) */
+static void act_gemv(const void *x, int64_t xs, const void *w, const uint16_t *s, void *y, int G,
+                     int K, int O, int q8, int bf16) {
+  if (!q8) {
+    nanoseek_gemv_bf16(x, xs, w, NULL, y, G, 1, K, O, 1);
+    return;
+  }
+  if (!bf16) {
+    nanoseek_gemv_q8(x, xs, w, s, NULL, y, G, 1, K, O, 0);
+    return;
+  }
+  const int rows = xs ? G : 1; /* the q8 kernel takes fp32 activations */
+  float *xf = malloc(sizeof(float) * rows * K);
+  for (int g = 0; g < rows; g++)
+    for (int k = 0; k < K; k++) xf[(int64_t)g * K + k] = get_act(x, g * xs + k, 1);
+  nanoseek_gemv_q8(xf, xs ? K : 0, w, s, NULL, y, G, 1, K, O, 1);
+  free(xf);
+}
+
+/* rope of one vector x [R] (interleaved pairs) into y [R] = [rotated reals, rotated
+ * imaginaries] (nanoseek/model/rope.py apply_rope: fp32 inside, y in the model's dtype) */
+static void rope_one(const void *x, const float *cos, const float *sin, void *y, int R, int bf16) {
+  for (int j = 0; j < R / 2; j++) {
+    const float re = get_act(x, 2 * j, bf16), im = get_act(x, 2 * j + 1, bf16);
+    store(y, j, re * cos[j] - im * sin[j], bf16);
+    store(y, R / 2 + j, re * sin[j] + im * cos[j], bf16);
+  }
+}
+
+/* Absorbed attention of H query rows q [H, C+R] fp32 over keys 0..S-1 of one cache row kv
+ * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
+ * = p @ c_KV. Four heads share each key load; blocks of four heads go to the threads. */
+static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
+                             float scale, float *p, float *o) {
+  const int CR = C + R, blocks = (H + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < blocks; b++) {
+    const int h0 = b * 4, nh = H - h0 < 4 ? H - h0 : 4;
+    const float *qh[4];
+    for (int j = 0; j < 4; j++) qh[j] = q + (int64_t)(h0 + (j < nh ? j : nh - 1)) * CR;
+    float *ph = p + (int64_t)h0 * S;
+    for (int s = 0; s < S; s++) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                       _mm512_setzero_ps()};
+      for (int k = 0; k < CR; k += 16) {
+        const __mmask16 m = lanes(k, CR);
+        const __m512 kv16 = load16(kv, (int64_t)s * CR + k, m, bf16);
+        for (int j = 0; j < 4; j++)
+          acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qh[j] + k), kv16, acc[j]);
+      }
+      for (int j = 0; j < nh; j++) ph[(int64_t)j * S + s] = _mm512_reduce_add_ps(acc[j]) * scale;
+    }
+    for (int j = 0; j < nh; j++) { /* softmax of each row */
+      float *r = ph + (int64_t)j * S, top = r[0], sum = 0.f;
+      for (int s = 1; s < S; s++) top = fmaxf(top, r[s]);
+      __m512 total = _mm512_setzero_ps();
+      for (int s = 0; s < S; s += 16) {
+        const __mmask16 m = lanes(s, S);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, r + s), _mm512_set1_ps(top)));
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        _mm512_mask_storeu_ps(r + s, m, e);
+      }
+      sum = _mm512_reduce_add_ps(total);
+      for (int s = 0; s < S; s++) r[s] /= sum;
+    }
+    for (int c0 = 0; c0 < C; c0 += 64) { /* o = p @ c_KV, 64 channels at a time */
+      __m512 acc[4][4];
+      for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+      for (int s = 0; s < S; s++) {
+        __m512 v[4];
+        for (int i = 0; i < 4; i++)
+          v[i] = load16(kv, (int64_t)s * CR + c0 + 16 * i, lanes(c0 + 16 * i, C), bf16);
+        for (int j = 0; j < nh; j++) {
+          const __m512 pj = _mm512_set1_ps(ph[(int64_t)j * S + s]);
+          for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(pj, v[i], acc[j][i]);
+        }
+      }
+      for (int j = 0; j < nh; j++)
+        for (int i = 0; i < 4; i++)
+          _mm512_mask_storeu_ps(o + (int64_t)(h0 + j) * C + c0 + 16 * i, lanes(c0 + 16 * i, C),
+                                acc[j][i]);
+    }
+  }
+}
+
+/* One token of MLA at position `pos` of one latent cache row [V3 §2.1.1, eqs. 1-11, with W_UK
+ * and W_UV absorbed; V2 §2.1], nanoseek/model/mla.py `MLA.decode` (the reference) in one call:
+ *   a = x @ [W_DQ ; W_DKV ; W_KR]^T     (w[0]; without a query latent, QL = 0: [W_Q ; W_DKV ; W_KR])
+ *   q = norm_q(a_q) @ W_UQ^T           (w[1], QL > 0), per head [q_nope (N) ; q_rope (R)]
+ *   cache[pos] = [norm_kv(c_kv) ; rope(k_rope)]
+ *   q_lat_h = W_UK_h q_nope_h           (w[2]: [H, C, N] rows)
+ *   o_lat_h = softmax(scale [q_lat_h ; rope(q_rope_h)] . cache[0..pos]) @ c_KV
+ *   out = concat_h(W_UV_h o_lat_h) @ W_O^T  (w[3]: [H, V, C] rows, w[4]: [D, H V])
+ * Weights int8 with bf16 scales s[i] (q8 = 1) or bf16 rows (q8 = 0, s unused); x, the norms'
+ * weights, the cache and out of the model's dtype (bf16 = 1: bf16, rounded where the reference
+ * rounds), the scores, softmax and o_lat in fp32. cos, sin [R/2] fp32 for the position. */
+void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *const *s,
+                         const void *q_norm, const void *kv_norm, float eps_q, float eps_kv,
+                         const float *cos, const float *sin, void *cache, int pos, float scale,
+                         void *out, int D, int QL, int H, int N, int R, int C, int V, int q8,
+                         int bf16) {
+  const int QH = H * (N + R), QA = QL ? QL : QH, A = QA + C + R, CR = C + R, S = pos + 1;
+  const size_t es = bf16 ? 2 : 4;
+  char *a = malloc(es * A), *q = a, *qn = NULL;
+  act_gemv(x, 0, w[0], s[0], a, 1, D, A, q8, bf16);
+  if (QL) {
+    qn = malloc(es * (QL + QH));
+    nanoseek_rmsnorm(a, q_norm, qn, 1, QL, eps_q, bf16);
+    q = qn + es * QL;
+    act_gemv(qn, 0, w[1], s[1], q, 1, QL, QH, q8, bf16);
+  }
+  char *entry = (char *)cache + es * pos * CR;
+  nanoseek_rmsnorm(a + es * QA, kv_norm, entry, 1, C, eps_kv, bf16);
+  rope_one(a + es * (QA + C), cos, sin, entry + es * C, R, bf16);
+  char *lat = malloc(es * (H * C + R + H * V));
+  act_gemv(q, N + R, w[2], s[2], lat, H, N, C, q8, bf16);
+  float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S));
+  float *o_lat = qf + H * CR, *p = o_lat + H * C;
+  char *qr = lat + es * H * C, *o = qr + es * R;
+  for (int h = 0; h < H; h++) {
+    rope_one(q + es * ((int64_t)h * (N + R) + N), cos, sin, qr, R, bf16);
+    for (int c = 0; c < C; c++) qf[h * CR + c] = get_act(lat, (int64_t)h * C + c, bf16);
+    for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
+  }
+  latent_attention(qf, cache, bf16, S, H, C, R, scale, p, o_lat);
+  for (int i = 0; i < H * C; i++) store(lat, i, o_lat[i], bf16); /* rounded once, as o_lat */
+  act_gemv(lat, C, w[3], s[3], o, H, C, V, q8, bf16);
+  act_gemv(o, 0, w[4], s[4], out, 1, H * V, D, q8, bf16);
+  free(a);
+  free(qn);
+  free(lat);
+  free(qf);
 }
 #else
 /* another CPU or compiler: nanoseek keeps PyTorch's kernels */

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 6  # gemv.c's ABI: the argument lists below
+ABI = 7  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -122,6 +122,8 @@ class Kernels:
         lib.nanoseek_combine.argtypes = [_P, _FLOATS, _P, _I, _I, _I]
         lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 5]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
+        _F = ctypes.c_float
+        lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, _P, _P, _P, _I, _F, _P, *[_I] * 9]
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -219,4 +221,42 @@ class Kernels:
         c_gates = (ctypes.c_float * len(gates))(*gates)
         self.lib.nanoseek_combine(h.data_ptr(), c_gates, out.data_ptr(), h.shape[0], h.shape[1],
                                   out.dtype == torch.bfloat16)  # fmt: skip
+        return out
+
+    @staticmethod
+    def mla_args(mats: list, norms: tuple) -> tuple:
+        """The pointer arguments `mla_decode` takes, made once per set of weights. mats: five
+        (weight rows, scales or None) pairs (the first projection, q_b or (None, None), W_UK
+        [H,C,N], W_UV [H,V,C], o_proj), int8 or bf16; norms: (q_a norm weight or None, eps,
+        kv_a norm weight, eps). The tensors are kept with the pointers."""
+        w = (ctypes.c_void_p * 5)(*[None if m is None else m.data_ptr() for m, _ in mats])
+        s = (ctypes.c_void_p * 5)(*[None if sc is None else sc.data_ptr() for _, sc in mats])
+        q_norm, eps_q, kv_norm, eps_kv = norms
+        ptrs = (w, s, None if q_norm is None else q_norm.data_ptr(), kv_norm.data_ptr(), eps_q,
+                eps_kv)  # fmt: skip
+        return ptrs, (mats, norms)
+
+    def mla_decode(
+        self,
+        x: torch.Tensor,
+        args: tuple,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache_row: int,
+        pos: int,
+        scale: float,
+        dims: tuple,
+        q8: bool,
+    ) -> torch.Tensor:
+        """One token of MLA in one call (gemv.c `nanoseek_mla_decode`; nanoseek/model/mla.py
+        `MLA.decode` is the reference): x [D] (fp32 or bf16, the model's dtype) -> out [D], and
+        the token's latent written at position `pos` of the cache row at address `cache_row`
+        ([S_max, C+R], x's dtype). args: `mla_args` of the weights (int8 if q8, else bf16);
+        cos, sin [R/2] fp32; dims: (D, QL or 0, H, N, R, C, V)."""
+        x, cos, sin = _host(x), _host(cos), _host(sin)
+        out = torch.empty_like(x)
+        self.lib.nanoseek_mla_decode(
+            x.data_ptr(), *args[0], cos.data_ptr(), sin.data_ptr(), cache_row, pos, scale,
+            out.data_ptr(), *dims, q8, x.dtype == torch.bfloat16,
+        )  # fmt: skip
         return out

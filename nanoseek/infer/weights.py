@@ -51,6 +51,21 @@ class _Entry:
     frozen: bool = False  # given, not made: its module weights live on the meta device
 
 
+@dataclass
+class _MLAPlan:
+    """What `DecodeWeights.mla_decode` passes for one MLA module: `mats()` gives the five
+    (weight rows, scales) pairs from the current entries; `args` their C pointers, made when
+    `made` (DecodeWeights._made at the time) falls behind."""
+
+    mats: object
+    norms: tuple
+    dims: tuple
+    q8: bool
+    dtype: torch.dtype
+    args: tuple | None = None
+    made: int = -1
+
+
 class DecodeWeights:
     """Copies of the weights in the decode layout; see the module docstring."""
 
@@ -68,6 +83,7 @@ class DecodeWeights:
         # False when the modules hold no weights of their own (a model streamed into int8,
         # nanoseek/infer/streamed.py): every forward, prefill included, multiplies through here
         self.modules_hold_weights = True
+        self._made = 0  # entries made so far: cached pointers into them are stale when it moves
 
     def put(self, weight: torch.Tensor, value: Int8Weight) -> None:
         """Give the int8 copy of a module weight that lives on the meta device."""
@@ -163,6 +179,66 @@ class DecodeWeights:
                 return kernels.route(router, x)
         return router(x)[:2]
 
+    def mla_decode(self, mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
+        """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For one
+        token where the native kernels run for every matrix (int8, or a bf16 model), one call:
+        projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
+        operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond
+        reading its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
+        if x.numel() == x.shape[-1] and self._fusable(x):
+            plan = self._mla_plan(mla)
+            if plan is not None and (kernels := native.kernels_for(x)) is not None:
+                st = cache.step
+                if st.cache.kv.dtype == x.dtype == plan.dtype:
+                    if plan.made != self._made:  # an entry was re-made: new pointers
+                        plan.args, plan.made = kernels.mla_args(plan.mats(), plan.norms), self._made
+                    row = st.cache.row_address(cache.i, st.row0)
+                    out = kernels.mla_decode(x, plan.args, st.cos, st.sin, row, st.seq - 1,
+                                             mla.softmax_scale, plan.dims, plan.q8)  # fmt: skip
+                    return out.view(x.shape)
+        return mla.decode(x, cache)
+
+    def _mla_plan(self, mla: nn.Module):
+        """(a function giving the five (rows, scales) pairs `Kernels.mla_decode` takes, the
+        norms, dims, int8?) for `mla`, or None where the fused call does not apply to it."""
+        key = ("mla", mla)
+        if key in self._plans:
+            return self._plans[key]
+        plan = None
+        first = mla.q_proj if mla.q_lora_rank is None else mla.q_a_proj
+        projs = [(first, mla.kv_a_proj_with_mqa), (mla.q_b_proj,) if mla.q_lora_rank else None,
+                 (mla.o_proj,)]  # fmt: skip
+        has_bias = any(m.bias is not None for p in projs if p for m in p)
+        c, n, v, r = mla.kv_lora_rank, mla.nope_dim, mla.v_dim, mla.rope_dim
+        d = mla.kv_a_proj_with_mqa.in_features
+        widths = [d, mla.q_lora_rank or 32, n, c, mla.n_heads * v]
+        if not has_bias and all(k % 32 == 0 for k in widths) and r % 2 == 0:
+            q8 = self.quantize == "int8"
+
+            def rows_of(value):  # (rows, scales) the kernels stream, or None
+                if isinstance(value, Int8Weight):
+                    return (value.q, value.scale) if q8 and value.kernels_for(value.q) else None
+                rows = value.transpose(-1, -2)
+                bf16 = rows.is_contiguous() and rows.dtype == torch.bfloat16
+                return (rows, None) if bf16 and not q8 else None
+
+            def mats():
+                got = [rows_of(self._entry("t", *(m.weight for m in projs[0])).value)]
+                got.append(rows_of(self._entry("t", mla.q_b_proj.weight).value) if projs[1]
+                           else (None, None))  # fmt: skip
+                got += [rows_of(w) for w in self.absorbed(mla)]
+                got.append(rows_of(self._entry("t", mla.o_proj.weight).value))
+                return got
+
+            if all(m is not None for m in mats()):
+                qn = mla.q_a_layernorm if mla.q_lora_rank else None
+                norms = (None if qn is None else qn.weight, qn.eps if qn else 0.0,
+                         mla.kv_a_layernorm.weight, mla.kv_a_layernorm.eps)  # fmt: skip
+                dims = (d, mla.q_lora_rank or 0, mla.n_heads, n, r, c, v)
+                plan = _MLAPlan(mats, norms, dims, q8, norms[2].dtype)
+        self._plans[key] = plan
+        return plan
+
     def absorbed(self, mla: nn.Module) -> tuple:
         """W_UK [H,N,C] and W_UV^T [H,C,V] (see the module docstring for their layouts)."""
         w = self._plans.get(mla)
@@ -172,8 +248,8 @@ class DecodeWeights:
 
     # ------------------------------------------------------------------ bookkeeping
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether the model's maths beyond the products (norms, router, FFN activations) may
-        run in native calls for x: in int8 engines and for bf16, in the dtypes the kernels
+        """Whether the model's maths beyond the products (norms, router, FFN activations,
+        attention) may run in native calls for x: in int8 engines and for bf16, in the dtypes the kernels
         take. Exact fp32 engines keep PyTorch's operators, and with them their bits."""
         return (self.quantize is not None or x.dtype == torch.bfloat16) and x.dtype in native.DTYPES
 
@@ -218,6 +294,7 @@ class DecodeWeights:
             value = Int8Weight(torch.cat([p.q for p in parts], dim=-2),
                                torch.cat([p.scale for p in parts], dim=-1))  # fmt: skip
             self._entries[key] = entry = _Entry(weights, kind, value=value, frozen=True)
+            self._made += 1
         if entry is None:
             self._entries[key] = entry = _Entry(weights, kind, mla)
             self._update(entry)
@@ -235,6 +312,7 @@ class DecodeWeights:
         if key == e.key:
             return
         e.key, e.split = key, None
+        self._made += 1
         with torch.no_grad():
             if e.kind == "absorbed":
                 w_uk, w_uv = e.mla.absorbed_weights()  # [H,N,C], [H,V,C]

@@ -165,13 +165,11 @@ class MLA(nn.Module):
         over the fresh latents like training, a decode or verification step attends absorbed
         over the whole cache, each row under its own causal bias."""
         B, T, _ = x.shape
+        if cache is not None and not cache.prefill:
+            return cache.weights.mla_decode(self, x, cache)  # `decode`, or fused
         weights = MODULE_WEIGHTS if cache is None else cache.weights
         freqs = None if cache is None else cache.freqs
         q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin, weights, freqs)
-        if cache is not None and not cache.prefill:
-            kv = cache.write(c_kv, k_rope)  # [B,S,C+R]: the cached positions and the new ones
-            out = self.attend_absorbed(q_nope, q_rope, kv, cache.bias, weights)
-            return weights.linear(out, self.o_proj)[0]
         if cache is not None:
             cache.write(c_kv, k_rope)
         if self.attn_impl == "absorbed":
@@ -180,6 +178,17 @@ class MLA(nn.Module):
         else:
             out = self.attend_plain(q_nope, q_rope, c_kv, k_rope, mask, impl=self.attn_impl)
         return weights.linear(out.reshape(B, T, -1), self.o_proj)[0]
+
+    def decode(self, x, cache):
+        """x [B,T,D] -> [B,T,D] for new tokens after cached ones (a decode or verification step):
+        their latents are written to `cache` (a layer's view of a decode step), then every query
+        attends absorbed over the row's cache under the step's causal bias. What
+        `weights.mla_decode` computes (the reference of its fused implementations)."""
+        weights = cache.weights
+        q_nope, q_rope, c_kv, k_rope = self.project(x, None, None, weights, cache.freqs)
+        kv = cache.write(c_kv, k_rope)  # [B,S,C+R]: the cached positions and the new ones
+        out = self.attend_absorbed(q_nope, q_rope, kv, cache.bias, weights)
+        return weights.linear(out, self.o_proj)[0]
 
 
 def attention_bias(mask, T: int, H: int, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
-Every projection, norm, FFN and routing decision of the model goes through a *weights* object
-with ten methods, so that one forward serves training, prefill and decode while the layout of
+Every projection, norm, FFN, routing decision and decode-time attention of the model goes
+through a *weights* object with eleven methods, so that one forward serves training, prefill and decode while the layout of
 the matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
@@ -14,7 +14,8 @@ the matrices (and the kernels that multiply them) may differ:
   FFNs, their gate-weighted sum added to out;
 - `swiglu(x, gate_proj, up_proj, down_proj)`: a SwiGLU FFN of three projection modules;
 - `norm(module, x)`: an RMSNorm module applied to x;
-- `route(router, x)`: the MoE router's gate weights and expert ids for x.
+- `route(router, x)`: the MoE router's gate weights and expert ids for x;
+- `mla_decode(mla, x, cache)`: MLA for new tokens after cached ones (`MLA.decode`).
 
 `ModuleWeights` (here) calls the modules themselves: training, FP8 training (which swaps the
 modules) and prefill use it. The inference engine passes its own implementation
@@ -79,6 +80,11 @@ class ModuleWeights:
     def route(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N,D] -> (gate weights [N,K] fp32, expert ids [N,K] int64)."""
         return router(x)[:2]
+
+    @staticmethod
+    def mla_decode(mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
+        """MLA for x [B,T,D] after the tokens in `cache` (a layer's view of a decode step)."""
+        return mla.decode(x, cache)
 
 
 def experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

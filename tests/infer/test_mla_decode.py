@@ -1,0 +1,126 @@
+"""`weights.mla_decode`: one token of MLA over the latent cache in one native call (int8
+engines, bf16 models) against `MLA.decode`, the composition it replaces: the output, the cache
+entry it writes, where it applies and where it must not."""
+
+import pytest
+import torch
+
+from nanoseek import Engine, SamplingParams
+from nanoseek.infer import native
+from nanoseek.infer.cache import CacheStep, LatentCache
+from nanoseek.infer.weights import DecodeWeights
+from nanoseek.model.mla import MLA
+from nanoseek.model.rope import RotaryEmbedding
+from tests.helpers import random_model, tiny_config
+
+KERNELS = native.kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"native kernels: {native.reason()}")
+
+
+def config(**overrides):
+    # widths the kernels take (multiples of 32); 6 heads: a block of 4 and a tail of 2
+    base = dict(hidden_size=128, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+                qk_rope_head_dim=16, v_head_dim=32, num_attention_heads=6)  # fmt: skip
+    return tiny_config(**{**base, **overrides})
+
+
+def mla_of(cfg, seed=0):
+    torch.manual_seed(seed)
+    mla = MLA(cfg)
+    for p in mla.parameters():
+        p.data.normal_(0, 0.1)
+    return mla
+
+
+def decode_once(mla, cfg, dtype, weights, fused: bool, seen: int, rows: int = 1):
+    """One decode step of `rows` rows after `seen` cached positions of random latents; returns
+    (the output [rows,1,D] fp32, the new entries [rows,C+R] fp32)."""
+    g = torch.Generator().manual_seed(1)
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    cache = LatentCache(1, rows + 1, seen + 8, C, R, dtype)
+    cache.kv[0, 1 : 1 + rows, :seen] = torch.randn(rows, seen, C + R, generator=g).to(dtype)
+    x = torch.randn(rows, 1, cfg.hidden_size, generator=g).to(dtype)
+    positions = torch.full((rows, 1), seen)
+    cos, sin = RotaryEmbedding(cfg)(positions)
+    cos, sin = cos[..., None, :], sin[..., None, :]  # [B,T,1,R/2]
+    bias = torch.zeros(rows, 1, seen + 1)  # every cached key is attended
+    rows_t = torch.arange(1, 1 + rows)[:, None]
+    step = CacheStep(cache, 1, positions, seen + 1, False, weights, cos, sin,
+                     torch.complex(cos, sin), bias, rows_t)  # fmt: skip
+    with torch.inference_mode():
+        layer = step.layer(0)
+        y = weights.mla_decode(mla, x, layer) if fused else mla.decode(x, layer)
+    return y.float(), cache.kv[0, 1 : 1 + rows, seen].float()
+
+
+def count_native(monkeypatch):
+    calls = []
+    real = native.Kernels.mla_decode
+    monkeypatch.setattr(native.Kernels, "mla_decode",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))  # fmt: skip
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("q_lora", [64, None])  # None: V2-Lite's direct query projection
+@pytest.mark.parametrize("seen", [1, 50, 130])  # 130 keys: a softmax tail of 3 after 8 x 16
+def test_fused_matches_the_composition(kind, q_lora, seen, monkeypatch):
+    cfg = config(q_lora_rank=q_lora)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    mla = mla_of(cfg).to(dtype)
+    weights = DecodeWeights(False, "int8" if kind == "int8" else None)
+    calls = count_native(monkeypatch)
+    got, got_entry = decode_once(mla, cfg, dtype, weights, True, seen)
+    assert calls == [1]  # the native call ran, not the composition
+    want, want_entry = decode_once(mla, cfg, dtype, weights, False, seen)
+    if kind == "int8":  # the same int8 products; fp32 sums in other orders
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_entry, want_entry, rtol=1e-5, atol=1e-6)
+        return
+    # bf16: rounded at the same points as the composition; summed in other orders, so a value
+    # can land on the other side of a rounding boundary. Both must be as close to fp32 maths
+    # over the same bf16 weights and inputs
+    ref, ref_entry = decode_once(mla.float(), cfg, torch.float32, DecodeWeights(False), False, seen)
+    err, err_want = (got - ref).norm() / ref.norm(), (want - ref).norm() / ref.norm()
+    assert err < 1.2 * err_want + 1e-3, (err, err_want)
+    assert (got_entry - ref_entry).abs().max() <= 1.01 * (want_entry - ref_entry).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["fp32", "rows", "width"])
+def test_where_the_composition_runs(kind, monkeypatch):
+    """Exact fp32 engines (their bits are the modules'), several rows and widths the kernels do
+    not take go through `MLA.decode` itself: the same numbers, no native call."""
+    cfg = config(hidden_size=80 if kind == "width" else 128)  # 80: not a multiple of 32
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    mla = mla_of(cfg).to(dtype)
+    weights = DecodeWeights(False, None)
+    calls = count_native(monkeypatch)
+    rows = 2 if kind == "rows" else 1
+    got, got_entry = decode_once(mla, cfg, dtype, weights, True, 20, rows)
+    want, want_entry = decode_once(mla, cfg, dtype, weights, False, 20, rows)
+    assert calls == []
+    assert torch.equal(got, want) and torch.equal(got_entry, want_entry)
+
+
+@needs_kernels
+def test_int8_engine_decodes_through_it(monkeypatch):
+    """Through the engine: every decode step of every layer takes the native call, and the
+    tokens and log-probabilities match the composition's (to the int16 rounding of activations
+    that differ in their last bits)."""
+    cfg = config(num_hidden_layers=2, vocab_size=64)
+    model = random_model(cfg, seed=3).eval()
+    prompt = [5, 9, 2, 7, 11, 3]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
+    calls = count_native(monkeypatch)
+    fused = Engine(model, max_batch_size=1, max_seq_len=32, quantize="int8")
+    got = fused.generate([prompt], [params])[0]
+    assert len(calls) == 11 * cfg.num_hidden_layers  # 12 tokens: a prefill and 11 decode steps
+    monkeypatch.setattr(
+        DecodeWeights, "mla_decode", lambda self, mla, x, cache: mla.decode(x, cache)
+    )
+    composed = Engine(model, max_batch_size=1, max_seq_len=32, quantize="int8")
+    want = composed.generate([prompt], [params])[0]
+    assert got.token_ids == want.token_ids
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs),
+                               rtol=1e-3, atol=1e-3)  # fmt: skip
