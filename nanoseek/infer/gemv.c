@@ -404,24 +404,23 @@ static inline float get_act(const void *p, int64_t i, int bf16) {
   return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* y [G, O] = x_g [K] @ W_g^T for G matrices of w (int8 rows with bf16 scales s, q8 = 1, or
- * bf16 rows, q8 = 0), x_g at x + g * xs elements (xs 0: one x for all), x and y of the model's
- * dtype (the bf16 kernels take only bf16: their callers are bf16 models) */
+/* y [G, M, O] = x_g [M, K] @ W_g^T for G matrices of w (int8 rows with bf16 scales s, q8 = 1,
+ * or bf16 rows, q8 = 0), x_g at x + g * xs elements (xs 0: one x for all), x and y of the
+ * model's dtype (the bf16 kernels take only bf16: their callers are bf16 models) */
 static void act_gemv(const void *x, int64_t xs, const void *w, const uint16_t *s, void *y, int G,
-                     int K, int O, int q8, int bf16) {
+                     int M, int K, int O, int q8, int bf16) {
   if (!q8) {
-    nanoseek_gemv_bf16(x, xs, w, NULL, y, G, 1, K, O, 1);
+    nanoseek_gemv_bf16(x, xs, w, NULL, y, G, M, K, O, 1);
     return;
   }
   if (!bf16) {
-    nanoseek_gemv_q8(x, xs, w, s, NULL, y, G, 1, K, O, 0);
+    nanoseek_gemv_q8(x, xs, w, s, NULL, y, G, M, K, O, 0);
     return;
   }
-  const int rows = xs ? G : 1; /* the q8 kernel takes fp32 activations */
-  float *xf = malloc(sizeof(float) * rows * K);
-  for (int g = 0; g < rows; g++)
-    for (int k = 0; k < K; k++) xf[(int64_t)g * K + k] = get_act(x, g * xs + k, 1);
-  nanoseek_gemv_q8(xf, xs ? K : 0, w, s, NULL, y, G, 1, K, O, 1);
+  const int64_t n = (int64_t)(xs ? G : 1) * M * K; /* the q8 kernel takes fp32 activations */
+  float *xf = malloc(sizeof(float) * n);
+  for (int64_t i = 0; i < n; i++) xf[i] = bf16_to_float(((const uint16_t *)x)[i]);
+  nanoseek_gemv_q8(xf, xs ? (int64_t)M * K : 0, w, s, NULL, y, G, M, K, O, 1);
   free(xf);
 }
 
@@ -459,7 +458,7 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
       for (int j = 0; j < nh; j++) ph[(int64_t)j * S + s] = _mm512_reduce_add_ps(acc[j]) * scale;
     }
     for (int j = 0; j < nh; j++) { /* softmax of each row */
-      float *r = ph + (int64_t)j * S, top = r[0], sum = 0.f;
+      float *r = ph + (int64_t)j * S, top = r[0];
       for (int s = 1; s < S; s++) top = fmaxf(top, r[s]);
       __m512 total = _mm512_setzero_ps();
       for (int s = 0; s < S; s += 16) {
@@ -468,7 +467,7 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
         _mm512_mask_storeu_ps(r + s, m, e);
       }
-      sum = _mm512_reduce_add_ps(total);
+      const float sum = _mm512_reduce_add_ps(total);
       for (int s = 0; s < S; s++) r[s] /= sum;
     }
     for (int c0 = 0; c0 < C; c0 += 64) { /* o = p @ c_KV, 64 channels at a time */
@@ -492,52 +491,72 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
   }
 }
 
-/* One token of MLA at position `pos` of one latent cache row [V3 §2.1.1, eqs. 1-11, with W_UK
- * and W_UV absorbed; V2 §2.1], nanoseek/model/mla.py `MLA.decode` (the reference) in one call:
+/* M tokens of MLA at positions pos..pos+M-1 of one latent cache row [V3 §2.1.1, eqs. 1-11,
+ * with W_UK and W_UV absorbed; V2 §2.1], nanoseek/model/mla.py `MLA.decode` (the reference) in
+ * one call (a decode step: M = 1; a speculative verify step: a few):
  *   a = x @ [W_DQ ; W_DKV ; W_KR]^T     (w[0]; without a query latent, QL = 0: [W_Q ; W_DKV ; W_KR])
  *   q = norm_q(a_q) @ W_UQ^T           (w[1], QL > 0), per head [q_nope (N) ; q_rope (R)]
- *   cache[pos] = [norm_kv(c_kv) ; rope(k_rope)]
+ *   cache[pos + m] = [norm_kv(c_kv) ; rope(k_rope)]
  *   q_lat_h = W_UK_h q_nope_h           (w[2]: [H, C, N] rows)
- *   o_lat_h = softmax(scale [q_lat_h ; rope(q_rope_h)] . cache[0..pos]) @ c_KV
+ *   o_lat_h = softmax(scale [q_lat_h ; rope(q_rope_h)] . cache[0..pos+m]) @ c_KV
  *   out = concat_h(W_UV_h o_lat_h) @ W_O^T  (w[3]: [H, V, C] rows, w[4]: [D, H V])
- * Weights int8 with bf16 scales s[i] (q8 = 1) or bf16 rows (q8 = 0, s unused); x, the norms'
- * weights, the cache and out of the model's dtype (bf16 = 1: bf16, rounded where the reference
- * rounds), the scores, softmax and o_lat in fp32. cos, sin [R/2] fp32 for the position. */
+ * Weights int8 with bf16 scales s[i] (q8 = 1) or bf16 rows (q8 = 0, s unused); x [M, D], the
+ * norms' weights, the cache and out [M, D] of the model's dtype (bf16 = 1: bf16, rounded where
+ * the reference rounds), the scores, softmax and o_lat in fp32. cos, sin [M, R/2] fp32. */
 void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *const *s,
                          const void *q_norm, const void *kv_norm, float eps_q, float eps_kv,
                          const float *cos, const float *sin, void *cache, int pos, float scale,
-                         void *out, int D, int QL, int H, int N, int R, int C, int V, int q8,
-                         int bf16) {
-  const int QH = H * (N + R), QA = QL ? QL : QH, A = QA + C + R, CR = C + R, S = pos + 1;
+                         void *out, int M, int D, int QL, int H, int N, int R, int C, int V,
+                         int q8, int bf16) {
+  const int QH = H * (N + R), QA = QL ? QL : QH, A = QA + C + R, CR = C + R, S = pos + M;
   const size_t es = bf16 ? 2 : 4;
-  char *a = malloc(es * A), *q = a, *qn = NULL;
-  act_gemv(x, 0, w[0], s[0], a, 1, D, A, q8, bf16);
+  char *a = malloc(es * M * A), *q = a, *qn = NULL;
+  act_gemv(x, 0, w[0], s[0], a, 1, M, D, A, q8, bf16);
+  for (int m = 0; m < M; m++) {
+    const char *am = a + es * m * A;
+    char *entry = (char *)cache + es * (int64_t)(pos + m) * CR;
+    nanoseek_rmsnorm(am + es * QA, kv_norm, entry, 1, C, eps_kv, bf16);
+    rope_one(am + es * (QA + C), cos + m * R / 2, sin + m * R / 2, entry + es * C, R, bf16);
+  }
+  int q_stride = A; /* elements between the tokens' queries */
   if (QL) {
-    qn = malloc(es * (QL + QH));
-    nanoseek_rmsnorm(a, q_norm, qn, 1, QL, eps_q, bf16);
-    q = qn + es * QL;
-    act_gemv(qn, 0, w[1], s[1], q, 1, QL, QH, q8, bf16);
+    qn = malloc(es * M * (QL + QH));
+    for (int m = 0; m < M; m++)
+      nanoseek_rmsnorm(a + es * m * A, q_norm, qn + es * m * QL, 1, QL, eps_q, bf16);
+    q = qn + es * M * QL;
+    act_gemv(qn, 0, w[1], s[1], q, 1, M, QL, QH, q8, bf16);
+    q_stride = QH;
   }
-  char *entry = (char *)cache + es * pos * CR;
-  nanoseek_rmsnorm(a + es * QA, kv_norm, entry, 1, C, eps_kv, bf16);
-  rope_one(a + es * (QA + C), cos, sin, entry + es * C, R, bf16);
-  char *lat = malloc(es * (H * C + R + H * V));
-  act_gemv(q, N + R, w[2], s[2], lat, H, N, C, q8, bf16);
+  /* [H, M, N] queries (nope), [H, M, C] their latents, [H, M, C] o_lat, [H, M, V], [M, H V] */
+  char *buf = malloc(es * H * M * (N + 2 * C + 2 * V) + es * R);
+  char *q_nope = buf, *lat = q_nope + es * H * M * N, *o_lat = lat + es * H * M * C;
+  char *o_h = o_lat + es * H * M * C, *o = o_h + es * H * M * V, *qr = o + es * M * H * V;
+  for (int h = 0; h < H; h++)
+    for (int m = 0; m < M; m++)
+      memcpy(q_nope + es * ((int64_t)h * M + m) * N, q + es * ((int64_t)m * q_stride + h * (N + R)),
+             es * N);
+  act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, q8, bf16);
   float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S));
-  float *o_lat = qf + H * CR, *p = o_lat + H * C;
-  char *qr = lat + es * H * C, *o = qr + es * R;
-  for (int h = 0; h < H; h++) {
-    rope_one(q + es * ((int64_t)h * (N + R) + N), cos, sin, qr, R, bf16);
-    for (int c = 0; c < C; c++) qf[h * CR + c] = get_act(lat, (int64_t)h * C + c, bf16);
-    for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
+  float *o_f = qf + H * CR, *p = o_f + H * C;
+  for (int m = 0; m < M; m++) {
+    for (int h = 0; h < H; h++) {
+      const char *qh = q + es * ((int64_t)m * q_stride + h * (N + R) + N);
+      rope_one(qh, cos + m * R / 2, sin + m * R / 2, qr, R, bf16);
+      for (int c = 0; c < C; c++) qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
+      for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
+    }
+    latent_attention(qf, cache, bf16, pos + m + 1, H, C, R, scale, p, o_f);
+    for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
+      for (int c = 0; c < C; c++) store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
   }
-  latent_attention(qf, cache, bf16, S, H, C, R, scale, p, o_lat);
-  for (int i = 0; i < H * C; i++) store(lat, i, o_lat[i], bf16); /* rounded once, as o_lat */
-  act_gemv(lat, C, w[3], s[3], o, H, C, V, q8, bf16);
-  act_gemv(o, 0, w[4], s[4], out, 1, H * V, D, q8, bf16);
+  act_gemv(o_lat, (int64_t)M * C, w[3], s[3], o_h, H, M, C, V, q8, bf16);
+  for (int m = 0; m < M; m++)
+    for (int h = 0; h < H; h++)
+      memcpy(o + es * ((int64_t)m * H + h) * V, o_h + es * ((int64_t)h * M + m) * V, es * V);
+  act_gemv(o, 0, w[4], s[4], out, 1, M, H * V, D, q8, bf16);
   free(a);
   free(qn);
-  free(lat);
+  free(buf);
   free(qf);
 }
 #else

@@ -123,7 +123,7 @@ class Kernels:
         lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 5]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
         _F = ctypes.c_float
-        lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, _P, _P, _P, _I, _F, _P, *[_I] * 9]
+        lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, _P, _P, _P, _I, _F, _P, *[_I] * 10]
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -248,15 +248,16 @@ class Kernels:
         dims: tuple,
         q8: bool,
     ) -> torch.Tensor:
-        """One token of MLA in one call (gemv.c `nanoseek_mla_decode`; nanoseek/model/mla.py
-        `MLA.decode` is the reference): x [D] (fp32 or bf16, the model's dtype) -> out [D], and
-        the token's latent written at position `pos` of the cache row at address `cache_row`
-        ([S_max, C+R], x's dtype). args: `mla_args` of the weights (int8 if q8, else bf16);
-        cos, sin [R/2] fp32; dims: (D, QL or 0, H, N, R, C, V)."""
+        """T tokens of one row of MLA in one call (gemv.c `nanoseek_mla_decode`;
+        nanoseek/model/mla.py `MLA.decode` is the reference): x [..., T, D] (fp32 or bf16, the
+        model's dtype) -> out of x's shape, and the tokens' latents written at positions
+        pos..pos+T-1 of the cache row at address `cache_row` ([S_max, C+R], x's dtype). args:
+        `mla_args` of the weights (int8 if q8, else bf16); cos, sin [T, R/2] fp32 (any leading
+        dims of size 1); dims: (D, QL or 0, H, N, R, C, V)."""
         x, cos, sin = _host(x), _host(cos), _host(sin)
         out = torch.empty_like(x)
         self.lib.nanoseek_mla_decode(
             x.data_ptr(), *args[0], cos.data_ptr(), sin.data_ptr(), cache_row, pos, scale,
-            out.data_ptr(), *dims, q8, x.dtype == torch.bfloat16,
+            out.data_ptr(), x.numel() // x.shape[-1], *dims, q8, x.dtype == torch.bfloat16,
         )  # fmt: skip
         return out

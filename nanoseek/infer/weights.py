@@ -37,6 +37,9 @@ from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
 from nanoseek.model.weights import combine, experts_ffn, swiglu
 
+# tokens of one row `mla_decode` takes in one native call: a decode step, a verify step with
+# up to three drafts (its products take up to MAX_ROWS rows at once)
+MLA_TOKENS = 4
 MAX_ROUTED = 4096  # routed experts the native router takes (its scores live on the C stack)
 
 
@@ -181,11 +184,12 @@ class DecodeWeights:
 
     def mla_decode(self, mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
         """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For one
-        token where the native kernels run for every matrix (int8, or a bf16 model), one call:
+        row of up to MLA_TOKENS tokens (a decode or a verify step) where the native kernels run
+        for every matrix (int8, or a bf16 model), one call:
         projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
         operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond
         reading its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
-        if x.numel() == x.shape[-1] and self._fusable(x):
+        if x.shape[0] == 1 and x.shape[1] <= MLA_TOKENS and self._fusable(x):
             plan = self._mla_plan(mla)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
                 st = cache.step
@@ -193,9 +197,9 @@ class DecodeWeights:
                     if plan.made != self._made:  # an entry was re-made: new pointers
                         plan.args, plan.made = kernels.mla_args(plan.mats(), plan.norms), self._made
                     row = st.cache.row_address(cache.i, st.row0)
-                    out = kernels.mla_decode(x, plan.args, st.cos, st.sin, row, st.seq - 1,
-                                             mla.softmax_scale, plan.dims, plan.q8)  # fmt: skip
-                    return out.view(x.shape)
+                    return kernels.mla_decode(x, plan.args, st.cos, st.sin, row,
+                                              st.seq - x.shape[1], mla.softmax_scale, plan.dims,
+                                              plan.q8)  # fmt: skip
         return mla.decode(x, cache)
 
     def _mla_plan(self, mla: nn.Module):

@@ -8,7 +8,7 @@ import torch
 from nanoseek import Engine, SamplingParams
 from nanoseek.infer import native
 from nanoseek.infer.cache import CacheStep, LatentCache
-from nanoseek.infer.weights import DecodeWeights
+from nanoseek.infer.weights import MLA_TOKENS, DecodeWeights
 from nanoseek.model.mla import MLA
 from nanoseek.model.rope import RotaryEmbedding
 from tests.helpers import random_model, tiny_config
@@ -32,25 +32,28 @@ def mla_of(cfg, seed=0):
     return mla
 
 
-def decode_once(mla, cfg, dtype, weights, fused: bool, seen: int, rows: int = 1):
-    """One decode step of `rows` rows after `seen` cached positions of random latents; returns
-    (the output [rows,1,D] fp32, the new entries [rows,C+R] fp32)."""
+def decode_once(mla, cfg, dtype, weights, fused: bool, seen: int, rows: int = 1, T: int = 1):
+    """One step of T new tokens in each of `rows` rows after `seen` cached positions of random
+    latents (in row 1 on: not the cache's first row); returns (the output [rows,T,D] fp32, the
+    new entries [rows,T,C+R] fp32)."""
     g = torch.Generator().manual_seed(1)
-    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
     cache = LatentCache(1, rows + 1, seen + 8, C, R, dtype)
     cache.kv[0, 1 : 1 + rows, :seen] = torch.randn(rows, seen, C + R, generator=g).to(dtype)
-    x = torch.randn(rows, 1, cfg.hidden_size, generator=g).to(dtype)
-    positions = torch.full((rows, 1), seen)
+    x = torch.randn(rows, T, cfg.hidden_size, generator=g).to(dtype)
+    positions = seen + torch.arange(T).expand(rows, T)
     cos, sin = RotaryEmbedding(cfg)(positions)
     cos, sin = cos[..., None, :], sin[..., None, :]  # [B,T,1,R/2]
-    bias = torch.zeros(rows, 1, seen + 1)  # every cached key is attended
-    rows_t = torch.arange(1, 1 + rows)[:, None]
-    step = CacheStep(cache, 1, positions, seen + 1, False, weights, cos, sin,
+    allowed = torch.arange(seen + T) <= positions[:, :, None]  # [B,T,S], the runner's mask
+    bias = torch.zeros(rows, T, seen + T).masked_fill_(~allowed, float("-inf"))
+    bias = bias[:, :, None].expand(rows, T, H, seen + T).reshape(rows, T * H, seen + T)
+    rows_t = torch.arange(1, 1 + rows)[:, None].expand(rows, T)
+    step = CacheStep(cache, 1, positions, seen + T, False, weights, cos, sin,
                      torch.complex(cos, sin), bias, rows_t)  # fmt: skip
     with torch.inference_mode():
         layer = step.layer(0)
         y = weights.mla_decode(mla, x, layer) if fused else mla.decode(x, layer)
-    return y.float(), cache.kv[0, 1 : 1 + rows, seen].float()
+    return y.float(), cache.kv[0, 1 : 1 + rows, seen : seen + T].float()
 
 
 def count_native(monkeypatch):
@@ -64,41 +67,45 @@ def count_native(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 @pytest.mark.parametrize("q_lora", [64, None])  # None: V2-Lite's direct query projection
-@pytest.mark.parametrize("seen", [1, 50, 130])  # 130 keys: a softmax tail of 3 after 8 x 16
-def test_fused_matches_the_composition(kind, q_lora, seen, monkeypatch):
+@pytest.mark.parametrize("seen,T", [(1, 1), (50, 1), (130, 1), (40, 2), (129, 4)])
+def test_fused_matches_the_composition(kind, q_lora, seen, T, monkeypatch):
+    """A decode step (T = 1) and verify steps (T = 2, 4: each token under its causal mask);
+    130 keys: a softmax tail of 2 after 8 x 16."""
     cfg = config(q_lora_rank=q_lora)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     mla = mla_of(cfg).to(dtype)
     weights = DecodeWeights(False, "int8" if kind == "int8" else None)
     calls = count_native(monkeypatch)
-    got, got_entry = decode_once(mla, cfg, dtype, weights, True, seen)
+    got, got_entry = decode_once(mla, cfg, dtype, weights, True, seen, T=T)
     assert calls == [1]  # the native call ran, not the composition
-    want, want_entry = decode_once(mla, cfg, dtype, weights, False, seen)
+    want, want_entry = decode_once(mla, cfg, dtype, weights, False, seen, T=T)
     if kind == "int8":  # the same int8 products; fp32 sums in other orders
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got_entry, want_entry, rtol=1e-5, atol=1e-6)
         return
     # bf16: rounded at the same points as the composition; summed in other orders, so a value
     # can land on the other side of a rounding boundary. Both must be as close to fp32 maths
     # over the same bf16 weights and inputs
-    ref, ref_entry = decode_once(mla.float(), cfg, torch.float32, DecodeWeights(False), False, seen)
+    fp32 = DecodeWeights(False)
+    ref, ref_entry = decode_once(mla.float(), cfg, torch.float32, fp32, False, seen, T=T)
     err, err_want = (got - ref).norm() / ref.norm(), (want - ref).norm() / ref.norm()
     assert err < 1.2 * err_want + 1e-3, (err, err_want)
     assert (got_entry - ref_entry).abs().max() <= 1.01 * (want_entry - ref_entry).abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("kind", ["fp32", "rows", "width"])
+@pytest.mark.parametrize("kind", ["fp32", "rows", "tokens", "width"])
 def test_where_the_composition_runs(kind, monkeypatch):
-    """Exact fp32 engines (their bits are the modules'), several rows and widths the kernels do
-    not take go through `MLA.decode` itself: the same numbers, no native call."""
+    """Exact fp32 engines (their bits are the modules'), several rows, more than MLA_TOKENS
+    tokens and widths the kernels do not take go through `MLA.decode` itself: the same
+    numbers, no native call."""
     cfg = config(hidden_size=80 if kind == "width" else 128)  # 80: not a multiple of 32
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     mla = mla_of(cfg).to(dtype)
     weights = DecodeWeights(False, None)
     calls = count_native(monkeypatch)
-    rows = 2 if kind == "rows" else 1
-    got, got_entry = decode_once(mla, cfg, dtype, weights, True, 20, rows)
-    want, want_entry = decode_once(mla, cfg, dtype, weights, False, 20, rows)
+    rows, T = (2 if kind == "rows" else 1), (MLA_TOKENS + 1 if kind == "tokens" else 1)
+    got, got_entry = decode_once(mla, cfg, dtype, weights, True, 20, rows, T)
+    want, want_entry = decode_once(mla, cfg, dtype, weights, False, 20, rows, T)
     assert calls == []
     assert torch.equal(got, want) and torch.equal(got_entry, want_entry)
 
