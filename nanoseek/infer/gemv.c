@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 7
+#define ABI 8
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -255,16 +255,22 @@ void nanoseek_rmsnorm(const void *x, const void *w, void *y, int64_t rows, int D
 }
 
 /* acc[o] += sum_g gates[g] * h[g, o], g in order (a token's chosen experts weighted by their
- * gates [V3 eq. 12]); h fp32 [G, O], acc fp32 or bf16 [O] (bf16: summed in fp32, rounded once) */
-void nanoseek_combine(const float *h, const float *gates, void *acc, int G, int O, int acc_bf16) {
+ * gates [V3 eq. 12]); h fp32 [G, O] (rows `stride` apart), acc fp32 or bf16 [O] (bf16: summed in
+ * fp32, rounded once) */
+static void combine_rows(const float *h, int64_t stride, const float *gates, void *acc, int G,
+                         int O, int acc_bf16) {
   for (int o = 0; o < O; o += 16) {
     const __mmask16 m = lanes(o, O);
     __m512 a = load16(acc, o, m, acc_bf16);
     for (int g = 0; g < G; g++)
-      a = _mm512_fmadd_ps(_mm512_set1_ps(gates[g]), _mm512_maskz_loadu_ps(m, h + (int64_t)g * O + o),
+      a = _mm512_fmadd_ps(_mm512_set1_ps(gates[g]), _mm512_maskz_loadu_ps(m, h + g * stride + o),
                           a);
     store16(acc, o, m, a, acc_bf16);
   }
+}
+
+void nanoseek_combine(const float *h, const float *gates, void *acc, int G, int O, int acc_bf16) {
+  combine_rows(h, O, gates, acc, G, O, acc_bf16);
 }
 
 /* e^v for 16 lanes: v = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
@@ -286,35 +292,40 @@ static inline __m512 exp16(__m512 v) {
   return _mm512_scalef_ps(p, n);
 }
 
-/* One token through its chosen experts' SwiGLU FFNs, added to its output [V3 eq. 12]:
- * out[D] += sum_k gates[k] * W2_e (silu(W1g_e x) * W1u_e x), e = ids[k], k in order.
- * w1 [E, 2F, D] (each expert's gate rows, then its up rows), w2 [E, D, F]: bf16 rows
- * (q8 = 0: x bf16) or int8 with bf16 scales s1 [E, 2F], s2 [E, D] (q8 = 1: x fp32). The
- * gate/up products and silu(g) * u stay fp32 (rounded to bf16 once for the bf16 kernel's
- * input); out fp32 or bf16. D % 32 == 0 == F % 32. nanoseek/model/weights.py `experts_ffn`
- * (three calls and two operators) is the reference. */
+/* M tokens through the same chosen experts' SwiGLU FFNs, added to their outputs [V3 eq. 12]
+ * (one token's routed experts: M = 1; a dense FFN or the shared experts of a few tokens: one
+ * expert of gate 1): out[m, D] += sum_k gates[k] * W2_e (silu(W1g_e x_m) * W1u_e x_m),
+ * e = ids[k], k in order. x [M, D]; w1 [E, 2F, D] (each expert's gate rows, then its up rows),
+ * w2 [E, D, F]: bf16 rows (q8 = 0: x bf16) or int8 with bf16 scales s1 [E, 2F], s2 [E, D]
+ * (q8 = 1: x fp32). The gate/up products and silu(g) * u stay fp32 (rounded to bf16 once for
+ * the bf16 kernel's input); out fp32 or bf16. D % 32 == 0 == F % 32. nanoseek/model/weights.py
+ * `experts_ffn` and `swiglu` (three calls and two operators) are the references. */
 void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, const void *w2,
                           const uint16_t *s2, const int64_t *ids, const float *gates, void *out,
-                          int K, int D, int F, int q8, int out_bf16) {
-  float *h = malloc(sizeof(float) * K * 2 * F), *y = malloc(sizeof(float) * K * D);
-  void *a = malloc(sizeof(float) * K * F); /* fp32 (q8) or bf16 */
+                          int K, int M, int D, int F, int q8, int out_bf16) {
+  const int64_t KM = (int64_t)K * M;
+  float *h = malloc(sizeof(float) * KM * 2 * F), *y = malloc(sizeof(float) * KM * D);
+  void *a = malloc(sizeof(float) * KM * F); /* [K, M, F] fp32 (q8) or bf16 */
   if (q8)
-    nanoseek_gemv_q8(x, 0, w1, s1, ids, h, K, 1, D, 2 * F, 0);
+    nanoseek_gemv_q8(x, 0, w1, s1, ids, h, K, M, D, 2 * F, 0);
   else
-    nanoseek_gemv_bf16(x, 0, w1, ids, h, K, 1, D, 2 * F, 0);
-  for (int k = 0; k < K; k++)
+    nanoseek_gemv_bf16(x, 0, w1, ids, h, K, M, D, 2 * F, 0);
+  for (int64_t km = 0; km < KM; km++)
     for (int j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(j, F);
-      const __m512 g = _mm512_maskz_loadu_ps(m, h + (int64_t)k * 2 * F + j);
-      const __m512 u = _mm512_maskz_loadu_ps(m, h + (int64_t)k * 2 * F + F + j);
+      const __m512 g = _mm512_maskz_loadu_ps(m, h + km * 2 * F + j);
+      const __m512 u = _mm512_maskz_loadu_ps(m, h + km * 2 * F + F + j);
       const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(-g)));
-      store16(a, (int64_t)k * F + j, m, _mm512_mul_ps(silu, u), !q8);
+      store16(a, km * F + j, m, _mm512_mul_ps(silu, u), !q8);
     }
   if (q8)
-    nanoseek_gemv_q8(a, F, w2, s2, ids, y, K, 1, F, D, 0);
+    nanoseek_gemv_q8(a, (int64_t)M * F, w2, s2, ids, y, K, M, F, D, 0);
   else
-    nanoseek_gemv_bf16(a, F, w2, ids, y, K, 1, F, D, 0);
-  nanoseek_combine(y, gates, out, K, D, out_bf16);
+    nanoseek_gemv_bf16(a, (int64_t)M * F, w2, ids, y, K, M, F, D, 0);
+  const size_t es = out_bf16 ? 2 : 4;
+  for (int m = 0; m < M; m++)
+    combine_rows(y + (int64_t)m * D, (int64_t)M * D, gates, (char *)out + es * m * D, K, D,
+                 out_bf16);
   free(h);
   free(y);
   free(a);

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 7  # gemv.c's ABI: the argument lists below
+ABI = 8  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -120,7 +120,7 @@ class Kernels:
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
         lib.nanoseek_combine.argtypes = [_P, _FLOATS, _P, _I, _I, _I]
-        lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 5]
+        lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 6]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
         _F = ctypes.c_float
         lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, _P, _P, _P, _I, _F, _P, *[_I] * 10]
@@ -181,16 +181,18 @@ class Kernels:
     def experts_ffn(self, x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None,
                     w2: torch.Tensor, s2: torch.Tensor | None, ids: list[int],
                     gates: list[float], out: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """out [D] (fp32 or bf16, contiguous) += sum_k gates[k] * the SwiGLU FFN of expert ids[k]
-        on x [D], in one call: w1 [E, 2F, D] (gate rows, then up rows) and w2 [E, D, F] bf16
-        rows (s1, s2 None), or int8 with bf16 scales s1 [E, 2F], s2 [E, D]. Returns out."""
+        """out [..., D] (fp32 or bf16, contiguous) += sum_k gates[k] * the SwiGLU FFN of expert
+        ids[k] on each row of x [..., D] (a few), in one call: w1 [E, 2F, D] (gate rows, then up
+        rows) and w2 [E, D, F] bf16 rows (s1, s2 None), or int8 with bf16 scales s1 [E, 2F],
+        s2 [E, D]. Returns out."""
         x = _host(x, torch.float32 if s1 is not None else torch.bfloat16)
         n = len(ids)
         c_ids, c_gates = (ctypes.c_int64 * n)(*ids), (ctypes.c_float * n)(*gates)
         self.lib.nanoseek_experts_ffn(
             x.data_ptr(), w1.data_ptr(), None if s1 is None else s1.data_ptr(), w2.data_ptr(),
             None if s2 is None else s2.data_ptr(), c_ids, c_gates, out.data_ptr(), n,
-            w1.shape[-1], w2.shape[-1], s1 is not None, out.dtype == torch.bfloat16,
+            x.numel() // x.shape[-1], w1.shape[-1], w2.shape[-1], s1 is not None,
+            out.dtype == torch.bfloat16,
         )  # fmt: skip
         return out
 

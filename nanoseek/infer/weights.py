@@ -37,9 +37,9 @@ from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
 from nanoseek.model.weights import combine, experts_ffn, swiglu
 
-# tokens of one row `mla_decode` takes in one native call: a decode step, a verify step with
-# up to three drafts (its products take up to MAX_ROWS rows at once)
-MLA_TOKENS = 4
+# tokens `mla_decode` (of one row) and `swiglu` take in one native call: a decode step, a
+# verify step with up to three drafts
+FEW_TOKENS = 4
 MAX_ROUTED = 4096  # routed experts the native router takes (its scores live on the C stack)
 
 
@@ -149,10 +149,11 @@ class DecodeWeights:
 
     def swiglu(self, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,
                down_proj: nn.Module) -> torch.Tensor:  # fmt: skip
-        """The dense FFN or shared experts (the interface's `swiglu`): for one token where the
-        native kernels run, one call (`experts_ffn`'s kernel over the fused gate/up weight as a
-        single expert of gate 1); elsewhere `swiglu` of nanoseek/model/weights.py."""
-        if self._fusable(x) and x.numel() == x.shape[-1]:
+        """The dense FFN or shared experts (the interface's `swiglu`): for up to FEW_TOKENS
+        tokens where the native kernels run, one call (`experts_ffn`'s kernel over the fused
+        gate/up weight as a single expert of gate 1); elsewhere `swiglu` of
+        nanoseek/model/weights.py."""
+        if self._fusable(x) and x.numel() <= FEW_TOKENS * x.shape[-1]:
             (w1s, _, b1), (w2s, _, b2) = self._plan((gate_proj, up_proj)), self._plan((down_proj,))
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
@@ -184,12 +185,12 @@ class DecodeWeights:
 
     def mla_decode(self, mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
         """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For one
-        row of up to MLA_TOKENS tokens (a decode or a verify step) where the native kernels run
+        row of up to FEW_TOKENS tokens (a decode or a verify step) where the native kernels run
         for every matrix (int8, or a bf16 model), one call:
         projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
         operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond
         reading its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
-        if x.shape[0] == 1 and x.shape[1] <= MLA_TOKENS and self._fusable(x):
+        if x.shape[0] == 1 and x.shape[1] <= FEW_TOKENS and self._fusable(x):
             plan = self._mla_plan(mla)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
                 st = cache.step

@@ -8,7 +8,7 @@ import torch
 from nanoseek import Engine, SamplingParams
 from nanoseek.infer import native
 from nanoseek.infer.cache import CacheStep, LatentCache
-from nanoseek.infer.weights import MLA_TOKENS, DecodeWeights
+from nanoseek.infer.weights import FEW_TOKENS, DecodeWeights
 from nanoseek.model.mla import MLA
 from nanoseek.model.rope import RotaryEmbedding
 from tests.helpers import random_model, tiny_config
@@ -95,7 +95,7 @@ def test_fused_matches_the_composition(kind, q_lora, seen, T, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["fp32", "rows", "tokens", "width"])
 def test_where_the_composition_runs(kind, monkeypatch):
-    """Exact fp32 engines (their bits are the modules'), several rows, more than MLA_TOKENS
+    """Exact fp32 engines (their bits are the modules'), several rows, more than FEW_TOKENS
     tokens and widths the kernels do not take go through `MLA.decode` itself: the same
     numbers, no native call."""
     cfg = config(hidden_size=80 if kind == "width" else 128)  # 80: not a multiple of 32
@@ -103,7 +103,7 @@ def test_where_the_composition_runs(kind, monkeypatch):
     mla = mla_of(cfg).to(dtype)
     weights = DecodeWeights(False, None)
     calls = count_native(monkeypatch)
-    rows, T = (2 if kind == "rows" else 1), (MLA_TOKENS + 1 if kind == "tokens" else 1)
+    rows, T = (2 if kind == "rows" else 1), (FEW_TOKENS + 1 if kind == "tokens" else 1)
     got, got_entry = decode_once(mla, cfg, dtype, weights, True, 20, rows, T)
     want, want_entry = decode_once(mla, cfg, dtype, weights, False, 20, rows, T)
     assert calls == []
