@@ -33,6 +33,7 @@ int nanoseek_gemv_abi(void) { return ABI; }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
     defined(__AVX512VNNI__)
 #include <immintrin.h>
+#include <omp.h>
 int nanoseek_gemv_supported(void) { return 1; }
 
 static inline void store(void *y, int64_t i, float v, int out_bf16) {
@@ -445,61 +446,118 @@ static void rope_one(const void *x, const float *cos, const float *sin, void *y,
   }
 }
 
-/* Absorbed attention of H query rows q [H, C+R] fp32 over keys 0..S-1 of one cache row kv
- * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
- * = p @ c_KV. Four heads share each key load; blocks of four heads go to the threads. */
-static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
-                             float scale, float *p, float *o) {
-  const int CR = C + R, blocks = (H + 3) / 4;
-#pragma omp parallel for schedule(static)
-  for (int b = 0; b < blocks; b++) {
-    const int h0 = b * 4, nh = H - h0 < 4 ? H - h0 : 4;
-    const float *qh[4];
-    for (int j = 0; j < 4; j++) qh[j] = q + (int64_t)(h0 + (j < nh ? j : nh - 1)) * CR;
-    float *ph = p + (int64_t)h0 * S;
-    for (int s = 0; s < S; s++) {
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                       _mm512_setzero_ps()};
-      for (int k = 0; k < CR; k += 16) {
-        const __mmask16 m = lanes(k, CR);
-        const __m512 kv16 = load16(kv, (int64_t)s * CR + k, m, bf16);
-        for (int j = 0; j < 4; j++)
-          acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qh[j] + k), kv16, acc[j]);
-      }
-      for (int j = 0; j < nh; j++) ph[(int64_t)j * S + s] = _mm512_reduce_add_ps(acc[j]) * scale;
-    }
-    for (int j = 0; j < nh; j++) { /* softmax of each row */
-      float *r = ph + (int64_t)j * S, top = r[0];
-      for (int s = 1; s < S; s++) top = fmaxf(top, r[s]);
-      __m512 total = _mm512_setzero_ps();
-      for (int s = 0; s < S; s += 16) {
-        const __mmask16 m = lanes(s, S);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, r + s), _mm512_set1_ps(top)));
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
-        _mm512_mask_storeu_ps(r + s, m, e);
-      }
-      const float sum = _mm512_reduce_add_ps(total);
-      for (int s = 0; s < S; s++) r[s] /= sum;
-    }
-    for (int c0 = 0; c0 < C; c0 += 64) { /* o = p @ c_KV, 64 channels at a time */
+/* Thread t's share (of T) of `latent_attention`: keys s0..s1-1 for every head. mx, sm [H]: the
+ * share's softmax maximum and sum; op [H, C]: its sum of e^(score - max) c_KV. Inlined with
+ * bf16 a constant, so that each cache dtype gets its own loops. */
+static inline __attribute__((always_inline)) void attention_share(
+    const float *q, const void *kv, const int bf16, int S, int H, int C, int R, float scale,
+    float *p, float *mx, float *sm, float *op, int t, int T) {
+  const int CR = C + R;
+  const int s0 = (int)((int64_t)S * t / T), s1 = (int)((int64_t)S * (t + 1) / T);
+  for (int s = s0; s < s1; s += 4) { /* scores in tiles of 4 heads x 4 keys */
+    const int nk = s1 - s < 4 ? s1 - s : 4;
+    for (int h0 = 0; h0 < H; h0 += 4) {
+      const int nh = H - h0 < 4 ? H - h0 : 4;
+      int64_t key[4], qh[4];
+      for (int j = 0; j < 4; j++) qh[j] = (int64_t)(h0 + (j < nh ? j : nh - 1)) * CR;
+      for (int i = 0; i < 4; i++) key[i] = (int64_t)(s + (i < nk ? i : nk - 1)) * CR;
       __m512 acc[4][4];
       for (int j = 0; j < 4; j++)
         for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
-      for (int s = 0; s < S; s++) {
+      for (int k = 0; k < CR; k += 16) {
+        const __mmask16 m = lanes(k, CR);
+        __m512 kk[4];
+        for (int i = 0; i < 4; i++) kk[i] = load16(kv, key[i] + k, m, bf16);
+        for (int j = 0; j < 4; j++) {
+          const __m512 qv = _mm512_maskz_loadu_ps(m, q + qh[j] + k);
+          for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(qv, kk[i], acc[j][i]);
+        }
+      }
+      float dot[4][4]; /* all 16 reduced (constant indices keep acc in registers) */
+      for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) dot[j][i] = _mm512_reduce_add_ps(acc[j][i]) * scale;
+      for (int j = 0; j < nh; j++)
+        for (int i = 0; i < nk; i++) p[(int64_t)(h0 + j) * S + s + i] = dot[j][i];
+    }
+  }
+  for (int h = 0; h < H; h++) { /* e^(score - the share's max), and their sum */
+    float *r = p + (int64_t)h * S, top = -INFINITY;
+    for (int s = s0; s < s1; s++) top = fmaxf(top, r[s]);
+    __m512 total = _mm512_setzero_ps();
+    for (int s = s0; s < s1; s += 16) {
+      const __mmask16 m = lanes(s - s0, s1 - s0);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, r + s), _mm512_set1_ps(top)));
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+      _mm512_mask_storeu_ps(r + s, m, e);
+    }
+    mx[h] = top;
+    sm[h] = _mm512_reduce_add_ps(total);
+  }
+  /* e @ c_KV in tiles of 4 heads x 64 channels, the heads inner: the share's 64 channels are
+   * read from memory once and from L2 for the other heads */
+  for (int c0 = 0; c0 < C; c0 += 64) {
+    __mmask16 m[4];
+    for (int i = 0; i < 4; i++) m[i] = lanes(c0 + 16 * i, C);
+    for (int h0 = 0; h0 < H; h0 += 4) {
+      const int nh = H - h0 < 4 ? H - h0 : 4;
+      const float *ph[4]; /* (a tail of heads repeats the last: computed, not stored) */
+      for (int j = 0; j < 4; j++) ph[j] = p + (int64_t)(h0 + (j < nh ? j : nh - 1)) * S;
+      __m512 acc[4][4];
+      for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+      for (int s = s0; s < s1; s++) {
         __m512 v[4];
-        for (int i = 0; i < 4; i++)
-          v[i] = load16(kv, (int64_t)s * CR + c0 + 16 * i, lanes(c0 + 16 * i, C), bf16);
-        for (int j = 0; j < nh; j++) {
-          const __m512 pj = _mm512_set1_ps(ph[(int64_t)j * S + s]);
+        for (int i = 0; i < 4; i++) v[i] = load16(kv, (int64_t)s * CR + c0 + 16 * i, m[i], bf16);
+        for (int j = 0; j < 4; j++) {
+          const __m512 pj = _mm512_set1_ps(ph[j][s]);
           for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(pj, v[i], acc[j][i]);
         }
       }
-      for (int j = 0; j < nh; j++)
-        for (int i = 0; i < 4; i++)
-          _mm512_mask_storeu_ps(o + (int64_t)(h0 + j) * C + c0 + 16 * i, lanes(c0 + 16 * i, C),
-                                acc[j][i]);
+      float sums[4][64]; /* (constant indices keep acc in registers) */
+      for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(sums[j] + 16 * i, acc[j][i]);
+      const int nc = C - c0 < 64 ? C - c0 : 64;
+      for (int j = 0; j < nh; j++) memcpy(op + (int64_t)(h0 + j) * C + c0, sums[j], 4 * nc);
     }
   }
+}
+
+/* Absorbed attention of H query rows q [H, C+R] fp32 over keys 0..S-1 of one cache row kv
+ * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
+ * = p @ c_KV. The keys are split between the threads (each reads its share of the cache once,
+ * for every head), each keeps its own softmax maximum and sum, and the shares are combined at
+ * the end (split-K, as flash-decoding does). p: [H, S] scratch. */
+static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
+                             float scale, float *p, float *o) {
+  const int nt = omp_get_max_threads(), per = H * (2 + C); /* a share: max, sum, o [H, C] */
+  float *part = malloc(sizeof(float) * nt * per);
+  int shares = 1; /* the threads the runtime gave the region (fewer when nested) */
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    float *mx = part + (int64_t)t * per, *sm = mx + H, *op = sm + H;
+    if (t == 0) shares = T;
+    if (bf16)
+      attention_share(q, kv, 1, S, H, C, R, scale, p, mx, sm, op, t, T);
+    else
+      attention_share(q, kv, 0, S, H, C, R, scale, p, mx, sm, op, t, T);
+  }
+  for (int h = 0; h < H; h++) { /* the shares rescaled to the overall maximum */
+    float top = -INFINITY, total = 0.f, w[nt];
+    for (int t = 0; t < shares; t++) top = fmaxf(top, part[(int64_t)t * per + h]);
+    for (int t = 0; t < shares; t++) { /* a share without keys (max -inf): weight 0 */
+      const float m = part[(int64_t)t * per + h];
+      w[t] = m == -INFINITY ? 0.f : expf(m - top);
+      total += w[t] * part[(int64_t)t * per + H + h];
+    }
+    for (int c = 0; c < C; c++) {
+      float v = 0.f;
+      for (int t = 0; t < shares; t++)
+        if (w[t] != 0.f) v += w[t] * part[(int64_t)t * per + 2 * H + (int64_t)h * C + c];
+      o[(int64_t)h * C + c] = v / total;
+    }
+  }
+  free(part);
 }
 
 /* M tokens of MLA at positions pos..pos+M-1 of one latent cache row [V3 §2.1.1, eqs. 1-11,
