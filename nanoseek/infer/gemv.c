@@ -526,35 +526,39 @@ static inline __attribute__((always_inline)) void attention_share(
  * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
  * = p @ c_KV. The keys are split between the threads (each reads its share of the cache once,
  * for every head), each keeps its own softmax maximum and sum, and the shares are combined at
- * the end (split-K, as flash-decoding does). p: [H, S] scratch. */
+ * the end, the heads split between the threads (split-K, as flash-decoding does). p: [H, S]
+ * scratch. */
 static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
                              float scale, float *p, float *o) {
   const int nt = omp_get_max_threads(), per = H * (2 + C); /* a share: max, sum, o [H, C] */
   float *part = malloc(sizeof(float) * nt * per);
-  int shares = 1; /* the threads the runtime gave the region (fewer when nested) */
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     float *mx = part + (int64_t)t * per, *sm = mx + H, *op = sm + H;
-    if (t == 0) shares = T;
     if (bf16)
       attention_share(q, kv, 1, S, H, C, R, scale, p, mx, sm, op, t, T);
     else
       attention_share(q, kv, 0, S, H, C, R, scale, p, mx, sm, op, t, T);
-  }
-  for (int h = 0; h < H; h++) { /* the shares rescaled to the overall maximum */
-    float top = -INFINITY, total = 0.f, w[nt];
-    for (int t = 0; t < shares; t++) top = fmaxf(top, part[(int64_t)t * per + h]);
-    for (int t = 0; t < shares; t++) { /* a share without keys (max -inf): weight 0 */
-      const float m = part[(int64_t)t * per + h];
-      w[t] = m == -INFINITY ? 0.f : expf(m - top);
-      total += w[t] * part[(int64_t)t * per + H + h];
-    }
-    for (int c = 0; c < C; c++) {
-      float v = 0.f;
-      for (int t = 0; t < shares; t++)
-        if (w[t] != 0.f) v += w[t] * part[(int64_t)t * per + 2 * H + (int64_t)h * C + c];
-      o[(int64_t)h * C + c] = v / total;
+#pragma omp barrier
+    for (int h = t; h < H; h += T) { /* the shares rescaled to the overall maximum */
+      float top = -INFINITY, total = 0.f, w[T];
+      for (int u = 0; u < T; u++) top = fmaxf(top, part[(int64_t)u * per + h]);
+      for (int u = 0; u < T; u++) { /* a share without keys (max -inf): weight 0 */
+        const float m = part[(int64_t)u * per + h];
+        w[u] = m == -INFINITY ? 0.f : expf(m - top);
+        total += w[u] * part[(int64_t)u * per + H + h];
+      }
+      for (int c = 0; c < C; c += 16) {
+        const __mmask16 m = lanes(c, C);
+        __m512 v = _mm512_setzero_ps();
+        for (int u = 0; u < T; u++)
+          if (w[u] != 0.f)
+            v = _mm512_fmadd_ps(_mm512_set1_ps(w[u]),
+                                _mm512_maskz_loadu_ps(m, part + (int64_t)u * per + 2 * H + h * C + c),
+                                v);
+        _mm512_mask_storeu_ps(o + (int64_t)h * C + c, m, _mm512_div_ps(v, _mm512_set1_ps(total)));
+      }
     }
   }
   free(part);
