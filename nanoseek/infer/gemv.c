@@ -15,10 +15,10 @@
  *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
  * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
  * And, each in one call, RMSNorm, the MoE router, a token's gate-weighted sum of its
- * experts, a token's SwiGLU FFNs (both products, silu(g) * u, the sum) and a token's MLA over
- * its latent cache row (projections, norms, rope, cache write, attention): PyTorch runs them
- * as chains of operators, each slow right after a kernel that streamed megabytes through the
- * caches (~40 us a norm inside a decode step).
+ * experts, a few tokens' SwiGLU FFNs (both products, silu(g) * u, the sum) and a few tokens'
+ * MLA over their latent cache row (projections, norms, rope, cache write, attention): PyTorch
+ * runs them as chains of operators, each slow right after a kernel that streamed megabytes
+ * through the caches (~40 us a norm inside a decode step).
  * Threads: OpenMP, which binds to the runtime torch already loaded (libgomp.so.1), so
  * torch.set_num_threads applies here too.
  */
@@ -552,11 +552,11 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
       for (int c = 0; c < C; c += 16) {
         const __mmask16 m = lanes(c, C);
         __m512 v = _mm512_setzero_ps();
-        for (int u = 0; u < T; u++)
+        for (int u = 0; u < T; u++) {
+          const float *share = part + (int64_t)u * per + 2 * H + (int64_t)h * C;
           if (w[u] != 0.f)
-            v = _mm512_fmadd_ps(_mm512_set1_ps(w[u]),
-                                _mm512_maskz_loadu_ps(m, part + (int64_t)u * per + 2 * H + h * C + c),
-                                v);
+            v = _mm512_fmadd_ps(_mm512_set1_ps(w[u]), _mm512_maskz_loadu_ps(m, share + c), v);
+        }
         _mm512_mask_storeu_ps(o + (int64_t)h * C + c, m, _mm512_div_ps(v, _mm512_set1_ps(total)));
       }
     }
@@ -606,8 +606,8 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
   char *o_h = o_lat + es * H * M * C, *o = o_h + es * H * M * V, *qr = o + es * M * H * V;
   for (int h = 0; h < H; h++)
     for (int m = 0; m < M; m++)
-      memcpy(q_nope + es * ((int64_t)h * M + m) * N, q + es * ((int64_t)m * q_stride + h * (N + R)),
-             es * N);
+      memcpy(q_nope + es * ((int64_t)h * M + m) * N,
+             q + es * ((int64_t)m * q_stride + h * (N + R)), es * N);
   act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, q8, bf16);
   float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S));
   float *o_f = qf + H * CR, *p = o_f + H * C;
@@ -615,7 +615,8 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
     for (int h = 0; h < H; h++) {
       const char *qh = q + es * ((int64_t)m * q_stride + h * (N + R) + N);
       rope_one(qh, cos + m * R / 2, sin + m * R / 2, qr, R, bf16);
-      for (int c = 0; c < C; c++) qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
+      for (int c = 0; c < C; c++)
+        qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
       for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
     }
     latent_attention(qf, cache, bf16, pos + m + 1, H, C, R, scale, p, o_f);

@@ -184,8 +184,8 @@ class MLA(nn.Module):
         their latents are written to `cache` (a layer's view of a decode step), then every query
         attends absorbed over the row's cache under the step's causal bias. What
         `weights.mla_decode` computes (the reference of its fused implementations)."""
-        weights = cache.weights
-        q_nope, q_rope, c_kv, k_rope = self.project(x, None, None, weights, cache.freqs)
+        weights, st = cache.weights, cache.step
+        q_nope, q_rope, c_kv, k_rope = self.project(x, st.cos, st.sin, weights, cache.freqs)
         kv = cache.write(c_kv, k_rope)  # [B,S,C+R]: the cached positions and the new ones
         out = self.attend_absorbed(q_nope, q_rope, kv, cache.bias, weights)
         return weights.linear(out, self.o_proj)[0]
