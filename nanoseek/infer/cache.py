@@ -155,6 +155,7 @@ class CacheStep:
     freqs: torch.Tensor | None = None  # decode: cos + i sin [B,T,1,R/2] complex64
     bias: torch.Tensor | None = None  # decode: [B,T*H|1,S] additive mask, 0 or -inf
     rows: torch.Tensor | None = None  # decode: [B,T] the cache row of each new entry
+    start: list[int] | None = None  # decode: each row's first new position (host ints)
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)

@@ -564,30 +564,34 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
   free(part);
 }
 
-/* M tokens of MLA at positions pos..pos+M-1 of one latent cache row [V3 §2.1.1, eqs. 1-11,
- * with W_UK and W_UV absorbed; V2 §2.1], nanoseek/model/mla.py `MLA.decode` (the reference) in
- * one call (a decode step: M = 1; a speculative verify step: a few):
- *   a = x @ [W_DQ ; W_DKV ; W_KR]^T     (w[0]; without a query latent, QL = 0: [W_Q ; W_DKV ; W_KR])
+/* T new tokens in each of B rows of MLA [V3 §2.1.1, eqs. 1-11, with W_UK and W_UV absorbed;
+ * V2 §2.1], nanoseek/model/mla.py `MLA.decode` (the reference) in one call (a decode step:
+ * T = 1; a speculative verify step: a few). Row b's tokens go at positions start[b]..+T-1 of its
+ * latent cache row, cache + b * row_stride elements ([S_max, C+R]); token m = b T + t:
+ *   a = x @ [W_DQ ; W_DKV ; W_KR]^T     (w[0]; no query latent, QL = 0: [W_Q ; W_DKV ; W_KR])
  *   q = norm_q(a_q) @ W_UQ^T           (w[1], QL > 0), per head [q_nope (N) ; q_rope (R)]
- *   cache[pos + m] = [norm_kv(c_kv) ; rope(k_rope)]
+ *   cache_b[start[b] + t] = [norm_kv(c_kv) ; rope(k_rope)]
  *   q_lat_h = W_UK_h q_nope_h           (w[2]: [H, C, N] rows)
- *   o_lat_h = softmax(scale [q_lat_h ; rope(q_rope_h)] . cache[0..pos+m]) @ c_KV
+ *   o_lat_h = softmax(scale [q_lat_h ; rope(q_rope_h)] . cache_b[0..start[b]+t]) @ c_KV
  *   out = concat_h(W_UV_h o_lat_h) @ W_O^T  (w[3]: [H, V, C] rows, w[4]: [D, H V])
- * Weights int8 with bf16 scales s[i] (q8 = 1) or bf16 rows (q8 = 0, s unused); x [M, D], the
- * norms' weights, the cache and out [M, D] of the model's dtype (bf16 = 1: bf16, rounded where
- * the reference rounds), the scores, softmax and o_lat in fp32. cos, sin [M, R/2] fp32. */
+ * Weights int8 with bf16 scales s[i] (q8 = 1) or bf16 rows (q8 = 0, s unused); x [B T, D], the
+ * norms' weights, the cache and out [B T, D] of the model's dtype (bf16 = 1: bf16, rounded where
+ * the reference rounds), the scores, softmax and o_lat in fp32. cos, sin [B T, R/2] fp32. */
 void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *const *s,
                          const void *q_norm, const void *kv_norm, float eps_q, float eps_kv,
-                         const float *cos, const float *sin, void *cache, int pos, float scale,
-                         void *out, int M, int D, int QL, int H, int N, int R, int C, int V,
-                         int q8, int bf16) {
-  const int QH = H * (N + R), QA = QL ? QL : QH, A = QA + C + R, CR = C + R, S = pos + M;
+                         const float *cos, const float *sin, void *cache, int64_t row_stride,
+                         const int *start, float scale, void *out, int B, int T, int D, int QL,
+                         int H, int N, int R, int C, int V, int q8, int bf16) {
+  const int QH = H * (N + R), QA = QL ? QL : QH, A = QA + C + R, CR = C + R, M = B * T;
   const size_t es = bf16 ? 2 : 4;
+  int S = 0; /* the most keys a token attends to */
+  for (int b = 0; b < B; b++) S = start[b] + T > S ? start[b] + T : S;
   char *a = malloc(es * M * A), *q = a, *qn = NULL;
   act_gemv(x, 0, w[0], s[0], a, 1, M, D, A, q8, bf16);
   for (int m = 0; m < M; m++) {
     const char *am = a + es * m * A;
-    char *entry = (char *)cache + es * (int64_t)(pos + m) * CR;
+    const int64_t position = start[m / T] + m % T;
+    char *entry = (char *)cache + es * ((m / T) * row_stride + position * CR);
     nanoseek_rmsnorm(am + es * QA, kv_norm, entry, 1, C, eps_kv, bf16);
     rope_one(am + es * (QA + C), cos + m * R / 2, sin + m * R / 2, entry + es * C, R, bf16);
   }
@@ -619,7 +623,8 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
         qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
       for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
     }
-    latent_attention(qf, cache, bf16, pos + m + 1, H, C, R, scale, p, o_f);
+    const char *kv = (const char *)cache + es * (m / T) * row_stride;
+    latent_attention(qf, kv, bf16, start[m / T] + m % T + 1, H, C, R, scale, p, o_f);
     for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
       for (int c = 0; c < C; c++) store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
   }

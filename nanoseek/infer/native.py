@@ -123,7 +123,17 @@ class Kernels:
         lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 6]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
         _F = ctypes.c_float
-        lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, _P, _P, _P, _I, _F, _P, *[_I] * 10]
+        lib.nanoseek_mla_decode.argtypes = [
+            *[_P] * 5,
+            _F,
+            _F,
+            *[_P] * 3,
+            _L,
+            _P,
+            _F,
+            _P,
+            *[_I] * 11,
+        ]
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -245,21 +255,24 @@ class Kernels:
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache_row: int,
-        pos: int,
+        row_stride: int,
+        start: list[int],
         scale: float,
         dims: tuple,
         q8: bool,
     ) -> torch.Tensor:
-        """T tokens of one row of MLA in one call (gemv.c `nanoseek_mla_decode`;
-        nanoseek/model/mla.py `MLA.decode` is the reference): x [..., T, D] (fp32 or bf16, the
-        model's dtype) -> out of x's shape, and the tokens' latents written at positions
-        pos..pos+T-1 of the cache row at address `cache_row` ([S_max, C+R], x's dtype). args:
-        `mla_args` of the weights (int8 if q8, else bf16); cos, sin [T, R/2] fp32 (any leading
-        dims of size 1); dims: (D, QL or 0, H, N, R, C, V)."""
+        """T new tokens in each of B rows of MLA in one call (gemv.c `nanoseek_mla_decode`;
+        nanoseek/model/mla.py `MLA.decode` is the reference): x [B, T, D] (fp32 or bf16, the
+        model's dtype) -> out of x's shape, and row b's latents written at positions
+        start[b]..start[b]+T-1 of its cache row, at address `cache_row` + b * `row_stride`
+        elements ([S_max, C+R], x's dtype). args: `mla_args` of the weights (int8 if q8, else
+        bf16); cos, sin [B, T, 1, R/2] fp32; dims: (D, QL or 0, H, N, R, C, V)."""
         x, cos, sin = _host(x), _host(cos), _host(sin)
         out = torch.empty_like(x)
+        B, T = x.shape[0], x.shape[1]
         self.lib.nanoseek_mla_decode(
-            x.data_ptr(), *args[0], cos.data_ptr(), sin.data_ptr(), cache_row, pos, scale,
-            out.data_ptr(), x.numel() // x.shape[-1], *dims, q8, x.dtype == torch.bfloat16,
+            x.data_ptr(), *args[0], cos.data_ptr(), sin.data_ptr(), cache_row, row_stride,
+            (ctypes.c_int * B)(*start), scale, out.data_ptr(), B, T, *dims, q8,
+            x.dtype == torch.bfloat16,
         )  # fmt: skip
         return out

@@ -100,7 +100,7 @@ class ModelRunner:
         freqs = torch.complex(cos, sin)
         rows = write_rows(row0, positions)
         return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin, freqs, bias,
-                         rows)  # fmt: skip
+                         rows, list(start))  # fmt: skip
 
     def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int):
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""

@@ -37,9 +37,9 @@ from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
 from nanoseek.model.weights import combine, experts_ffn, swiglu
 
-# tokens `mla_decode` (of one row) and `swiglu` take in one native call: a decode step, a
-# verify step with up to three drafts
-FEW_TOKENS = 4
+# tokens `mla_decode` and `swiglu` take in one native call: a decode step of up to 8 rows, a
+# verify step (a few tokens of a row); the int8 products take that many rows (native.MAX_ROWS)
+FEW_TOKENS = native.MAX_ROWS
 MAX_ROUTED = 4096  # routed experts the native router takes (its scores live on the C stack)
 
 
@@ -184,22 +184,22 @@ class DecodeWeights:
         return router(x)[:2]
 
     def mla_decode(self, mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
-        """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For one
-        row of up to FEW_TOKENS tokens (a decode or a verify step) where the native kernels run
-        for every matrix (int8, or a bf16 model), one call:
+        """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For up to
+        FEW_TOKENS tokens (a decode step of a few rows, a verify step) where the native kernels
+        run for every matrix (int8, or a bf16 model), one call:
         projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
         operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond
         reading its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
-        if x.shape[0] == 1 and x.shape[1] <= FEW_TOKENS and self._fusable(x):
+        if x.numel() <= FEW_TOKENS * x.shape[-1] and self._fusable(x):
             plan = self._mla_plan(mla)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
-                st = cache.step
-                if st.cache.kv.dtype == x.dtype == plan.dtype:
+                st, kv = cache.step, cache.step.cache.kv
+                if kv.dtype == x.dtype == plan.dtype and st.start is not None:
                     if plan.made != self._made:  # an entry was re-made: new pointers
                         plan.args, plan.made = kernels.mla_args(plan.mats(), plan.norms), self._made
                     row = st.cache.row_address(cache.i, st.row0)
-                    return kernels.mla_decode(x, plan.args, st.cos, st.sin, row,
-                                              st.seq - x.shape[1], mla.softmax_scale, plan.dims,
+                    return kernels.mla_decode(x, plan.args, st.cos, st.sin, row, kv.stride(1),
+                                              st.start, mla.softmax_scale, plan.dims,
                                               plan.q8)  # fmt: skip
         return mla.decode(x, cache)
 

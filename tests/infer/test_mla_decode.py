@@ -33,27 +33,30 @@ def mla_of(cfg, seed=0):
 
 
 def decode_once(mla, cfg, dtype, weights, fused: bool, seen: int, rows: int = 1, T: int = 1):
-    """One step of T new tokens in each of `rows` rows after `seen` cached positions of random
-    latents (in row 1 on: not the cache's first row); returns (the output [rows,T,D] fp32, the
-    new entries [rows,T,C+R] fp32)."""
+    """One step of T new tokens in each of `rows` rows (in rows 1.. of the cache: not its
+    first) after seen + 5 b cached positions of random latents in row b; returns (the output
+    [rows,T,D] fp32, each row's new entries [rows,T,C+R] fp32)."""
     g = torch.Generator().manual_seed(1)
     C, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
-    cache = LatentCache(1, rows + 1, seen + 8, C, R, dtype)
-    cache.kv[0, 1 : 1 + rows, :seen] = torch.randn(rows, seen, C + R, generator=g).to(dtype)
+    start = [seen + 5 * b for b in range(rows)]
+    seq = max(start) + T
+    cache = LatentCache(1, rows + 1, seq + 8, C, R, dtype)
+    cache.kv[0, 1 : 1 + rows, :seq] = torch.randn(rows, seq, C + R, generator=g).to(dtype)
     x = torch.randn(rows, T, cfg.hidden_size, generator=g).to(dtype)
-    positions = seen + torch.arange(T).expand(rows, T)
+    positions = torch.tensor(start)[:, None] + torch.arange(T)  # [B,T]
     cos, sin = RotaryEmbedding(cfg)(positions)
     cos, sin = cos[..., None, :], sin[..., None, :]  # [B,T,1,R/2]
-    allowed = torch.arange(seen + T) <= positions[:, :, None]  # [B,T,S], the runner's mask
-    bias = torch.zeros(rows, T, seen + T).masked_fill_(~allowed, float("-inf"))
-    bias = bias[:, :, None].expand(rows, T, H, seen + T).reshape(rows, T * H, seen + T)
+    allowed = torch.arange(seq) <= positions[:, :, None]  # [B,T,S], the runner's mask
+    bias = torch.zeros(rows, T, seq).masked_fill_(~allowed, float("-inf"))
+    bias = bias[:, :, None].expand(rows, T, H, seq).reshape(rows, T * H, seq)
     rows_t = torch.arange(1, 1 + rows)[:, None].expand(rows, T)
-    step = CacheStep(cache, 1, positions, seen + T, False, weights, cos, sin,
-                     torch.complex(cos, sin), bias, rows_t)  # fmt: skip
+    step = CacheStep(cache, 1, positions, seq, False, weights, cos, sin,
+                     torch.complex(cos, sin), bias, rows_t, start)  # fmt: skip
     with torch.inference_mode():
         layer = step.layer(0)
         y = weights.mla_decode(mla, x, layer) if fused else mla.decode(x, layer)
-    return y.float(), cache.kv[0, 1 : 1 + rows, seen : seen + T].float()
+    entries = torch.stack([cache.kv[0, 1 + b, p : p + T] for b, p in enumerate(start)])
+    return y.float(), entries.float()
 
 
 def count_native(monkeypatch):
@@ -67,18 +70,19 @@ def count_native(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 @pytest.mark.parametrize("q_lora", [64, None])  # None: V2-Lite's direct query projection
-@pytest.mark.parametrize("seen,T", [(1, 1), (50, 1), (130, 1), (40, 2), (129, 4)])
-def test_fused_matches_the_composition(kind, q_lora, seen, T, monkeypatch):
-    """A decode step (T = 1) and verify steps (T = 2, 4: each token under its causal mask);
-    130 keys: a softmax tail of 2 after 8 x 16."""
+@pytest.mark.parametrize("seen,rows,T", [(1, 1, 1), (50, 1, 1), (130, 1, 1), (40, 1, 2),
+                                          (129, 1, 4), (30, 3, 1), (60, 2, 3)])  # fmt: skip
+def test_fused_matches_the_composition(kind, q_lora, seen, rows, T, monkeypatch):
+    """Decode steps (T = 1) of one and three rows (of different lengths), verify steps (T = 2-4:
+    each token under its causal mask); 130 keys: a softmax tail of 2 after 8 x 16."""
     cfg = config(q_lora_rank=q_lora)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     mla = mla_of(cfg).to(dtype)
     weights = DecodeWeights(False, "int8" if kind == "int8" else None)
     calls = count_native(monkeypatch)
-    got, got_entry = decode_once(mla, cfg, dtype, weights, True, seen, T=T)
+    got, got_entry = decode_once(mla, cfg, dtype, weights, True, seen, rows, T)
     assert calls == [1]  # the native call ran, not the composition
-    want, want_entry = decode_once(mla, cfg, dtype, weights, False, seen, T=T)
+    want, want_entry = decode_once(mla, cfg, dtype, weights, False, seen, rows, T)
     if kind == "int8":  # the same int8 products; fp32 sums in other orders
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got_entry, want_entry, rtol=1e-5, atol=1e-6)
@@ -87,23 +91,22 @@ def test_fused_matches_the_composition(kind, q_lora, seen, T, monkeypatch):
     # can land on the other side of a rounding boundary. Both must be as close to fp32 maths
     # over the same bf16 weights and inputs
     fp32 = DecodeWeights(False)
-    ref, ref_entry = decode_once(mla.float(), cfg, torch.float32, fp32, False, seen, T=T)
+    ref, ref_entry = decode_once(mla.float(), cfg, torch.float32, fp32, False, seen, rows, T)
     err, err_want = (got - ref).norm() / ref.norm(), (want - ref).norm() / ref.norm()
     assert err < 1.2 * err_want + 1e-3, (err, err_want)
     assert (got_entry - ref_entry).abs().max() <= 1.01 * (want_entry - ref_entry).abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("kind", ["fp32", "rows", "tokens", "width"])
+@pytest.mark.parametrize("kind", ["fp32", "tokens", "width"])
 def test_where_the_composition_runs(kind, monkeypatch):
-    """Exact fp32 engines (their bits are the modules'), several rows, more than FEW_TOKENS
-    tokens and widths the kernels do not take go through `MLA.decode` itself: the same
-    numbers, no native call."""
+    """Exact fp32 engines (their bits are the modules'), more than FEW_TOKENS tokens and widths
+    the kernels do not take go through `MLA.decode` itself: the same numbers, no native call."""
     cfg = config(hidden_size=80 if kind == "width" else 128)  # 80: not a multiple of 32
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     mla = mla_of(cfg).to(dtype)
     weights = DecodeWeights(False, None)
     calls = count_native(monkeypatch)
-    rows, T = (2 if kind == "rows" else 1), (FEW_TOKENS + 1 if kind == "tokens" else 1)
+    rows, T = (3, FEW_TOKENS // 3 + 1) if kind == "tokens" else (1, 1)
     got, got_entry = decode_once(mla, cfg, dtype, weights, True, 20, rows, T)
     want, want_entry = decode_once(mla, cfg, dtype, weights, False, 20, rows, T)
     assert calls == []
@@ -112,22 +115,22 @@ def test_where_the_composition_runs(kind, monkeypatch):
 
 @needs_kernels
 def test_int8_engine_decodes_through_it(monkeypatch):
-    """Through the engine: every decode step of every layer takes the native call, and the
-    tokens and log-probabilities match the composition's (to the int16 rounding of activations
-    that differ in their last bits)."""
+    """Through the engine, three prompts of different lengths: every decode step of every layer
+    takes one native call for all rows, and the tokens and log-probabilities match the
+    composition's (to the int16 rounding of activations that differ in their last bits)."""
     cfg = config(num_hidden_layers=2, vocab_size=64)
     model = random_model(cfg, seed=3).eval()
-    prompt = [5, 9, 2, 7, 11, 3]
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
+    prompts = [[5, 9, 2, 7, 11, 3], [8, 1], [4, 4, 6, 10, 12, 13, 14, 2, 9]]
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)] * 3
     calls = count_native(monkeypatch)
-    fused = Engine(model, max_batch_size=1, max_seq_len=32, quantize="int8")
-    got = fused.generate([prompt], [params])[0]
+    fused = Engine(model, max_batch_size=3, max_seq_len=32, quantize="int8")
+    got = fused.generate(prompts, params)
     assert len(calls) == 11 * cfg.num_hidden_layers  # 12 tokens: a prefill and 11 decode steps
     monkeypatch.setattr(
         DecodeWeights, "mla_decode", lambda self, mla, x, cache: mla.decode(x, cache)
     )
-    composed = Engine(model, max_batch_size=1, max_seq_len=32, quantize="int8")
-    want = composed.generate([prompt], [params])[0]
-    assert got.token_ids == want.token_ids
-    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs),
-                               rtol=1e-3, atol=1e-3)  # fmt: skip
+    composed = Engine(model, max_batch_size=3, max_seq_len=32, quantize="int8")
+    for g, w in zip(got, composed.generate(prompts, params)):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs),
+                                   rtol=1e-3, atol=1e-3)  # fmt: skip
