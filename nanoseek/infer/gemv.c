@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 8
+#define ABI 9
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -330,6 +330,117 @@ void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, con
   free(h);
   free(y);
   free(a);
+}
+
+/* N tokens through their chosen experts' SwiGLU FFNs, each chosen expert's weights read once
+ * for all the tokens that chose it [V3 eq. 12]: out[n, D] += sum_k gates[n, k] * FFN_e(x_n),
+ * e = ids[n, k], k in order (a decode step of a few rows; nanoseek/model/weights.py
+ * `grouped_experts_ffn` is the reference). x [N, D] (q8: fp32, quantised to int16 once per
+ * row; else bf16), ids, gates [N, K]; weights as nanoseek_experts_ffn's; out fp32 or bf16. */
+void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1, const void *w2,
+                              const uint16_t *s2, const int64_t *ids, const float *gates,
+                              void *out, int N, int K, int D, int F, int q8, int out_bf16) {
+  const int NK = N * K;
+  /* the distinct experts in order of first choice, and each (n, k) pair's row among theirs */
+  int64_t *experts = malloc(sizeof(int64_t) * NK);
+  int *first = malloc(sizeof(int) * (NK + 1)), *row_of = malloc(sizeof(int) * NK);
+  int *token = malloc(sizeof(int) * NK), U = 0;
+  for (int i = 0; i < NK; i++) {
+    int u = 0;
+    while (u < U && experts[u] != ids[i]) u++;
+    if (u == U) experts[U++] = ids[i];
+  }
+  for (int u = 0, r = 0; u < U; u++) { /* rows grouped by expert, tokens in order */
+    first[u] = r;
+    for (int i = 0; i < NK; i++)
+      if (ids[i] == experts[u]) token[r] = i / K, row_of[i] = r++;
+  }
+  first[U] = NK;
+  /* the gathered activations, the gate/up products, silu(g) * u, the down products */
+  const size_t xs = q8 ? sizeof(int16_t) : sizeof(uint16_t);
+  char *xg = malloc(xs * NK * (int64_t)(D > F ? D : F));
+  float *sx = malloc(sizeof(float) * NK), *h = malloc(sizeof(float) * NK * 2 * (int64_t)F);
+  float *y = malloc(sizeof(float) * NK * (int64_t)D);
+  for (int r = 0; r < NK; r++) { /* row r: token[r]'s x, int16 with its scale (q8) or bf16 */
+    if (!q8) {
+      memcpy(xg + xs * r * D, (const uint16_t *)x + (int64_t)token[r] * D, xs * D);
+      continue;
+    }
+    const float *xr = (const float *)x + (int64_t)token[r] * D;
+    float amax = 0.f;
+    for (int k = 0; k < D; k++) amax = fmaxf(amax, fabsf(xr[k]));
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int k = 0; k < D; k++) ((int16_t *)xg)[(int64_t)r * D + k] = (int16_t)lrintf(xr[k] * inv);
+    sx[r] = amax / 32767.f;
+  }
+  /* gate/up: every distinct expert's rows against its 2F weight rows, in blocks of 4 rows */
+  const int b1 = (2 * F + 3) / 4, b2 = (D + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < (int64_t)U * b1; b++) {
+    const int u = (int)(b / b1), o = (int)(b % b1) * 4, R = 2 * F - o < 4 ? 2 * F - o : 4;
+    const int r0 = first[u], M = first[u + 1] - r0;
+    const int64_t w = experts[u] * 2 * F + o;
+    if (q8)
+      block_q16((const int16_t *)xg + (int64_t)r0 * D, sx + r0, (const int8_t *)w1 + w * D,
+                s1 + w, h, (int64_t)r0 * 2 * F + o, R, M, D, 2 * F, 0);
+    else
+      block_bf16((const uint16_t *)xg + (int64_t)r0 * D, (const uint16_t *)w1 + w * D, h,
+                 (int64_t)r0 * 2 * F + o, R, M, D, 2 * F, 0);
+  }
+  for (int r = 0; r < NK; r++) { /* silu(g) * u, as the down products' input */
+    float *a = h + (int64_t)r * 2 * F; /* (written over its own gate half) */
+    float amax = 0.f;
+    for (int j = 0; j < F; j += 16) {
+      const __mmask16 m = lanes(j, F);
+      const __m512 g = _mm512_maskz_loadu_ps(m, a + j), u = _mm512_maskz_loadu_ps(m, a + F + j);
+      const __m512 v = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                                    exp16(-g))), u);
+      _mm512_mask_storeu_ps(a + j, m, v);
+      amax = fmaxf(amax, _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_maskz_mov_ps(m, v))));
+    }
+    if (!q8) {
+      for (int j = 0; j < F; j += 16)
+        store16(xg + xs * r * F, j, lanes(j, F), _mm512_maskz_loadu_ps(lanes(j, F), a + j), 1);
+      continue;
+    }
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int j = 0; j < F; j++) ((int16_t *)xg)[(int64_t)r * F + j] = (int16_t)lrintf(a[j] * inv);
+    sx[r] = amax / 32767.f;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < (int64_t)U * b2; b++) {
+    const int u = (int)(b / b2), o = (int)(b % b2) * 4, R = D - o < 4 ? D - o : 4;
+    const int r0 = first[u], M = first[u + 1] - r0;
+    const int64_t w = experts[u] * D + o;
+    if (q8)
+      block_q16((const int16_t *)xg + (int64_t)r0 * F, sx + r0, (const int8_t *)w2 + w * F,
+                s2 + w, y, (int64_t)r0 * D + o, R, M, F, D, 0);
+    else
+      block_bf16((const uint16_t *)xg + (int64_t)r0 * F, (const uint16_t *)w2 + w * F, y,
+                 (int64_t)r0 * D + o, R, M, F, D, 0);
+  }
+  const size_t es = out_bf16 ? 2 : 4;
+  for (int n = 0; n < N; n++) { /* each token's experts added in its order of choice */
+    float g[K];
+    int64_t rows[K];
+    for (int k = 0; k < K; k++) g[k] = gates[n * K + k], rows[k] = row_of[n * K + k];
+    for (int o = 0; o < D; o += 16) {
+      const __mmask16 m = lanes(o, D);
+      char *acc = (char *)out + es * (int64_t)n * D;
+      __m512 a = load16(acc, o, m, out_bf16);
+      for (int k = 0; k < K; k++)
+        a = _mm512_fmadd_ps(_mm512_set1_ps(g[k]), _mm512_maskz_loadu_ps(m, y + rows[k] * D + o), a);
+      store16(acc, o, m, a, out_bf16);
+    }
+  }
+  free(experts);
+  free(first);
+  free(row_of);
+  free(token);
+  free(xg);
+  free(sx);
+  free(h);
+  free(y);
 }
 
 /* The DeepSeekMoE router [V3 §2.1.2, eqs. 12-16; V2 §2.1.2], nanoseek/model/router.py's

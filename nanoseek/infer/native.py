@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 8  # gemv.c's ABI: the argument lists below
+ABI = 9  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -121,6 +121,7 @@ class Kernels:
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
         lib.nanoseek_combine.argtypes = [_P, _FLOATS, _P, _I, _I, _I]
         lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 6]
+        lib.nanoseek_experts_grouped.argtypes = [*[_P] * 8, *[_I] * 6]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
         _F = ctypes.c_float
         lib.nanoseek_mla_decode.argtypes = [
@@ -203,6 +204,22 @@ class Kernels:
             None if s2 is None else s2.data_ptr(), c_ids, c_gates, out.data_ptr(), n,
             x.numel() // x.shape[-1], w1.shape[-1], w2.shape[-1], s1 is not None,
             out.dtype == torch.bfloat16,
+        )  # fmt: skip
+        return out
+
+    def experts_grouped(self, x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None,
+                        w2: torch.Tensor, s2: torch.Tensor | None, ids: torch.Tensor,
+                        gates: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """out [N, D] (fp32 or bf16, contiguous) += for each token n, sum_k gates[n, k] * the
+        SwiGLU FFN of expert ids[n, k] on x [N, D], in one call that reads each chosen expert
+        once: weights as `experts_ffn`'s, ids [N, K] int64, gates [N, K] fp32. Returns out."""
+        x = _host(x, torch.float32 if s1 is not None else torch.bfloat16)
+        ids, gates = _host(ids, torch.int64), _host(gates, torch.float32)
+        self.lib.nanoseek_experts_grouped(
+            x.data_ptr(), w1.data_ptr(), None if s1 is None else s1.data_ptr(), w2.data_ptr(),
+            None if s2 is None else s2.data_ptr(), ids.data_ptr(), gates.data_ptr(),
+            out.data_ptr(), ids.shape[0], ids.shape[1], w1.shape[-1], w2.shape[-1],
+            s1 is not None, out.dtype == torch.bfloat16,
         )  # fmt: skip
         return out
 

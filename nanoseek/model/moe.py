@@ -312,8 +312,9 @@ class MoE(FixedDtypeBuffers):
         only the chosen experts run, on exactly their rows:
         - one or two tokens: per token, its K experts' gate/up projections as one call and their
           down projections as another (`weights.experts_mm`), no gathers;
-        - more: the token-expert pairs sorted by expert (one sort, one gather, one scatter-add),
-          one GEMM pair per chosen expert on its contiguous rows.
+        - more: each chosen expert once for all the tokens that chose it
+          (`weights.grouped_experts_ffn`: the pairs sorted by expert, one GEMM pair per chosen
+          expert on its contiguous rows).
         Measured alternative, not kept: every expert on every token as two batched matmuls with
         zero weights for the unchosen was no faster even at 8-16 tokens, where the bytes of
         expert weights read, not the kernel count, decide. Costs one host sync for the indices
@@ -330,26 +331,13 @@ class MoE(FixedDtypeBuffers):
         # experts that take another input dtype (int8 kernels: bf16) get it cast once here, not
         # around every GEMM; their outputs are accumulated into y in x's dtype
         xe = flat if weights.expert_dtype is None else flat.to(weights.expert_dtype)
+        params = self.experts.gate_up_proj, self.experts.down_proj
         if flat.shape[0] <= 2:  # per token: its K experts in two calls, no gathers
-            params = self.experts.gate_up_proj, self.experts.down_proj
             for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
                 # [V3 eq. 12]: y_n += sum_i g_i FFN_i(x_n), the experts added in order
                 weights.experts_ffn(xe[n], *params, es, ws, y[n])
             return y.view(B, T, D)
-        gate_up = weights.experts(self.experts.gate_up_proj)  # E x W^T [D,2F]
-        down = weights.experts(self.experts.down_proj)  # E x W^T [F,D]
-        mm = weights.mm
-        K = indices.shape[1]
-        expert, order = indices.reshape(-1).sort(stable=True)  # [M] pairs by expert
-        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
-        token = order // K  # [M]
-        outs = []
-        for e, rows in enumerate(xe[token].split_with_sizes(counts)):
-            if rows.shape[0]:
-                gate, up = mm(rows, gate_up[e]).chunk(2, dim=-1)  # [n,F] each
-                outs.append(mm(F.silu(gate).mul_(up), down[e]))  # [n,D]
-        out = torch.cat(outs).to(y.dtype) * gate_weights.reshape(-1)[order].to(y.dtype)[:, None]
-        return y.index_add_(0, token, out).view(B, T, D)
+        return weights.grouped_experts_ffn(xe, *params, indices, gate_weights, y).view(B, T, D)
 
     def sequence_balance_loss(self, scores, indices, token_mask=None):
         """[V3 eqs. 17-20] alpha * sum_i f_i P_i per sequence, averaged over sequences.

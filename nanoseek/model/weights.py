@@ -1,7 +1,7 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
 Every projection, norm, FFN, routing decision and decode-time attention of the model goes
-through a *weights* object with eleven methods, so that one forward serves training, prefill and decode while the layout of
+through a *weights* object with twelve methods, so that one forward serves training, prefill and decode while the layout of
 the matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
@@ -12,6 +12,8 @@ the matrices (and the kernels that multiply them) may differ:
 - `bmm(x, w)`: x [H,T,in] @ w per head for one of those;
 - `experts_ffn(x, gate_up, down, ids, gates, out)`: one token through several experts' SwiGLU
   FFNs, their gate-weighted sum added to out;
+- `grouped_experts_ffn(x, gate_up, down, ids, gates, out)`: several tokens through their chosen
+  experts, each chosen expert once for all the tokens that chose it;
 - `swiglu(x, gate_proj, up_proj, down_proj)`: a SwiGLU FFN of three projection modules;
 - `norm(module, x)`: an RMSNorm module applied to x;
 - `route(router, x)`: the MoE router's gate weights and expert ids for x;
@@ -61,6 +63,10 @@ class ModuleWeights:
                     ids: list[int], gates: list[float], out: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return experts_ffn(self, x, gate_up, down, ids, gates, out)
 
+    def grouped_experts_ffn(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                            ids: torch.Tensor, gates: torch.Tensor, out: torch.Tensor):  # fmt: skip
+        return grouped_experts_ffn(self, x, gate_up, down, ids, gates, out)
+
     def swiglu(self, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,
                down_proj: nn.Module) -> torch.Tensor:  # fmt: skip
         return swiglu(self, x, gate_proj, up_proj, down_proj)
@@ -95,6 +101,27 @@ def experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Ten
     Through `weights.experts_mm`: the reference of every fused implementation."""
     gate, up = weights.experts_mm(x, gate_up, ids).chunk(2, dim=-1)  # [K,F] each
     return weights.experts_mm(F.silu(gate).mul_(up), down, ids, gates, out)
+
+
+def grouped_experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                        ids: torch.Tensor, gates: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """x [N, D] (a few tokens) through their chosen experts ids [N, K] of the stacked gate/up
+    [E, 2F, D] and down [E, D, F] weights as SwiGLU FFNs: out [N, D] += sum_k gates[n, k] *
+    FFN_ids[n,k](x_n) [V3 eq. 12]; returns out. The token-expert pairs sorted by expert (one
+    sort, one gather, one scatter-add), one GEMM pair per chosen expert on its contiguous rows,
+    through `weights.experts` / `weights.mm`: the reference of every fused implementation."""
+    K = ids.shape[1]
+    w1, w2 = weights.experts(gate_up), weights.experts(down)  # E x W^T [D,2F], [F,D]
+    expert, order = ids.reshape(-1).sort(stable=True)  # [M] pairs by expert
+    counts = torch.bincount(expert, minlength=gate_up.shape[0]).tolist()
+    token = order // K  # [M]
+    outs = []
+    for e, rows in enumerate(x[token].split_with_sizes(counts)):
+        if rows.shape[0]:
+            gate, up = weights.mm(rows, w1[e]).chunk(2, dim=-1)  # [n,F] each
+            outs.append(weights.mm(F.silu(gate).mul_(up), w2[e]))  # [n,D]
+    y = torch.cat(outs).to(out.dtype) * gates.reshape(-1)[order].to(out.dtype)[:, None]
+    return out.index_add_(0, token, y)
 
 
 def swiglu(weights, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,

@@ -11,7 +11,13 @@ from nanoseek.infer.weights import FEW_TOKENS, DecodeWeights
 from nanoseek.model.ffn import SwiGLU
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.router import Router
-from nanoseek.model.weights import MODULE_WEIGHTS, combine, experts_ffn, swiglu
+from nanoseek.model.weights import (
+    MODULE_WEIGHTS,
+    combine,
+    experts_ffn,
+    grouped_experts_ffn,
+    swiglu,
+)
 from tests.helpers import tiny_config
 
 KERNELS = native.kernels()
@@ -345,6 +351,45 @@ def test_experts_ffn(kind, width):
         assert rel(got, exact) < 2e-2  # the weights' int8
     else:
         assert rel(got, exact) <= rel(composed, exact) + 1e-3
+        assert rel(got, exact) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("n", [3, FEW_TOKENS, FEW_TOKENS + 1])  # the last: the composed path
+def test_grouped_experts_ffn(kind, n, monkeypatch):
+    """grouped_experts_ffn: a few tokens through their chosen experts, each chosen expert once
+    for all its tokens (several tokens share experts here). Exact fp32 engines and more than
+    FEW_TOKENS tokens compose (bit for bit the modules' sequence); int8 and bf16 engines make
+    one native call, equal to the composition through the same weights to int8's activation
+    rounding, and for bf16 at least as close to fp32 arithmetic on the same bf16 weights."""
+    g = torch.Generator().manual_seed(n)
+    E, D, F, K = 8, 64, 96, 3
+    gate_up = torch.randn(E, 2 * F, D, generator=g) * 1.2
+    down = torch.randn(E, D, F, generator=g) * 0.2
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)])  # [N,K] distinct
+    gates = torch.rand(n, K, generator=g)
+    x, out0 = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    if kind == "bf16":
+        gate_up, down, x, out0 = gate_up.bfloat16(), down.bfloat16(), x.bfloat16(), out0.bfloat16()
+    weights = DecodeWeights(transpose=kind == "fp32", quantize="int8" if kind == "int8" else None)
+    calls, real = [], native.Kernels.experts_grouped
+    monkeypatch.setattr(native.Kernels, "experts_grouped",
+                        lambda self, *a: calls.append(1) or real(self, *a))  # fmt: skip
+    with torch.inference_mode():
+        out = out0.clone()
+        got = weights.grouped_experts_ffn(x, gate_up, down, ids, gates, out)
+        native_ran = calls == [1]
+        composed = grouped_experts_ffn(weights, x, gate_up, down, ids, gates, out0.clone())
+        exact = MODULE_WEIGHTS.grouped_experts_ffn(x.float(), gate_up.float(), down.float(), ids,
+                                                   gates, out0.float().clone())  # fmt: skip
+    assert got is out and out.dtype == out0.dtype
+    if kind == "fp32" or KERNELS is None or n > FEW_TOKENS:
+        assert not native_ran and torch.equal(got, composed)
+    elif kind == "int8":
+        assert native_ran and rel(got, composed.float()) < 1e-5
+        assert rel(got, exact) < 2e-2  # the weights' int8
+    else:
+        assert native_ran and rel(got, exact) <= rel(composed, exact) + 1e-3
         assert rel(got, exact) < 1e-2
 
 
