@@ -124,17 +124,8 @@ class Kernels:
         lib.nanoseek_experts_grouped.argtypes = [*[_P] * 8, *[_I] * 6]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
         _F = ctypes.c_float
-        lib.nanoseek_mla_decode.argtypes = [
-            *[_P] * 5,
-            _F,
-            _F,
-            *[_P] * 3,
-            _L,
-            _P,
-            _F,
-            _P,
-            *[_I] * 11,
-        ]
+        lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, *[_P] * 3, _L, _P, _F, _P,
+                                            *[_I] * 11]  # fmt: skip
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):

@@ -1,8 +1,8 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
 Every projection, norm, FFN, routing decision and decode-time attention of the model goes
-through a *weights* object with twelve methods, so that one forward serves training, prefill and decode while the layout of
-the matrices (and the kernels that multiply them) may differ:
+through a *weights* object with twelve methods, so that one forward serves training, prefill
+and decode while the layout of the matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
 - `mm(x, w_t)`: x @ W^T for one of those;
@@ -104,7 +104,7 @@ def experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Ten
 
 
 def grouped_experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                        ids: torch.Tensor, gates: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                        ids: torch.Tensor, gates: torch.Tensor, out: torch.Tensor):  # fmt: skip
     """x [N, D] (a few tokens) through their chosen experts ids [N, K] of the stacked gate/up
     [E, 2F, D] and down [E, D, F] weights as SwiGLU FFNs: out [N, D] += sum_k gates[n, k] *
     FFN_ids[n,k](x_n) [V3 eq. 12]; returns out. The token-expert pairs sorted by expert (one
