@@ -72,8 +72,12 @@ class LatentCache:
     def row_address(self, layer: int, row: int) -> int:
         """The address of row `row` of layer `layer` ([S_max, C+R], contiguous): where a native
         decode kernel reads the row's entries and writes the new one."""
-        per_row = self.max_seq_len * (self.kv_lora_rank + self.rope_dim) * self.kv.element_size()
+        per_row = self.row_stride() * self.kv.element_size()  # bytes
         return self.kv.data_ptr() + (layer * self.max_batch + row) * per_row
+
+    def row_stride(self) -> int:
+        """Elements between consecutive rows of a layer (S_max * (C+R))."""
+        return self.kv.stride(1)
 
     # ------------------------------------------------------------------ writes
     def write(

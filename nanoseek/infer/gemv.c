@@ -175,6 +175,15 @@ void nanoseek_gemv_bf16(const uint16_t *x, int64_t x_gstride, const uint16_t *w,
   }
 }
 
+/* one row of K fp32 activations as int16 with one scale (amax / 32767) */
+static void quantize_row(const float *x, int K, int16_t *q, float *scale) {
+  float amax = 0.f;
+  for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+  const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+  for (int k = 0; k < K; k++) q[k] = (int16_t)lrintf(x[k] * inv);
+  *scale = amax / 32767.f;
+}
+
 /* x fp32 [G|1, M, K] -> int16 with one scale per row (amax / 32767: the activations keep ~15
  * bits, so the weights' int8 is the only rounding that matters), w int8 [E, O, K] with bf16
  * scales [E, O], matrices chosen as in nanoseek_gemv_bf16, y [G, M, O] fp32 or bf16;
@@ -184,14 +193,8 @@ void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const 
   const int64_t xg = x_gstride ? G : 1, rows = xg * M;
   int16_t *q = malloc((size_t)rows * K * sizeof(int16_t));
   float *sx = malloc((size_t)rows * sizeof(float));
-  for (int64_t gm = 0; gm < rows; gm++) {
-    const float *xr = x + (gm / M) * x_gstride + (gm % M) * (int64_t)K;
-    float amax = 0.f;
-    for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-    for (int k = 0; k < K; k++) q[gm * K + k] = (int16_t)lrintf(xr[k] * inv);
-    sx[gm] = amax / 32767.f;
-  }
+  for (int64_t gm = 0; gm < rows; gm++)
+    quantize_row(x + (gm / M) * x_gstride + (gm % M) * (int64_t)K, K, q + gm * K, sx + gm);
   const int blocks = (O + 3) / 4;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < (int64_t)G * blocks; b++) {
@@ -293,6 +296,11 @@ static inline __m512 exp16(__m512 v) {
   return _mm512_scalef_ps(p, n);
 }
 
+/* silu(g) * u [V3 §2.1.2], fp32 */
+static inline __m512 silu_mul(__m512 g, __m512 u) {
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(-g))), u);
+}
+
 /* M tokens through the same chosen experts' SwiGLU FFNs, added to their outputs [V3 eq. 12]
  * (one token's routed experts: M = 1; a dense FFN or the shared experts of a few tokens: one
  * expert of gate 1): out[m, D] += sum_k gates[k] * W2_e (silu(W1g_e x_m) * W1u_e x_m),
@@ -316,8 +324,7 @@ void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, con
       const __mmask16 m = lanes(j, F);
       const __m512 g = _mm512_maskz_loadu_ps(m, h + km * 2 * F + j);
       const __m512 u = _mm512_maskz_loadu_ps(m, h + km * 2 * F + F + j);
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(-g)));
-      store16(a, km * F + j, m, _mm512_mul_ps(silu, u), !q8);
+      store16(a, km * F + j, m, silu_mul(g, u), !q8);
     }
   if (q8)
     nanoseek_gemv_q8(a, (int64_t)M * F, w2, s2, ids, y, K, M, F, D, 0);
@@ -366,12 +373,8 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
       memcpy(xg + xs * r * D, (const uint16_t *)x + (int64_t)token[r] * D, xs * D);
       continue;
     }
-    const float *xr = (const float *)x + (int64_t)token[r] * D;
-    float amax = 0.f;
-    for (int k = 0; k < D; k++) amax = fmaxf(amax, fabsf(xr[k]));
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-    for (int k = 0; k < D; k++) ((int16_t *)xg)[(int64_t)r * D + k] = (int16_t)lrintf(xr[k] * inv);
-    sx[r] = amax / 32767.f;
+    quantize_row((const float *)x + (int64_t)token[r] * D, D, (int16_t *)xg + (int64_t)r * D,
+                 sx + r);
   }
   /* gate/up: every distinct expert's rows against its 2F weight rows, in blocks of 4 rows */
   const int b1 = (2 * F + 3) / 4, b2 = (D + 3) / 4;
@@ -389,23 +392,16 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
   }
   for (int r = 0; r < NK; r++) { /* silu(g) * u, as the down products' input */
     float *a = h + (int64_t)r * 2 * F; /* (written over its own gate half) */
-    float amax = 0.f;
     for (int j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(j, F);
-      const __m512 g = _mm512_maskz_loadu_ps(m, a + j), u = _mm512_maskz_loadu_ps(m, a + F + j);
-      const __m512 v = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                                                    exp16(-g))), u);
-      _mm512_mask_storeu_ps(a + j, m, v);
-      amax = fmaxf(amax, _mm512_reduce_max_ps(_mm512_abs_ps(_mm512_maskz_mov_ps(m, v))));
+      const __m512 v = silu_mul(_mm512_maskz_loadu_ps(m, a + j),
+                                _mm512_maskz_loadu_ps(m, a + F + j));
+      if (q8)
+        _mm512_mask_storeu_ps(a + j, m, v);
+      else
+        store16(xg + xs * r * F, j, m, v, 1);
     }
-    if (!q8) {
-      for (int j = 0; j < F; j += 16)
-        store16(xg + xs * r * F, j, lanes(j, F), _mm512_maskz_loadu_ps(lanes(j, F), a + j), 1);
-      continue;
-    }
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-    for (int j = 0; j < F; j++) ((int16_t *)xg)[(int64_t)r * F + j] = (int16_t)lrintf(a[j] * inv);
-    sx[r] = amax / 32767.f;
+    if (q8) quantize_row(a, F, (int16_t *)xg + (int64_t)r * F, sx + r);
   }
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < (int64_t)U * b2; b++) {

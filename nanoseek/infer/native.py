@@ -15,10 +15,10 @@ int8 8.6-11.8 GB/s against ATen's 5.8-6.9, bf16 9.4-11.0 against torch.mv's 7.0-
 
 The C source ships with the package and is compiled once per process with the system's C
 compiler (`cc -O3 -march=native -fopenmp`, 0.3-0.6 s here) into a private temporary
-directory, so no binary is ever loaded from a cache another process could have written. It needs x86-64 with
-AVX-512 BF16 and VNNI (Intel Sapphire Rapids and later, AMD Zen 4 and later) and a compiler;
-anywhere else, or with NANOSEEK_NATIVE=0, `kernels()` is None and the callers keep PyTorch's
-kernels (`reason()` says why). tests/infer/test_native.py checks both against PyTorch.
+directory, so no binary is ever loaded from a cache another process could have written. It
+needs x86-64 with AVX-512 BF16 and VNNI (Intel Sapphire Rapids and later, AMD Zen 4 and later)
+and a compiler; anywhere else, or with NANOSEEK_NATIVE=0, `kernels()` is None and the callers
+keep PyTorch's kernels (`reason()` says why). tests/infer/test_native.py checks both against PyTorch.
 """
 
 from __future__ import annotations

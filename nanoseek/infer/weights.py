@@ -143,8 +143,9 @@ class DecodeWeights:
         ~7 operators and 3 calls fewer per MoE layer of a decode step. Elsewhere (exact fp32
         engines included) `experts_ffn` of nanoseek/model/weights.py through `experts_mm`."""
         w1, w2 = self._entry("t", gate_up).value, self._entry("t", down).value
-        if _native_ffn(x, w1, w2, ids, gates, out) is not None:
-            return out
+        if (found := _ffn_kernels(x, w1, w2, out)) is not None:
+            kernels, weights = found
+            return kernels.experts_ffn(x, *weights, ids, gates, out)
         return experts_ffn(self, x, gate_up, down, ids, gates, out)
 
     def grouped_experts_ffn(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -154,17 +155,11 @@ class DecodeWeights:
         call that reads each chosen expert once (the composition is ~5 operators per chosen
         expert: ~35 experts and ~1.4 ms per MoE layer of an 8-row decode step of the 803M
         model); elsewhere `grouped_experts_ffn` of nanoseek/model/weights.py."""
-        if x.shape[0] <= FEW_TOKENS and out.dtype in native.DTYPES and out.is_contiguous():
+        if x.shape[0] <= FEW_TOKENS:
             w1, w2 = self._entry("t", gate_up).value, self._entry("t", down).value
-            if isinstance(w1, Int8Weight) and isinstance(w2, Int8Weight):
-                if w1.kernels_for(x) is not None and (kernels := w2.kernels_for(x)) is not None:
-                    return kernels.experts_grouped(x, w1.q, w1.scale, w2.q, w2.scale, ids, gates,
-                                                   out)  # fmt: skip
-            elif x.dtype == torch.bfloat16:
-                rows1, rows2 = w1.transpose(-1, -2), w2.transpose(-1, -2)  # [E,2F,D], [E,D,F]
-                fits = rows2.shape[-1] % 32 == 0 and rows2.is_contiguous()
-                if fits and (kernels := bf16_kernels(x, rows1)) is not None:
-                    return kernels.experts_grouped(x, rows1, None, rows2, None, ids, gates, out)
+            if (found := _ffn_kernels(x, w1, w2, out)) is not None:
+                kernels, weights = found
+                return kernels.experts_grouped(x, *weights, ids, gates, out)
         return grouped_experts_ffn(self, x, gate_up, down, ids, gates, out)
 
     def swiglu(self, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,
@@ -178,8 +173,9 @@ class DecodeWeights:
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
                 out = torch.zeros_like(x)
-                if _native_ffn(x, w1, w2, [0], [1.0], out) is not None:
-                    return out
+                if (found := _ffn_kernels(x, w1, w2, out)) is not None:
+                    kernels, weights = found
+                    return kernels.experts_ffn(x, *weights, [0], [1.0], out)
         return swiglu(self, x, gate_proj, up_proj, down_proj)
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -213,12 +209,12 @@ class DecodeWeights:
         if x.numel() <= FEW_TOKENS * x.shape[-1] and self._fusable(x):
             plan = self._mla_plan(mla)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
-                st, kv = cache.step, cache.step.cache.kv
-                if kv.dtype == x.dtype == plan.dtype and st.start is not None:
+                st, kv = cache.step, cache.step.cache
+                if kv.kv.dtype == x.dtype == plan.dtype and st.start is not None:
                     if plan.made != self._made:  # an entry was re-made: new pointers
                         plan.args, plan.made = kernels.mla_args(plan.mats(), plan.norms), self._made
-                    row = st.cache.row_address(cache.i, st.row0)
-                    return kernels.mla_decode(x, plan.args, st.cos, st.sin, row, kv.stride(1),
+                    return kernels.mla_decode(x, plan.args, st.cos, st.sin,
+                                              kv.row_address(cache.i, st.row0), kv.row_stride(),
                                               st.start, mla.softmax_scale, plan.dims,
                                               plan.q8)  # fmt: skip
         return mla.decode(x, cache)
@@ -274,8 +270,9 @@ class DecodeWeights:
     # ------------------------------------------------------------------ bookkeeping
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the model's maths beyond the products (norms, router, FFN activations,
-        attention) may run in native calls for x: in int8 engines and for bf16, in the dtypes the kernels
-        take. Exact fp32 engines keep PyTorch's operators, and with them their bits."""
+        attention) may run in native calls for x: in int8 engines and for bf16, in the dtypes
+        the kernels take. Exact fp32 engines keep PyTorch's operators, and with them their
+        bits."""
         return (self.quantize is not None or x.dtype == torch.bfloat16) and x.dtype in native.DTYPES
 
     def _plan(self, modules: tuple) -> tuple:
@@ -363,20 +360,21 @@ class DecodeWeights:
                 e.value = w_t.contiguous() if self.transpose else w_t
 
 
-def _native_ffn(x: torch.Tensor, w1, w2, ids: list[int], gates: list[float], out: torch.Tensor):
-    """out after one native `experts_ffn` call for decode weights w1 (gate/up, [E,] 2F x D) and
-    w2 (down, [E,] D x F), where the kernels run for both (int8, or bf16 rows and a bf16 x);
-    else None."""
+def _ffn_kernels(x: torch.Tensor, w1, w2, out: torch.Tensor):
+    """(the kernels, (w1 rows, scales, w2 rows, scales)) for the native FFN calls
+    (`experts_ffn`, `experts_grouped`) with decode weights w1 (gate/up, [E,] 2F x D) and w2
+    (down, [E,] D x F), where they run for both (int8, or bf16 rows and a bf16 x) and can add
+    into out; else None."""
     if out.dtype not in native.DTYPES or not out.is_contiguous():
         return None
     if isinstance(w1, Int8Weight) and isinstance(w2, Int8Weight):
         if w1.kernels_for(x) is not None and (kernels := w2.kernels_for(x)) is not None:
-            return kernels.experts_ffn(x, w1.q, w1.scale, w2.q, w2.scale, ids, gates, out)
+            return kernels, (w1.q, w1.scale, w2.q, w2.scale)
     elif x.dtype == torch.bfloat16 and not isinstance(w1, Int8Weight):
         rows1, rows2 = w1.transpose(-1, -2), w2.transpose(-1, -2)  # [E,]2F x D, [E,]D x F
         fits = rows2.shape[-1] % 32 == 0 and rows2.is_contiguous()  # F (bf16_kernels: D)
         if fits and (kernels := bf16_kernels(x, rows1)) is not None:
-            return kernels.experts_ffn(x, rows1, None, rows2, None, ids, gates, out)
+            return kernels, (rows1, None, rows2, None)
     return None
 
 
