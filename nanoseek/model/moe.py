@@ -310,8 +310,9 @@ class MoE(FixedDtypeBuffers):
 
         The grouped path pads every expert's row block and reads all E experts' weights; here
         only the chosen experts run, on exactly their rows:
-        - one or two tokens: per token, its K experts' gate/up projections as one call and their
-          down projections as another (`weights.experts_mm`), no gathers;
+        - one or two tokens: per token, its K experts' SwiGLU FFNs and their gate-weighted sum
+          (`weights.experts_ffn`: one call for the gate/up projections, one for the down
+          projections and the sum, where it does not run them as one native call), no gathers;
         - more: each chosen expert once for all the tokens that chose it
           (`weights.grouped_experts_ffn`: the pairs sorted by expert, one GEMM pair per chosen
           expert on its contiguous rows).
