@@ -102,6 +102,7 @@ class Engine:
         num_draft: int = 1,
         seed: int | None = None,
         quantize: str | None = None,
+        exact: bool = False,
         weights=None,
     ):
         """model: a CausalLM, used as it is (a trainer may keep updating it: GRPO rollouts;
@@ -110,10 +111,16 @@ class Engine:
         (prompt + max_new_tokens + num_draft must fit), default min(max_position_embeddings,
         4096); the cache is allocated once for max_batch_size rows of it.
         speculative: None or "mtp" (draft num_draft tokens per step with the MTP module).
-        seed: the generator of requests without their own seed. quantize: None (exact) or
-        "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
-        token-identical; nanoseek/infer/quant.py). weights: the int8 decode weights of a
-        model loaded with `nanoseek.infer.streamed.load_int8` (its modules hold none)."""
+        seed: the generator of requests without their own seed. quantize: None (the model's
+        dtype) or "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
+        token-identical; nanoseek/infer/quant.py). exact: decode an fp32 model through
+        PyTorch's operators only, as on a machine without nanoseek's native kernels
+        (nanoseek/infer/native.py, which a few rows of an fp32 model otherwise go through:
+        the same maths, sums added in another order, so logits differ in the last bits); the
+        training stack's rollouts and evaluations decode exact, so that the numbers a recipe
+        reports do not depend on whether the machine builds the kernels. weights: the int8
+        decode weights of a model loaded with `nanoseek.infer.streamed.load_int8` (its modules
+        hold none)."""
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
         if max_batch_size < 1:
@@ -129,6 +136,7 @@ class Engine:
             self.max_seq_len,
             mtp=speculative == "mtp",
             quantize=quantize,
+            exact=exact,
             weights=weights,
         )
         self.speculator = MTPSpeculator(self.runner, num_draft) if speculative else None

@@ -13,6 +13,8 @@
  * - q8: the weights int8 with one scale per output row; the activations are quantised here to
  *   int16 with one scale per row (~15 bits: as exact as fp32 next to the weights' int8), and
  *   one vpdpwssd multiplies 32 int16 pairs into int32, the int8 weights widened on the fly.
+ * - fp32 (an fp32 model's own weights): vfmadd of 16 fp32 pairs; the sums are added in another
+ *   order than MKL's, so results differ from PyTorch's in the last bits.
  * Matrices of G in one call: the heads of MLA's absorbed attention, or the chosen experts.
  * And, each in one call, RMSNorm, the MoE router, a token's gate-weighted sum of its
  * experts, a few tokens' SwiGLU FFNs (both products, silu(g) * u, the sum) and a few tokens'
@@ -27,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 9
+#define ABI 10
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -77,6 +79,24 @@ static inline float bf16_to_float(uint16_t h) {
       for (int m = 0; m < MT_; m++) {                                                          \
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (int64_t)m * K + k);              \
         for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);         \
+      }                                                                                        \
+    }                                                                                          \
+    for (int m = 0; m < MT_; m++)                                                              \
+      for (int r = 0; r < R; r++)                                                              \
+        store(y, y0 + (int64_t)m * O + r, _mm512_reduce_add_ps(acc[m][r]), out_bf16);          \
+  }                                                                                            \
+  static inline __attribute__((always_inline)) void tile_f32_##MT_(                           \
+      const float *x, const float *w, void *y, int64_t y0, int R, int K, int O, int out_bf16) {  \
+    __m512 acc[MT_][4];                                                                        \
+    for (int m = 0; m < MT_; m++)                                                              \
+      for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                             \
+    for (int k = 0; k < K; k += 16) {                                                          \
+      __m512 wv[4];                                                                            \
+      for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_ps(w + (int64_t)r * K + k);             \
+      PREFETCH(w, K, k, R, 4)                                                                  \
+      for (int m = 0; m < MT_; m++) {                                                          \
+        const __m512 xv = _mm512_loadu_ps(x + (int64_t)m * K + k);                             \
+        for (int r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);          \
       }                                                                                        \
     }                                                                                          \
     for (int m = 0; m < MT_; m++)                                                              \
@@ -144,6 +164,21 @@ static void block_bf16(const uint16_t *x, const uint16_t *w, void *y, int64_t y0
   }
 }
 
+static void block_f32(const float *x, const float *w, void *y, int64_t y0, int R, int M, int K,
+                      int O, int out_bf16) {
+  for (int m = 0; m < M; m += 4) {
+    const float *xm = x + (int64_t)m * K;
+    const int64_t ym = y0 + (int64_t)m * O;
+#define ROWS(MT_)                                                                   \
+  if (R == 4)                                                                       \
+    tile_f32_##MT_(xm, w, y, ym, 4, K, O, out_bf16);                                \
+  else                                                                              \
+    for (int r = 0; r < R; r++) tile_f32_##MT_(xm, w + (int64_t)r * K, y, ym + r, 1, K, O, out_bf16);
+    BY_TILE
+#undef ROWS
+  }
+}
+
 static void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_t *scale,
                       void *y, int64_t y0, int R, int M, int K, int O, int out_bf16) {
   for (int m = 0; m < M; m += 4) {
@@ -172,6 +207,19 @@ void nanoseek_gemv_bf16(const uint16_t *x, int64_t x_gstride, const uint16_t *w,
     const int R = O - o < 4 ? O - o : 4;
     block_bf16(x + g * x_gstride, w + (MATRIX(g) + o) * K, y, (int64_t)g * M * O + o, R, M, K, O,
                out_bf16);
+  }
+}
+
+/* as nanoseek_gemv_bf16 with fp32 x and w (the model's own weights, nn.Linear's layout) */
+void nanoseek_gemv_f32(const float *x, int64_t x_gstride, const float *w, const int64_t *ids,
+                       void *y, int G, int M, int K, int O, int out_bf16) {
+  const int blocks = (O + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < (int64_t)G * blocks; b++) {
+    const int g = (int)(b / blocks), o = (int)(b % blocks) * 4;
+    const int R = O - o < 4 ? O - o : 4;
+    block_f32(x + g * x_gstride, w + (MATRIX(g) + o) * K, y, (int64_t)g * M * O + o, R, M, K, O,
+              out_bf16);
   }
 }
 
@@ -206,6 +254,21 @@ void nanoseek_gemv_q8(const float *x, int64_t x_gstride, const int8_t *w, const 
   }
   free(q);
   free(sx);
+}
+
+/* The weights of a call that multiplies several times (their activations): bf16 rows (bf16),
+ * int8 rows with bf16 scales (fp32, int16 inside), fp32 rows (fp32) */
+enum { W_BF16 = 0, W_Q8 = 1, W_F32 = 2 };
+
+/* y [G, M, O] (fp32, or bf16 if out_bf16) = x @ W^T through the kind's kernel, x as it takes it */
+static void gemv_kind(int kind, const void *x, int64_t xs, const void *w, const uint16_t *s,
+                      const int64_t *ids, void *y, int G, int M, int K, int O, int out_bf16) {
+  if (kind == W_Q8)
+    nanoseek_gemv_q8(x, xs, w, s, ids, y, G, M, K, O, out_bf16);
+  else if (kind == W_F32)
+    nanoseek_gemv_f32(x, xs, w, ids, y, G, M, K, O, out_bf16);
+  else
+    nanoseek_gemv_bf16(x, xs, w, ids, y, G, M, K, O, out_bf16);
 }
 
 /* 16 bf16 values widened to fp32 (exact: bf16 is fp32's upper half) */
@@ -305,31 +368,25 @@ static inline __m512 silu_mul(__m512 g, __m512 u) {
  * (one token's routed experts: M = 1; a dense FFN or the shared experts of a few tokens: one
  * expert of gate 1): out[m, D] += sum_k gates[k] * W2_e (silu(W1g_e x_m) * W1u_e x_m),
  * e = ids[k], k in order. x [M, D]; w1 [E, 2F, D] (each expert's gate rows, then its up rows),
- * w2 [E, D, F]: bf16 rows (q8 = 0: x bf16) or int8 with bf16 scales s1 [E, 2F], s2 [E, D]
- * (q8 = 1: x fp32). The gate/up products and silu(g) * u stay fp32 (rounded to bf16 once for
- * the bf16 kernel's input); out fp32 or bf16. D % 32 == 0 == F % 32. nanoseek/model/weights.py
+ * w2 [E, D, F] of the `kind`: bf16 rows (x bf16), int8 with bf16 scales s1 [E, 2F], s2 [E, D]
+ * (x fp32) or fp32 rows (x fp32). The gate/up products and silu(g) * u stay fp32 (rounded to
+ * bf16 once for the bf16 kernel's input); out fp32 or bf16. D % 32 == 0 == F % 32. nanoseek/model/weights.py
  * `experts_ffn` and `swiglu` (three calls and two operators) are the references. */
 void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, const void *w2,
                           const uint16_t *s2, const int64_t *ids, const float *gates, void *out,
-                          int K, int M, int D, int F, int q8, int out_bf16) {
+                          int K, int M, int D, int F, int kind, int out_bf16) {
   const int64_t KM = (int64_t)K * M;
   float *h = malloc(sizeof(float) * KM * 2 * F), *y = malloc(sizeof(float) * KM * D);
-  void *a = malloc(sizeof(float) * KM * F); /* [K, M, F] fp32 (q8) or bf16 */
-  if (q8)
-    nanoseek_gemv_q8(x, 0, w1, s1, ids, h, K, M, D, 2 * F, 0);
-  else
-    nanoseek_gemv_bf16(x, 0, w1, ids, h, K, M, D, 2 * F, 0);
+  void *a = malloc(sizeof(float) * KM * F); /* [K, M, F] fp32, or bf16 for bf16 weights */
+  gemv_kind(kind, x, 0, w1, s1, ids, h, K, M, D, 2 * F, 0);
   for (int64_t km = 0; km < KM; km++)
     for (int j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(j, F);
       const __m512 g = _mm512_maskz_loadu_ps(m, h + km * 2 * F + j);
       const __m512 u = _mm512_maskz_loadu_ps(m, h + km * 2 * F + F + j);
-      store16(a, km * F + j, m, silu_mul(g, u), !q8);
+      store16(a, km * F + j, m, silu_mul(g, u), kind == W_BF16);
     }
-  if (q8)
-    nanoseek_gemv_q8(a, (int64_t)M * F, w2, s2, ids, y, K, M, F, D, 0);
-  else
-    nanoseek_gemv_bf16(a, (int64_t)M * F, w2, ids, y, K, M, F, D, 0);
+  gemv_kind(kind, a, (int64_t)M * F, w2, s2, ids, y, K, M, F, D, 0);
   const size_t es = out_bf16 ? 2 : 4;
   for (int m = 0; m < M; m++)
     combine_rows(y + (int64_t)m * D, (int64_t)M * D, gates, (char *)out + es * m * D, K, D,
@@ -342,11 +399,12 @@ void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, con
 /* N tokens through their chosen experts' SwiGLU FFNs, each chosen expert's weights read once
  * for all the tokens that chose it [V3 eq. 12]: out[n, D] += sum_k gates[n, k] * FFN_e(x_n),
  * e = ids[n, k], k in order (a decode step of a few rows; nanoseek/model/weights.py
- * `grouped_experts_ffn` is the reference). x [N, D] (q8: fp32, quantised to int16 once per
- * row; else bf16), ids, gates [N, K]; weights as nanoseek_experts_ffn's; out fp32 or bf16. */
+ * `grouped_experts_ffn` is the reference). x [N, D] as the weights' kind takes it (int8: fp32,
+ * quantised to int16 once per row), ids, gates [N, K]; weights as nanoseek_experts_ffn's; out
+ * fp32 or bf16. */
 void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1, const void *w2,
                               const uint16_t *s2, const int64_t *ids, const float *gates,
-                              void *out, int N, int K, int D, int F, int q8, int out_bf16) {
+                              void *out, int N, int K, int D, int F, int kind, int out_bf16) {
   const int NK = N * K;
   /* the distinct experts in order of first choice, and each (n, k) pair's row among theirs */
   int64_t *experts = malloc(sizeof(int64_t) * NK);
@@ -364,13 +422,14 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
   }
   first[U] = NK;
   /* the gathered activations, the gate/up products, silu(g) * u, the down products */
-  const size_t xs = q8 ? sizeof(int16_t) : sizeof(uint16_t);
+  const int q8 = kind == W_Q8;
+  const size_t xs = kind == W_F32 ? sizeof(float) : 2; /* int16 or bf16 */
   char *xg = malloc(xs * NK * (int64_t)(D > F ? D : F));
   float *sx = malloc(sizeof(float) * NK), *h = malloc(sizeof(float) * NK * 2 * (int64_t)F);
   float *y = malloc(sizeof(float) * NK * (int64_t)D);
-  for (int r = 0; r < NK; r++) { /* row r: token[r]'s x, int16 with its scale (q8) or bf16 */
+  for (int r = 0; r < NK; r++) { /* row r: token[r]'s x, int16 with its scale (q8) or as is */
     if (!q8) {
-      memcpy(xg + xs * r * D, (const uint16_t *)x + (int64_t)token[r] * D, xs * D);
+      memcpy(xg + xs * r * D, (const char *)x + xs * token[r] * D, xs * D);
       continue;
     }
     quantize_row((const float *)x + (int64_t)token[r] * D, D, (int16_t *)xg + (int64_t)r * D,
@@ -386,6 +445,9 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
     if (q8)
       block_q16((const int16_t *)xg + (int64_t)r0 * D, sx + r0, (const int8_t *)w1 + w * D,
                 s1 + w, h, (int64_t)r0 * 2 * F + o, R, M, D, 2 * F, 0);
+    else if (kind == W_F32)
+      block_f32((const float *)xg + (int64_t)r0 * D, (const float *)w1 + w * D, h,
+                (int64_t)r0 * 2 * F + o, R, M, D, 2 * F, 0);
     else
       block_bf16((const uint16_t *)xg + (int64_t)r0 * D, (const uint16_t *)w1 + w * D, h,
                  (int64_t)r0 * 2 * F + o, R, M, D, 2 * F, 0);
@@ -399,7 +461,7 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
       if (q8)
         _mm512_mask_storeu_ps(a + j, m, v);
       else
-        store16(xg + xs * r * F, j, m, v, 1);
+        store16(xg + xs * r * F, j, m, v, kind == W_BF16);
     }
     if (q8) quantize_row(a, F, (int16_t *)xg + (int64_t)r * F, sx + r);
   }
@@ -411,6 +473,9 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
     if (q8)
       block_q16((const int16_t *)xg + (int64_t)r0 * F, sx + r0, (const int8_t *)w2 + w * F,
                 s2 + w, y, (int64_t)r0 * D + o, R, M, F, D, 0);
+    else if (kind == W_F32)
+      block_f32((const float *)xg + (int64_t)r0 * F, (const float *)w2 + w * F, y,
+                (int64_t)r0 * D + o, R, M, F, D, 0);
     else
       block_bf16((const uint16_t *)xg + (int64_t)r0 * F, (const uint16_t *)w2 + w * F, y,
                  (int64_t)r0 * D + o, R, M, F, D, 0);
@@ -523,17 +588,13 @@ static inline float get_act(const void *p, int64_t i, int bf16) {
   return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* y [G, M, O] = x_g [M, K] @ W_g^T for G matrices of w (int8 rows with bf16 scales s, q8 = 1,
- * or bf16 rows, q8 = 0), x_g at x + g * xs elements (xs 0: one x for all), x and y of the
- * model's dtype (the bf16 kernels take only bf16: their callers are bf16 models) */
+/* y [G, M, O] = x_g [M, K] @ W_g^T for G matrices of w (of the `kind`; int8 with bf16 scales
+ * s), x_g at x + g * xs elements (xs 0: one x for all), x and y of the model's dtype (bf16 and
+ * fp32 weights come with a model of their dtype) */
 static void act_gemv(const void *x, int64_t xs, const void *w, const uint16_t *s, void *y, int G,
-                     int M, int K, int O, int q8, int bf16) {
-  if (!q8) {
-    nanoseek_gemv_bf16(x, xs, w, NULL, y, G, M, K, O, 1);
-    return;
-  }
-  if (!bf16) {
-    nanoseek_gemv_q8(x, xs, w, s, NULL, y, G, M, K, O, 0);
+                     int M, int K, int O, int kind, int bf16) {
+  if (kind != W_Q8 || !bf16) {
+    gemv_kind(kind, x, xs, w, s, NULL, y, G, M, K, O, bf16);
     return;
   }
   const int64_t n = (int64_t)(xs ? G : 1) * M * K; /* the q8 kernel takes fp32 activations */
@@ -681,20 +742,21 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
  *   q_lat_h = W_UK_h q_nope_h           (w[2]: [H, C, N] rows)
  *   o_lat_h = softmax(scale [q_lat_h ; rope(q_rope_h)] . cache_b[0..start[b]+t]) @ c_KV
  *   out = concat_h(W_UV_h o_lat_h) @ W_O^T  (w[3]: [H, V, C] rows, w[4]: [D, H V])
- * Weights int8 with bf16 scales s[i] (q8 = 1) or bf16 rows (q8 = 0, s unused); x [B T, D], the
+ * Weights of the `kind`: int8 with bf16 scales s[i], or bf16 or fp32 rows of the model's dtype
+ * (s unused); x [B T, D], the
  * norms' weights, the cache and out [B T, D] of the model's dtype (bf16 = 1: bf16, rounded where
  * the reference rounds), the scores, softmax and o_lat in fp32. cos, sin [B T, R/2] fp32. */
 void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *const *s,
                          const void *q_norm, const void *kv_norm, float eps_q, float eps_kv,
                          const float *cos, const float *sin, void *cache, int64_t row_stride,
                          const int *start, float scale, void *out, int B, int T, int D, int QL,
-                         int H, int N, int R, int C, int V, int q8, int bf16) {
+                         int H, int N, int R, int C, int V, int kind, int bf16) {
   const int QH = H * (N + R), QA = QL ? QL : QH, A = QA + C + R, CR = C + R, M = B * T;
   const size_t es = bf16 ? 2 : 4;
   int S = 0; /* the most keys a token attends to */
   for (int b = 0; b < B; b++) S = start[b] + T > S ? start[b] + T : S;
   char *a = malloc(es * M * A), *q = a, *qn = NULL;
-  act_gemv(x, 0, w[0], s[0], a, 1, M, D, A, q8, bf16);
+  act_gemv(x, 0, w[0], s[0], a, 1, M, D, A, kind, bf16);
   for (int m = 0; m < M; m++) {
     const char *am = a + es * m * A;
     const int64_t position = start[m / T] + m % T;
@@ -708,7 +770,7 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
     for (int m = 0; m < M; m++)
       nanoseek_rmsnorm(a + es * m * A, q_norm, qn + es * m * QL, 1, QL, eps_q, bf16);
     q = qn + es * M * QL;
-    act_gemv(qn, 0, w[1], s[1], q, 1, M, QL, QH, q8, bf16);
+    act_gemv(qn, 0, w[1], s[1], q, 1, M, QL, QH, kind, bf16);
     q_stride = QH;
   }
   /* [H, M, N] queries (nope), [H, M, C] their latents, [H, M, C] o_lat, [H, M, V], [M, H V] */
@@ -719,7 +781,7 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
     for (int m = 0; m < M; m++)
       memcpy(q_nope + es * ((int64_t)h * M + m) * N,
              q + es * ((int64_t)m * q_stride + h * (N + R)), es * N);
-  act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, q8, bf16);
+  act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, kind, bf16);
   float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S));
   float *o_f = qf + H * CR, *p = o_f + H * C;
   for (int m = 0; m < M; m++) {
@@ -735,11 +797,11 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
     for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
       for (int c = 0; c < C; c++) store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
   }
-  act_gemv(o_lat, (int64_t)M * C, w[3], s[3], o_h, H, M, C, V, q8, bf16);
+  act_gemv(o_lat, (int64_t)M * C, w[3], s[3], o_h, H, M, C, V, kind, bf16);
   for (int m = 0; m < M; m++)
     for (int h = 0; h < H; h++)
       memcpy(o + es * ((int64_t)m * H + h) * V, o_h + es * ((int64_t)h * M + m) * V, es * V);
-  act_gemv(o, 0, w[4], s[4], out, 1, M, H * V, D, q8, bf16);
+  act_gemv(o, 0, w[4], s[4], out, 1, M, H * V, D, kind, bf16);
   free(a);
   free(qn);
   free(buf);

@@ -5,8 +5,8 @@ Shape legend: G matrices, M activation rows, K in features, O out features.
 PyTorch's CPU kernels leave bandwidth unused where decoding spends its time: one bf16 row
 against a [O, K] matrix streams at 8-11 GB/s on one core of a machine that reads 12 (torch.mv),
 int8 weights at ~6 (`_weight_int8pack_mm`, which also takes its activations in bf16).
-gemv.c streams bf16 with vdpbf16ps, and int8 weights with vpdpwssd against the activations as
-int16 (one scale per row: ~15 bits, so the result is as exact as the weights' int8 allows,
+gemv.c streams bf16 with vdpbf16ps, fp32 with vfmadd (an fp32 model's own weights; no W^T
+copies), and int8 weights with vpdpwssd against the activations as int16 (one scale per row: ~15 bits, so the result is as exact as the weights' int8 allows,
 where llama.cpp's q8_0 rounds the activations to int8 per block of 32), four weight rows per
 activation load and a software prefetch ahead in each row. Measured on one core of an Intel
 Xeon (AMX; 2026-12-07) against a read bandwidth of ~12 GB/s, with weights cycled through DRAM:
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 9  # gemv.c's ABI: the argument lists below
+ABI = 10  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -97,6 +97,14 @@ _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _IDS, _FLOATS = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
 ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # gemv.c's enum, in order
+BF16, Q8, F32 = 0, 1, 2  # gemv.c's weight kinds: bf16 rows, int8 rows with scales, fp32 rows
+
+
+def weight_kind(w: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """The kind of weight rows w (int8 when they come with scales)."""
+    if scales is not None:
+        return Q8
+    return F32 if w.dtype == torch.float32 else BF16
 
 
 def _host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -117,6 +125,7 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         lib.nanoseek_gemv_bf16.argtypes = [_P, _L, _P, _IDS, _P, _I, _I, _I, _I, _I]
+        lib.nanoseek_gemv_f32.argtypes = lib.nanoseek_gemv_bf16.argtypes
         lib.nanoseek_gemv_q8.argtypes = [_P, _L, _P, _P, _IDS, _P, _I, _I, _I, _I, _I]
         lib.nanoseek_rmsnorm.argtypes = [_P, _P, _P, _L, _I, ctypes.c_float, _I]
         lib.nanoseek_combine.argtypes = [_P, _FLOATS, _P, _I, _I, _I]
@@ -148,13 +157,21 @@ class Kernels:
 
     def bf16(self, x: torch.Tensor, w: torch.Tensor, out_dtype=torch.bfloat16,
              ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
-        """x bf16 @ W^T for bf16 rows w [..., O, K] (contiguous); shapes as `_call` says."""
+        """x bf16 @ W^T for bf16 rows w [..., O, K] (contiguous, K % 32 == 0); shapes as `_call`
+        says."""
+        return self._rows(self.lib.nanoseek_gemv_bf16, x, w, out_dtype, ids)
+
+    def f32(self, x: torch.Tensor, w: torch.Tensor, out_dtype=torch.float32,
+            ids: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """x fp32 @ W^T for fp32 rows w [..., O, K] (contiguous, K % 16 == 0); shapes as `_call`
+        says."""
+        return self._rows(self.lib.nanoseek_gemv_f32, x, w, out_dtype, ids)
+
+    def _rows(self, fn, x, w, out_dtype, ids):
         g, m, x_gstride, c_ids, y = self._call(x, w, ids, out_dtype)
         x = _host(x)
-        self.lib.nanoseek_gemv_bf16(
-            x.data_ptr(), x_gstride, w.data_ptr(), c_ids, y.data_ptr(),
-            g, m, w.shape[-1], w.shape[-2], y.dtype == torch.bfloat16,
-        )  # fmt: skip
+        fn(x.data_ptr(), x_gstride, w.data_ptr(), c_ids, y.data_ptr(), g, m, w.shape[-1],
+           w.shape[-2], y.dtype == torch.bfloat16)  # fmt: skip
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def q8(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype,
@@ -185,15 +202,16 @@ class Kernels:
                     gates: list[float], out: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """out [..., D] (fp32 or bf16, contiguous) += sum_k gates[k] * the SwiGLU FFN of expert
         ids[k] on each row of x [..., D] (a few), in one call: w1 [E, 2F, D] (gate rows, then up
-        rows) and w2 [E, D, F] bf16 rows (s1, s2 None), or int8 with bf16 scales s1 [E, 2F],
-        s2 [E, D]. Returns out."""
-        x = _host(x, torch.float32 if s1 is not None else torch.bfloat16)
+        rows) and w2 [E, D, F] bf16 or fp32 rows (s1, s2 None), or int8 with bf16 scales
+        s1 [E, 2F], s2 [E, D]. Returns out."""
+        kind = weight_kind(w1, s1)
+        x = _host(x, torch.bfloat16 if kind == BF16 else torch.float32)
         n = len(ids)
         c_ids, c_gates = (ctypes.c_int64 * n)(*ids), (ctypes.c_float * n)(*gates)
         self.lib.nanoseek_experts_ffn(
             x.data_ptr(), w1.data_ptr(), None if s1 is None else s1.data_ptr(), w2.data_ptr(),
             None if s2 is None else s2.data_ptr(), c_ids, c_gates, out.data_ptr(), n,
-            x.numel() // x.shape[-1], w1.shape[-1], w2.shape[-1], s1 is not None,
+            x.numel() // x.shape[-1], w1.shape[-1], w2.shape[-1], kind,
             out.dtype == torch.bfloat16,
         )  # fmt: skip
         return out
@@ -204,13 +222,14 @@ class Kernels:
         """out [N, D] (fp32 or bf16, contiguous) += for each token n, sum_k gates[n, k] * the
         SwiGLU FFN of expert ids[n, k] on x [N, D], in one call that reads each chosen expert
         once: weights as `experts_ffn`'s, ids [N, K] int64, gates [N, K] fp32. Returns out."""
-        x = _host(x, torch.float32 if s1 is not None else torch.bfloat16)
+        kind = weight_kind(w1, s1)
+        x = _host(x, torch.bfloat16 if kind == BF16 else torch.float32)
         ids, gates = _host(ids, torch.int64), _host(gates, torch.float32)
         self.lib.nanoseek_experts_grouped(
             x.data_ptr(), w1.data_ptr(), None if s1 is None else s1.data_ptr(), w2.data_ptr(),
             None if s2 is None else s2.data_ptr(), ids.data_ptr(), gates.data_ptr(),
-            out.data_ptr(), ids.shape[0], ids.shape[1], w1.shape[-1], w2.shape[-1],
-            s1 is not None, out.dtype == torch.bfloat16,
+            out.data_ptr(), ids.shape[0], ids.shape[1], w1.shape[-1], w2.shape[-1], kind,
+            out.dtype == torch.bfloat16,
         )  # fmt: skip
         return out
 
@@ -267,20 +286,21 @@ class Kernels:
         start: list[int],
         scale: float,
         dims: tuple,
-        q8: bool,
+        kind: int,
     ) -> torch.Tensor:
         """T new tokens in each of B rows of MLA in one call (gemv.c `nanoseek_mla_decode`;
         nanoseek/model/mla.py `MLA.decode` is the reference): x [B, T, D] (fp32 or bf16, the
         model's dtype) -> out of x's shape, and row b's latents written at positions
         start[b]..start[b]+T-1 of its cache row, at address `cache_row` + b * `row_stride`
-        elements ([S_max, C+R], x's dtype). args: `mla_args` of the weights (int8 if q8, else
-        bf16); cos, sin [B, T, 1, R/2] fp32; dims: (D, QL or 0, H, N, R, C, V)."""
+        elements ([S_max, C+R], x's dtype). args: `mla_args` of the weights, of `kind` (BF16,
+        Q8 or F32: bf16 and fp32 rows of x's dtype); cos, sin [B, T, 1, R/2] fp32; dims: (D,
+        QL or 0, H, N, R, C, V)."""
         x, cos, sin = _host(x), _host(cos), _host(sin)
         out = torch.empty_like(x)
         B, T = x.shape[0], x.shape[1]
         self.lib.nanoseek_mla_decode(
             x.data_ptr(), *args[0], cos.data_ptr(), sin.data_ptr(), cache_row, row_stride,
-            (ctypes.c_int * B)(*start), scale, out.data_ptr(), B, T, *dims, q8,
+            (ctypes.c_int * B)(*start), scale, out.data_ptr(), B, T, *dims, kind,
             x.dtype == torch.bfloat16,
         )  # fmt: skip
         return out

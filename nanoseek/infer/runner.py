@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.infer import native
 from nanoseek.infer.cache import CacheStep, LatentCache, write_rows
 from nanoseek.infer.weights import DecodeWeights
 from nanoseek.model.mla import score_dtype
@@ -43,6 +44,7 @@ class ModelRunner:
         mtp: bool = False,
         transpose_weights: bool | None = None,
         quantize: str | None = None,
+        exact: bool = False,
         weights: DecodeWeights | None = None,
     ):
         c = model.config
@@ -61,13 +63,15 @@ class ModelRunner:
             self.mtp_layer = model.mtp[0] if mtp else None
             self.mtp_cache = new_cache(1) if mtp else None
         # decode-time layout (see weights.py), or the int8 copies of a streamed model
-        # (streamed.py): W^T copies for fp32 on CPU, where one row at a time streams them
-        # fastest; nn.Linear's own [out, in] layout for bf16 and for the 2-3 rows of a
+        # (streamed.py): W^T copies for fp32 on CPU through PyTorch's operators (exact, or no
+        # native kernels), where MKL streams one row at a time fastest; nn.Linear's own
+        # [out, in] layout for the native kernels, for bf16 and for the 2-3 rows of a
         # speculative verify step, which MKL streams up to 2x faster that way
         if transpose_weights is None:
             cpu_fp32 = model.device.type == "cpu" and model.dtype == torch.float32
-            transpose_weights = cpu_fp32 and not mtp
-        self.weights = weights or DecodeWeights(transpose_weights, quantize)
+            aten = exact or native.kernels() is None
+            transpose_weights = cpu_fp32 and not mtp and aten and quantize is None
+        self.weights = weights or DecodeWeights(transpose_weights, quantize, exact)
         self.n_heads = c.num_attention_heads
 
     def reset(self) -> None:

@@ -5,7 +5,12 @@ Shape legend: H heads, N nope head dim, C kv latent rank, V value head dim, E ex
 
 Decoding a few tokens on CPU is bound by reading weights and by per-kernel overhead, so the
 engine keeps the matrices a decode step multiplies in the layout that streams fastest:
-- for fp32 decoding one row at a time, every matrix as a contiguous W^T [in, out] copy: MKL
+- where the native kernels run (nanoseek/infer/native.py: x86-64 with AVX-512 BF16 / VNNI),
+  nn.Linear's own [out, in] rows, views with no copies: the kernels stream them, and up to
+  FEW_TOKENS rows of a step run a layer's MLA, its FFN and its experts in one call each, in
+  fp32, bf16 or int8;
+- for fp32 decoding through PyTorch's operators (`exact` engines, or no native kernels) one
+  row at a time, every matrix as a contiguous W^T [in, out] copy: MKL
   streams it up to 1.4x faster than the [out, in] layout F.linear reads (the head; 1.0-1.2x for
   expert-sized matrices, `python bench/gemv.py`) once weights fall out of cache, which they do
   every step. For 2-3 rows (a speculative verify step) the [out, in] layout streams up to 2x
@@ -23,7 +28,13 @@ engine keeps the matrices a decode step multiplies in the layout that streams fa
   (nanoseek/infer/quant.py).
 Entries are made on first use and re-made when a weight changes (`refresh`, keyed on the
 tensor's storage and version counter), so an optimizer step is seen by the next generate call
-(GRPO rollouts rely on it). They cost one extra copy of those weights (`nbytes`).
+(GRPO rollouts rely on it). They cost one extra copy of those weights (`nbytes`), nothing
+for the views.
+
+`exact=True` keeps fp32 decoding in PyTorch's operators (`_fusable`): the bits of a machine
+without the native kernels, which the training stack's rollouts and evaluations use so that a
+recipe's numbers do not depend on the machine. The native fp32 path computes the same maths
+with the sums in other orders (logits ~1e-6 relative apart, tests/infer/test_mla_decode.py).
 """
 
 from __future__ import annotations
@@ -63,7 +74,7 @@ class _MLAPlan:
     mats: object
     norms: tuple
     dims: tuple
-    q8: bool
+    kind: int  # native.BF16, Q8 or F32
     dtype: torch.dtype
     args: tuple | None = None
     made: int = -1
@@ -72,10 +83,12 @@ class _MLAPlan:
 class DecodeWeights:
     """Copies of the weights in the decode layout; see the module docstring."""
 
-    def __init__(self, transpose: bool, quantize: str | None = None):
+    def __init__(self, transpose: bool, quantize: str | None = None, exact: bool = False):
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-        self.transpose, self.quantize = transpose, quantize
+        if exact and quantize:
+            raise ValueError(f"exact decoding takes no quantize (got {quantize!r})")
+        self.transpose, self.quantize, self.exact = transpose, quantize, exact
         # ATen's int8 kernel takes bf16 activations: the experts' input is cast once per layer
         self.expert_dtype = torch.bfloat16 if quantize and native.kernels() is None else None
         self._entries: dict[tuple, _Entry] = {}
@@ -97,7 +110,7 @@ class DecodeWeights:
     def linear(self, x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
         """Each module's output for input x [...,in], from one GEMM over their fused W^T."""
         weights, sizes, biases = self._plan(modules)
-        y = mm(x, self._entry("t", *weights).value)  # [..., sum of outs]
+        y = self.mm(x, self._entry("t", *weights).value)  # [..., sum of outs]
         if sizes is None:
             return (y if biases[0] is None else y + biases[0],)
         outs = y.split_with_sizes(sizes, dim=-1)  # (not Tensor.split: a Python wrapper)
@@ -111,8 +124,29 @@ class DecodeWeights:
             entry.split = [entry.value[e] for e in range(param.shape[0])]
         return entry.split
 
-    mm = staticmethod(mm)
-    bmm = staticmethod(bmm)
+    def mm(self, x: torch.Tensor, w) -> torch.Tensor:
+        """x @ W^T for a decode weight (quant.py `mm`); up to FEW_TOKENS fp32 rows against
+        fp32 rows (nn.Linear's layout) through the native kernel, unless exact."""
+        if (kernels := self._f32_kernels(x, w, 0)) is not None:
+            return kernels.f32(x, w.transpose(-1, -2))
+        return mm(x, w)
+
+    def bmm(self, x: torch.Tensor, w) -> torch.Tensor:
+        """x [G, N, K] @ W_g^T per matrix g (quant.py `bmm`); fp32 as `mm`."""
+        if (kernels := self._f32_kernels(x, w, 1)) is not None:
+            return kernels.f32(x, w.transpose(-1, -2))
+        return bmm(x, w)
+
+    def _f32_kernels(self, x: torch.Tensor, w, rows_dim: int) -> native.Kernels | None:
+        """The native kernels where fp32 x (at most FEW_TOKENS rows along `rows_dim`, the
+        matrices before it) goes through them against the fp32 rows of the decode weight w
+        (W^T a view of contiguous rows, in K a multiple of 16); else None (exact engines)."""
+        if self.exact or x.dtype != torch.float32 or not isinstance(w, torch.Tensor):
+            return None
+        rows = x.numel() // x.shape[-1] // (x.shape[0] if rows_dim else 1)
+        if rows > FEW_TOKENS or w.dtype != torch.float32 or x.shape[-1] % 16:
+            return None
+        return native.kernels_for(x) if w.transpose(-1, -2).is_contiguous() else None
 
     def experts_mm(self, x: torch.Tensor, param: torch.Tensor, ids: list[int],
                    gates: list[float] | None = None, out: torch.Tensor | None = None):  # fmt: skip
@@ -123,10 +157,12 @@ class DecodeWeights:
         sum."""
         value = self._entry("t", param).value
         # the sum is taken from fp32 products
-        found = _native_experts(x, value, ids, x.dtype if gates is None else torch.float32)
+        found = _native_experts(x, value, ids, x.dtype if gates is None else torch.float32,
+                                not self.exact)  # fmt: skip
         if found is None:
             split = self.experts(param)
-            h = torch.stack([mm(x if x.dim() == 1 else x[i], split[e]) for i, e in enumerate(ids)])
+            h = torch.stack([self.mm(x if x.dim() == 1 else x[i], split[e])
+                             for i, e in enumerate(ids)])  # fmt: skip
             return h if gates is None else combine(h, gates, out)
         kernels, h = found
         if gates is None:
@@ -139,11 +175,12 @@ class DecodeWeights:
                     ids: list[int], gates: list[float], out: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """One token through experts `ids` as SwiGLU FFNs, their gate-weighted sum added to out
         (the interface's `experts_ffn`). Where the native kernels run for both weights (int8,
-        or bf16 rows and a bf16 x), one native call: the two products, silu(g) * u and the sum,
-        ~7 operators and 3 calls fewer per MoE layer of a decode step. Elsewhere (exact fp32
-        engines included) `experts_ffn` of nanoseek/model/weights.py through `experts_mm`."""
+        bf16 rows and a bf16 x, fp32 rows and an fp32 x), one native call: the two products,
+        silu(g) * u and the sum, ~7 operators and 3 calls fewer per MoE layer of a decode step.
+        Elsewhere (exact fp32 engines included) `experts_ffn` of nanoseek/model/weights.py
+        through `experts_mm`."""
         w1, w2 = self._entry("t", gate_up).value, self._entry("t", down).value
-        if (found := _ffn_kernels(x, w1, w2, out)) is not None:
+        if (found := _ffn_kernels(x, w1, w2, out, not self.exact)) is not None:
             kernels, weights = found
             return kernels.experts_ffn(x, *weights, ids, gates, out)
         return experts_ffn(self, x, gate_up, down, ids, gates, out)
@@ -157,7 +194,7 @@ class DecodeWeights:
         model); elsewhere `grouped_experts_ffn` of nanoseek/model/weights.py."""
         if x.shape[0] <= FEW_TOKENS:
             w1, w2 = self._entry("t", gate_up).value, self._entry("t", down).value
-            if (found := _ffn_kernels(x, w1, w2, out)) is not None:
+            if (found := _ffn_kernels(x, w1, w2, out, not self.exact)) is not None:
                 kernels, weights = found
                 return kernels.experts_grouped(x, *weights, ids, gates, out)
         return grouped_experts_ffn(self, x, gate_up, down, ids, gates, out)
@@ -173,14 +210,13 @@ class DecodeWeights:
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
                 out = torch.zeros_like(x)
-                if (found := _ffn_kernels(x, w1, w2, out)) is not None:
+                if (found := _ffn_kernels(x, w1, w2, out, not self.exact)) is not None:
                     kernels, weights = found
                     return kernels.experts_ffn(x, *weights, [0], [1.0], out)
         return swiglu(self, x, gate_proj, up_proj, down_proj)
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """An RMSNorm module applied to x. In int8 engines and in bf16, one native call where the
-        kernels run (PyTorch's RMSNorm is ~8 operators: 1.4 ms of a 16 ms decode step of the
+        """An RMSNorm module applied to x. One native call where the kernels run (PyTorch's RMSNorm is ~8 operators: 1.4 ms of a 16 ms decode step of the
         803M model, `bench/vs_llamacpp.py`); its sum of squares is added in another order, so
         fp32 results may differ in the last bit. Exact fp32 engines call the module: their
         decoding stays bit-identical to its forward's norms."""
@@ -202,12 +238,12 @@ class DecodeWeights:
     def mla_decode(self, mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
         """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For up to
         FEW_TOKENS tokens (a decode step of a few rows, a verify step) where the native kernels
-        run for every matrix (int8, or a bf16 model), one call:
+        run for every matrix (int8, or the rows of a bf16 or fp32 model), one call:
         projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
         operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond
         reading its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
         if x.numel() <= FEW_TOKENS * x.shape[-1] and self._fusable(x):
-            plan = self._mla_plan(mla)
+            plan = self._mla_plan(mla, x.dtype)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
                 st, kv = cache.step, cache.step.cache
                 if kv.kv.dtype == x.dtype == plan.dtype and st.start is not None:
@@ -216,12 +252,13 @@ class DecodeWeights:
                     return kernels.mla_decode(x, plan.args, st.cos, st.sin,
                                               kv.row_address(cache.i, st.row0), kv.row_stride(),
                                               st.start, mla.softmax_scale, plan.dims,
-                                              plan.q8)  # fmt: skip
+                                              plan.kind)  # fmt: skip
         return mla.decode(x, cache)
 
-    def _mla_plan(self, mla: nn.Module):
+    def _mla_plan(self, mla: nn.Module, dtype: torch.dtype):
         """(a function giving the five (rows, scales) pairs `Kernels.mla_decode` takes, the
-        norms, dims, int8?) for `mla`, or None where the fused call does not apply to it."""
+        norms, dims, the weights' kind) for `mla`, or None where the fused call does not apply
+        to it (dtype: the activations', which fp32 and bf16 rows must have)."""
         key = ("mla", mla)
         if key in self._plans:
             return self._plans[key]
@@ -235,13 +272,14 @@ class DecodeWeights:
         widths = [d, mla.q_lora_rank or 32, n, c, mla.n_heads * v]
         if not has_bias and all(k % 32 == 0 for k in widths) and r % 2 == 0:
             q8 = self.quantize == "int8"
+            kind = native.Q8 if q8 else native.weight_kind(mla.o_proj.weight, None)
 
             def rows_of(value):  # (rows, scales) the kernels stream, or None
                 if isinstance(value, Int8Weight):
                     return (value.q, value.scale) if q8 and value.kernels_for(value.q) else None
                 rows = value.transpose(-1, -2)
-                bf16 = rows.is_contiguous() and rows.dtype == torch.bfloat16
-                return (rows, None) if bf16 and not q8 else None
+                fits = rows.is_contiguous() and rows.dtype == dtype and not q8
+                return (rows, None) if fits else None
 
             def mats():
                 got = [rows_of(self._entry("t", *(m.weight for m in projs[0])).value)]
@@ -256,7 +294,7 @@ class DecodeWeights:
                 norms = (None if qn is None else qn.weight, qn.eps if qn else 0.0,
                          mla.kv_a_layernorm.weight, mla.kv_a_layernorm.eps)  # fmt: skip
                 dims = (d, mla.q_lora_rank or 0, mla.n_heads, n, r, c, v)
-                plan = _MLAPlan(mats, norms, dims, q8, norms[2].dtype)
+                plan = _MLAPlan(mats, norms, dims, kind, norms[2].dtype)
         self._plans[key] = plan
         return plan
 
@@ -270,10 +308,9 @@ class DecodeWeights:
     # ------------------------------------------------------------------ bookkeeping
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the model's maths beyond the products (norms, router, FFN activations,
-        attention) may run in native calls for x: in int8 engines and for bf16, in the dtypes
-        the kernels take. Exact fp32 engines keep PyTorch's operators, and with them their
-        bits."""
-        return (self.quantize is not None or x.dtype == torch.bfloat16) and x.dtype in native.DTYPES
+        attention) may run in native calls for x, in the dtypes the kernels take: always but
+        for fp32 in exact engines, which keep PyTorch's operators, and with them their bits."""
+        return x.dtype in native.DTYPES and not (self.exact and x.dtype == torch.float32)
 
     def _plan(self, modules: tuple) -> tuple:
         """(their weights, split sizes or None, biases) of modules sharing an input: a decode
@@ -345,7 +382,7 @@ class DecodeWeights:
                 )
                 if rows and self.quantize == "int8":  # per-head rows, int8
                     e.value = (Int8Weight.quantize(w_uk.transpose(1, 2)), Int8Weight.quantize(w_uv))
-                elif rows and w_uk.dtype == torch.bfloat16:  # per-head rows, bf16
+                elif rows and (w_uk.dtype == torch.bfloat16 or not self.exact):  # bf16, fp32
                     per_head = (w_uk.transpose(1, 2).contiguous(), w_uv.contiguous())
                     e.value = tuple(r.transpose(1, 2) for r in per_head)
                 else:
@@ -360,11 +397,11 @@ class DecodeWeights:
                 e.value = w_t.contiguous() if self.transpose else w_t
 
 
-def _ffn_kernels(x: torch.Tensor, w1, w2, out: torch.Tensor):
+def _ffn_kernels(x: torch.Tensor, w1, w2, out: torch.Tensor, f32: bool):
     """(the kernels, (w1 rows, scales, w2 rows, scales)) for the native FFN calls
     (`experts_ffn`, `experts_grouped`) with decode weights w1 (gate/up, [E,] 2F x D) and w2
-    (down, [E,] D x F), where they run for both (int8, or bf16 rows and a bf16 x) and can add
-    into out; else None."""
+    (down, [E,] D x F), where they run for both (int8, or bf16 rows and a bf16 x, or with `f32`
+    fp32 rows and an fp32 x) and can add into out; else None."""
     if out.dtype not in native.DTYPES or not out.is_contiguous():
         return None
     if isinstance(w1, Int8Weight) and isinstance(w2, Int8Weight):
@@ -375,12 +412,19 @@ def _ffn_kernels(x: torch.Tensor, w1, w2, out: torch.Tensor):
         fits = rows2.shape[-1] % 32 == 0 and rows2.is_contiguous()  # F (bf16_kernels: D)
         if fits and (kernels := bf16_kernels(x, rows1)) is not None:
             return kernels, (rows1, None, rows2, None)
+    elif f32 and x.dtype == torch.float32 and not isinstance(w1, Int8Weight):
+        rows1, rows2 = w1.transpose(-1, -2), w2.transpose(-1, -2)
+        fits = rows1.shape[-1] % 16 == 0 == rows2.shape[-1] % 16 and w1.dtype == torch.float32
+        if fits and rows1.is_contiguous() and rows2.is_contiguous():
+            if (kernels := native.kernels_for(x)) is not None:
+                return kernels, (rows1, None, rows2, None)
     return None
 
 
-def _native_experts(x: torch.Tensor, value, ids: list[int], out_dtype):
+def _native_experts(x: torch.Tensor, value, ids: list[int], out_dtype, f32: bool):
     """(the kernels, x through experts `ids` of a stacked decode weight `value` in one call),
-    where the native kernels run for them (int8, or bf16 rows), else None."""
+    where the native kernels run for them (int8, bf16 rows, or with `f32` fp32 rows), else
+    None."""
     if isinstance(value, Int8Weight):
         if (kernels := value.kernels_for(x)) is not None:
             return kernels, kernels.q8(x, value.q, value.scale, out_dtype, ids=ids)
@@ -388,4 +432,8 @@ def _native_experts(x: torch.Tensor, value, ids: list[int], out_dtype):
         w_rows = value.transpose(1, 2)
         if (kernels := bf16_kernels(x, w_rows)) is not None:
             return kernels, kernels.bf16(x, w_rows, out_dtype, ids=ids)
+    elif f32 and x.dtype == value.dtype == torch.float32 and x.shape[-1] % 16 == 0:
+        w_rows = value.transpose(1, 2)
+        if w_rows.is_contiguous() and (kernels := native.kernels_for(x)) is not None:
+            return kernels, kernels.f32(x, w_rows, out_dtype, ids=ids)
     return None

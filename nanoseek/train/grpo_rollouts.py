@@ -95,7 +95,9 @@ class Rollouts:
         if self.engine is None or self.engine.max_seq_len < need:
             # the engine holds views of the weights, so optimizer steps reach it without a rebuild
             size = min(self.limit, need + need // 2)  # headroom for longer prompts
-            self.engine = Engine(self.model, max_batch_size=self.rows, max_seq_len=size)
+            # exact: a rollout does not depend on whether the machine builds the native kernels
+            self.engine = Engine(self.model, max_batch_size=self.rows, max_seq_len=size,
+                                 exact=True)  # fmt: skip
         self.model.eval()  # the engine switches to eval once; the trainer switches back
         if self.world == 1:
             return self.engine.generate(prompts, params)

@@ -1,5 +1,5 @@
-"""`weights.mla_decode`: one token of MLA over the latent cache in one native call (int8
-engines, bf16 models) against `MLA.decode`, the composition it replaces: the output, the cache
+"""`weights.mla_decode`: a few tokens of MLA over the latent cache in one native call (int8
+engines, bf16 models, fp32 models unless exact) against `MLA.decode`, the composition it replaces: the output, the cache
 entry it writes, where it applies and where it must not."""
 
 import pytest
@@ -68,7 +68,7 @@ def count_native(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
 @pytest.mark.parametrize("q_lora", [64, None])  # None: V2-Lite's direct query projection
 @pytest.mark.parametrize("seen,rows,T", [(1, 1, 1), (50, 1, 1), (130, 1, 1), (40, 1, 2),
                                           (129, 1, 4), (30, 3, 1), (60, 2, 3)])  # fmt: skip
@@ -87,10 +87,16 @@ def test_fused_matches_the_composition(kind, q_lora, seen, rows, T, monkeypatch)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got_entry, want_entry, rtol=1e-5, atol=1e-6)
         return
+    if kind == "fp32":  # the same maths, sums in other orders: against PyTorch's operators
+        exact = DecodeWeights(True, None, exact=True)
+        want, want_entry = decode_once(mla, cfg, dtype, exact, False, seen, rows, T)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_entry, want_entry, rtol=1e-5, atol=1e-6)
+        return
     # bf16: rounded at the same points as the composition; summed in other orders, so a value
     # can land on the other side of a rounding boundary. Both must be as close to fp32 maths
     # over the same bf16 weights and inputs
-    fp32 = DecodeWeights(False)
+    fp32 = DecodeWeights(False, exact=True)
     ref, ref_entry = decode_once(mla.float(), cfg, torch.float32, fp32, False, seen, rows, T)
     err, err_want = (got - ref).norm() / ref.norm(), (want - ref).norm() / ref.norm()
     assert err < 1.2 * err_want + 1e-3, (err, err_want)
@@ -104,7 +110,7 @@ def test_where_the_composition_runs(kind, monkeypatch):
     cfg = config(hidden_size=80 if kind == "width" else 128)  # 80: not a multiple of 32
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     mla = mla_of(cfg).to(dtype)
-    weights = DecodeWeights(False, None)
+    weights = DecodeWeights(False, None, exact=kind == "fp32")
     calls = count_native(monkeypatch)
     rows, T = (3, FEW_TOKENS // 3 + 1) if kind == "tokens" else (1, 1)
     got, got_entry = decode_once(mla, cfg, dtype, weights, True, 20, rows, T)
@@ -114,45 +120,55 @@ def test_where_the_composition_runs(kind, monkeypatch):
 
 
 @needs_kernels
-def test_int8_engine_decodes_through_it(monkeypatch):
+@pytest.mark.parametrize("quantize", ["int8", None])  # None: the fp32 model's own weights
+def test_engine_decodes_through_it(quantize, monkeypatch):
     """Through the engine, three prompts of different lengths: every decode step of every layer
     takes one native call for all rows, and the tokens and log-probabilities match the
-    composition's (to the int16 rounding of activations that differ in their last bits)."""
+    composition's (int8: to the int16 rounding of activations that differ in their last bits);
+    fp32 also matches an exact engine's (PyTorch's operators only) to summation order."""
     cfg = config(num_hidden_layers=2, vocab_size=64)
     model = random_model(cfg, seed=3).eval()
     prompts = [[5, 9, 2, 7, 11, 3], [8, 1], [4, 4, 6, 10, 12, 13, 14, 2, 9]]
     params = [SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)] * 3
     calls = count_native(monkeypatch)
-    fused = Engine(model, max_batch_size=3, max_seq_len=32, quantize="int8")
+    fused = Engine(model, max_batch_size=3, max_seq_len=32, quantize=quantize)
     got = fused.generate(prompts, params)
     assert len(calls) == 11 * cfg.num_hidden_layers  # 12 tokens: a prefill and 11 decode steps
     monkeypatch.setattr(
         DecodeWeights, "mla_decode", lambda self, mla, x, cache: mla.decode(x, cache)
     )
-    composed = Engine(model, max_batch_size=3, max_seq_len=32, quantize="int8")
+    composed = Engine(model, max_batch_size=3, max_seq_len=32, quantize=quantize)
     for g, w in zip(got, composed.generate(prompts, params)):
         assert g.token_ids == w.token_ids
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs),
                                    rtol=1e-3, atol=1e-3)  # fmt: skip
+    if quantize is None:
+        exact = Engine(model, max_batch_size=3, max_seq_len=32, exact=True)
+        for g, w in zip(got, exact.generate(prompts, params)):
+            assert g.token_ids == w.token_ids
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs),
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 @needs_kernels
-def test_int8_speculative_verify_through_it(monkeypatch):
-    """MTP speculative decoding in an int8 engine: the verify steps (two tokens of a row) and
-    the MTP module's drafts take the native call, and the output equals plain greedy decoding
-    with the same int8 weights, token for token."""
+@pytest.mark.parametrize("quantize", ["int8", None])
+def test_speculative_verify_through_it(quantize, monkeypatch):
+    """MTP speculative decoding in an int8 or fp32 engine: the verify steps (two tokens of a
+    row) and the MTP module's drafts take the native call, and the output equals plain greedy
+    decoding with the same weights, token for token (a row's numbers do not depend on how many
+    tokens or rows share the call)."""
     cfg = config(num_hidden_layers=2, vocab_size=64)
     model = random_model(cfg, seed=4).eval()
     prompts = [[5, 9, 2, 7, 11, 3], [8, 1, 4]]
     params = [SamplingParams(max_new_tokens=10, ignore_eos=True)] * 2
-    plain = Engine(model, max_batch_size=2, max_seq_len=32, quantize="int8").generate(
+    plain = Engine(model, max_batch_size=2, max_seq_len=32, quantize=quantize).generate(
         prompts, params
     )
     tokens = []
     real = native.Kernels.mla_decode
     monkeypatch.setattr(native.Kernels, "mla_decode",
                         lambda self, x, *a: tokens.append(x.shape[1]) or real(self, x, *a))  # fmt: skip
-    spec = Engine(model, max_batch_size=2, max_seq_len=32, quantize="int8", speculative="mtp")
+    spec = Engine(model, max_batch_size=2, max_seq_len=32, quantize=quantize, speculative="mtp")
     for got, want in zip(spec.generate(prompts, params), plain):
         assert got.token_ids == want.token_ids
     assert 2 in tokens  # verify steps of [pending, draft] went native

@@ -54,6 +54,25 @@ def test_bf16_batched_heads():
 
 
 @needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("n_out", [4, 7, 64])
+def test_f32_matches_fp32_reference(m, n_out):
+    """fp32 rows (an fp32 model's own weights): PyTorch's result to fp32 summation order, for a
+    few rows, several matrices (heads) and chosen experts; K = 48: three vectors of 16."""
+    g = torch.Generator().manual_seed(m * 100 + n_out)
+    x, w = torch.randn(m, 48, generator=g), torch.randn(n_out, 48, generator=g)
+    torch.testing.assert_close(KERNELS.f32(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    heads_x, heads_w = torch.randn(5, m, 48, generator=g), torch.randn(5, n_out, 48, generator=g)
+    torch.testing.assert_close(KERNELS.f32(heads_x, heads_w),
+                               torch.bmm(heads_x, heads_w.transpose(1, 2)), rtol=1e-5, atol=1e-5)  # fmt: skip
+    ids = [4, 0, 4]
+    rows = torch.randn(len(ids), 48, generator=g)
+    want = torch.stack([heads_w[e] @ rows[i] for i, e in enumerate(ids)])
+    torch.testing.assert_close(KERNELS.f32(rows, heads_w, ids=ids), want, rtol=1e-5, atol=1e-5)
+    assert KERNELS.f32(x, w, torch.bfloat16).dtype == torch.bfloat16
+
+
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 4, 6])
 def test_int8_as_exact_as_its_weights(m):
     """Against the dequantised weights in fp32: activations as int16 per row leave ~1e-4 of
@@ -211,23 +230,24 @@ def test_rmsnorm_matches_the_module(shape, dtype):
         assert (got != want).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
 def test_decode_norms(kind):
     """DecodeWeights.norm: the module itself in exact fp32 engines (bit-identical), the native
-    kernel in int8 engines and in bf16 where it runs, to the module's numbers."""
+    kernel elsewhere where it runs, to the module's numbers."""
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     norm = RMSNorm(64).to(dtype)
     x = torch.randn(2, 1, 64).to(dtype)
-    weights = DecodeWeights(transpose=False, quantize="int8" if kind == "int8" else None)
+    weights = DecodeWeights(transpose=False, quantize="int8" if kind == "int8" else None,
+                            exact=kind == "exact")  # fmt: skip
     with torch.inference_mode():
         want, got = norm(x), weights.norm(norm, x)
-    if kind == "fp32" or KERNELS is None:
+    if kind == "exact" or KERNELS is None:
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=2**-7 if kind == "bf16" else 1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
 def test_experts_weighted_sum(kind):
     """experts_mm with gates adds the gate-weighted sum of the chosen experts to `out` in expert
     order: in exact fp32 engines the modules' sum of the same products (bit for bit), in int8 /
@@ -243,14 +263,17 @@ def test_experts_weighted_sum(kind):
     elif kind == "bf16":
         param, x, out0 = param.bfloat16(), x.bfloat16(), out0.bfloat16()
         weights, exact = DecodeWeights(transpose=False), param.float()
-    else:
-        weights, exact = DecodeWeights(transpose=True), param
+    else:  # exact: W^T copies through PyTorch; fp32: the native kernel on the rows
+        weights = DecodeWeights(transpose=kind == "exact", exact=kind == "exact")
+        exact = param
     out = out0.clone()
     got = weights.experts_mm(x, param, ids, gates, out)
     assert got is out and out.dtype == out0.dtype
     want = MODULE_WEIGHTS.experts_mm(x.float(), exact, ids, gates, out0.float().clone())
-    if kind == "fp32":  # the per-expert products, then the modules' sum: the same bits
+    if kind == "exact":  # the per-expert products, then the modules' sum: the same bits
         assert torch.equal(out, combine(weights.experts_mm(x, param, ids), gates, out0.clone()))
+        assert rel(out, want) < 1e-6
+    elif kind == "fp32":  # the same maths, summed in another order
         assert rel(out, want) < 1e-6
     else:
         assert rel(out, want) < (5e-4 if kind == "int8" else 1e-2)
@@ -299,24 +322,25 @@ def test_route_matches_the_router(case, dtype):
         assert not torch.equal(plain, got_sorted)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
 def test_decode_route(kind):
     """DecodeWeights.route: the module itself in exact fp32 engines (bit-identical), the native
-    router in int8 engines and in bf16 where it runs, choosing the same experts."""
+    router elsewhere where it runs, choosing the same experts."""
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     router = Router(tiny_config(**ROUTERS["v3"])).to(dtype)
     torch.nn.init.normal_(router.weight, std=0.5)
     x = torch.randn(2, router.weight.shape[1]).to(dtype)
-    weights = DecodeWeights(transpose=False, quantize="int8" if kind == "int8" else None)
+    weights = DecodeWeights(transpose=False, quantize="int8" if kind == "int8" else None,
+                            exact=kind == "exact")  # fmt: skip
     with torch.inference_mode():
         (want_gates, want_ids, _), (gates, ids) = router(x), weights.route(router, x)
-    if kind == "fp32" or KERNELS is None:
+    if kind == "exact" or KERNELS is None:
         assert torch.equal(gates, want_gates) and torch.equal(ids, want_ids)
     else:
         assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
 @pytest.mark.parametrize("width", [96, 40])  # 40: not a multiple of 32, the composed path
 def test_experts_ffn(kind, width):
     """experts_ffn: one token through its experts' SwiGLU FFNs, the gate-weighted sum added to
@@ -334,7 +358,8 @@ def test_experts_ffn(kind, width):
     out0 = torch.randn(D, generator=g)
     if kind == "bf16":
         gate_up, down, x, out0 = gate_up.bfloat16(), down.bfloat16(), x.bfloat16(), out0.bfloat16()
-    weights = DecodeWeights(transpose=kind == "fp32", quantize="int8" if kind == "int8" else None)
+    weights = DecodeWeights(transpose=kind == "exact", quantize="int8" if kind == "int8" else None,
+                            exact=kind == "exact")  # fmt: skip
     with torch.inference_mode():
         out = out0.clone()
         got = weights.experts_ffn(x, gate_up, down, ids, gates, out)
@@ -344,8 +369,10 @@ def test_experts_ffn(kind, width):
         h = torch.einsum("d,kod->ko", x.float(), gate_up.float()[ids])
         assert h[:, :F].abs().max() > 15  # silu's input reaches far into both tails
     assert got is out and out.dtype == out0.dtype
-    if kind == "fp32" or KERNELS is None or width % 32:
+    if kind == "exact" or KERNELS is None or (width % 32 and kind != "fp32"):
         assert torch.equal(got, composed)
+    elif kind == "fp32":  # one native call (widths in multiples of 16) or its products
+        assert rel(got, exact) < 1e-6
     elif kind == "int8":
         assert rel(got, composed.float()) < 1e-5
         assert rel(got, exact) < 2e-2  # the weights' int8
@@ -354,7 +381,7 @@ def test_experts_ffn(kind, width):
         assert rel(got, exact) < 1e-2
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
 @pytest.mark.parametrize("n", [3, FEW_TOKENS, FEW_TOKENS + 1])  # the last: the composed path
 def test_grouped_experts_ffn(kind, n, monkeypatch):
     """grouped_experts_ffn: a few tokens through their chosen experts, each chosen expert once
@@ -371,7 +398,8 @@ def test_grouped_experts_ffn(kind, n, monkeypatch):
     x, out0 = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
     if kind == "bf16":
         gate_up, down, x, out0 = gate_up.bfloat16(), down.bfloat16(), x.bfloat16(), out0.bfloat16()
-    weights = DecodeWeights(transpose=kind == "fp32", quantize="int8" if kind == "int8" else None)
+    weights = DecodeWeights(transpose=kind == "exact", quantize="int8" if kind == "int8" else None,
+                            exact=kind == "exact")  # fmt: skip
     calls, real = [], native.Kernels.experts_grouped
     monkeypatch.setattr(native.Kernels, "experts_grouped",
                         lambda self, *a: calls.append(1) or real(self, *a))  # fmt: skip
@@ -383,8 +411,10 @@ def test_grouped_experts_ffn(kind, n, monkeypatch):
         exact = MODULE_WEIGHTS.grouped_experts_ffn(x.float(), gate_up.float(), down.float(), ids,
                                                    gates, out0.float().clone())  # fmt: skip
     assert got is out and out.dtype == out0.dtype
-    if kind == "fp32" or KERNELS is None or n > FEW_TOKENS:
+    if kind == "exact" or KERNELS is None or n > FEW_TOKENS:
         assert not native_ran and torch.equal(got, composed)
+    elif kind == "fp32":
+        assert native_ran and rel(got, exact) < 1e-6
     elif kind == "int8":
         assert native_ran and rel(got, composed.float()) < 1e-5
         assert rel(got, exact) < 2e-2  # the weights' int8
@@ -393,7 +423,7 @@ def test_grouped_experts_ffn(kind, n, monkeypatch):
         assert rel(got, exact) < 1e-2
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, FEW_TOKENS + 1])  # the last: the composed path
 def test_swiglu(kind, rows):
     """DecodeWeights.swiglu (the dense FFN and shared experts): for up to FEW_TOKENS tokens in
@@ -406,15 +436,18 @@ def test_swiglu(kind, rows):
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(rows, 1, 64).to(dtype)
-    weights = DecodeWeights(transpose=kind == "fp32", quantize="int8" if kind == "int8" else None)
+    weights = DecodeWeights(transpose=kind == "exact", quantize="int8" if kind == "int8" else None,
+                            exact=kind == "exact")  # fmt: skip
     with torch.inference_mode():
         got = ffn(x, weights)
         composed = swiglu(weights, x, ffn.gate_proj, ffn.up_proj, ffn.down_proj)
         exact = swiglu(MODULE_WEIGHTS, x.float(), *(m.float() for m in (
             ffn.gate_proj, ffn.up_proj, ffn.down_proj)))  # fmt: skip
     assert got.shape == x.shape and got.dtype == dtype
-    if kind == "fp32" or KERNELS is None or rows > FEW_TOKENS:
+    if kind == "exact" or KERNELS is None or rows > FEW_TOKENS:
         assert torch.equal(got, composed)
+    elif kind == "fp32":
+        assert rel(got, exact) < 1e-6
     elif kind == "int8":
         assert rel(got, composed.float()) < 1e-5
     else:
