@@ -28,6 +28,7 @@ finished sequence leaves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,21 +161,37 @@ class CacheStep:
     bias: torch.Tensor | None = None  # decode: [B,T*H|1,S] additive mask, 0 or -inf
     rows: torch.Tensor | None = None  # decode: [B,T] the cache row of each new entry
     start: list[int] | None = None  # decode: each row's first new position (host ints)
+    # decode: makes (freqs, bias, rows) when a layer first reads them; a step whose layers all
+    # run in native calls reads none of them (~10 operators a step)
+    deferred: Callable[[], tuple] | None = None
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
+
+    def made(self) -> CacheStep:
+        """This step, with freqs, bias and rows made if they were deferred."""
+        if self.deferred is not None:
+            self.freqs, self.bias, self.rows = self.deferred()
+            self.deferred = None
+        return self
 
 
 class LayerCache:
     """Layer i's view of a `CacheStep`: MLA writes the new latents through it."""
 
-    __slots__ = ("step", "i", "prefill", "weights", "freqs", "bias")
+    __slots__ = ("step", "i", "prefill", "weights")
 
     def __init__(self, step: CacheStep, i: int):
         self.step, self.i = step, i
-        self.prefill, self.weights, self.freqs, self.bias = (
-            step.prefill, step.weights, step.freqs, step.bias
-        )  # fmt: skip
+        self.prefill, self.weights = step.prefill, step.weights
+
+    @property
+    def freqs(self) -> torch.Tensor | None:
+        return self.step.made().freqs
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.step.made().bias
 
     def write(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor | None:
         """Store the new tokens' latents c_kv [B,T,C], k_rope [B,T,R]. A decode step gets back
@@ -183,5 +200,5 @@ class LayerCache:
         if st.prefill:
             st.cache.write_prefix(self.i, st.row0, c_kv, k_rope)
             return None
-        st.cache.write(self.i, st.row0, st.positions, c_kv, k_rope, st.rows)
+        st.cache.write(self.i, st.row0, st.positions, c_kv, k_rope, st.made().rows)
         return st.cache.layer(self.i, st.row0, c_kv.shape[0], st.seq)

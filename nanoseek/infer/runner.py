@@ -90,21 +90,25 @@ class ModelRunner:
         seq = max(start) + T
         if seq > self.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.max_seq_len}")
-        self.weights.refresh()  # pick up weights changed since the last forward (training)
         cos, sin = self.model.rope(positions)  # [B,T,1,R/2]
         if not any(start):  # prefill: the modules' own weights (if any), plain attention
+            # pick up weights changed since the last prefill (training between generate calls;
+            # a request decodes with the weights it was admitted with)
+            self.weights.refresh()
             w = MODULE_WEIGHTS if self.weights.modules_hold_weights else self.weights
             return CacheStep(cache, row0, positions, seq, True, w, cos, sin)
-        keys = torch.arange(seq, device=dev)
-        allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
-        bias = torch.zeros(B, T, seq, dtype=score_dtype(self.model.dtype, dev), device=dev)
-        bias = bias.masked_fill_(~allowed, float("-inf"))
-        if T > 1:  # query rows are (t, h) pairs: repeat each t's mask over the heads
-            bias = bias[:, :, None].expand(B, T, self.n_heads, seq).reshape(B, -1, seq)
-        freqs = torch.complex(cos, sin)
-        rows = write_rows(row0, positions)
-        return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin, freqs, bias,
-                         rows, list(start))  # fmt: skip
+
+        def deferred():  # what the composed MLA reads (CacheStep.made)
+            keys = torch.arange(seq, device=dev)
+            allowed = keys <= positions[:, :, None]  # [B,T,S]: causal per row
+            bias = torch.zeros(B, T, seq, dtype=score_dtype(self.model.dtype, dev), device=dev)
+            bias = bias.masked_fill_(~allowed, float("-inf"))
+            if T > 1:  # query rows are (t, h) pairs: repeat each t's mask over the heads
+                bias = bias[:, :, None].expand(B, T, self.n_heads, seq).reshape(B, -1, seq)
+            return torch.complex(cos, sin), bias, write_rows(row0, positions)
+
+        return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin,
+                         start=list(start), deferred=deferred)  # fmt: skip
 
     def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int):
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""

@@ -27,8 +27,9 @@ engine keeps the matrices a decode step multiplies in the layout that streams fa
 - or, with `quantize="int8"`, weight-only int8 copies of the projections, experts and head
   (nanoseek/infer/quant.py).
 Entries are made on first use and re-made when a weight changes (`refresh`, keyed on the
-tensor's storage and version counter), so an optimizer step is seen by the next generate call
-(GRPO rollouts rely on it). They cost one extra copy of those weights (`nbytes`), nothing
+tensor's storage and version counter, checked at every prefill: a request decodes with the
+weights it was admitted with), so an optimizer step is seen by the next generate call (GRPO
+rollouts rely on it). They cost one extra copy of those weights (`nbytes`), nothing
 for the views.
 
 `exact=True` keeps fp32 decoding in PyTorch's operators (`_fusable`): the bits of a machine
@@ -323,7 +324,7 @@ class DecodeWeights:
         return plan
 
     def refresh(self) -> None:
-        """Re-make the entries whose weights changed since they were made (once per step)."""
+        """Re-make the entries whose weights changed since they were made (at every prefill)."""
         for entry in self._entries.values():
             self._update(entry)
 

@@ -142,7 +142,7 @@ def test_bf16_decode_scores_in_fp32_over_exactly_the_valid_keys():
         out = []
         for t in range(5, 12):
             step = r.make_step(r.cache, 0, list(r.cache.lengths[:2]), 1)
-            assert step.seq == t + 1 and step.bias.dtype == torch.float32
+            assert step.seq == t + 1 and step.made().bias.dtype == torch.float32
             out.append(r.decode(ids[:, t : t + 1])[0].float())
         return torch.cat(out, dim=1)
 
