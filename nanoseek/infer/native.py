@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 10  # gemv.c's ABI: the argument lists below
+ABI = 11  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -115,6 +115,65 @@ def _host(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
+_F = ctypes.c_float
+
+
+class LayerPlan(ctypes.Structure):
+    """gemv.c's `layer_plan`, field by field: what `nanoseek_layer_decode` needs of a decoder
+    layer (pointers into the decode weights, which the owner keeps alive)."""
+
+    _fields_ = [
+        *[(n, _P) for n in ("ln1", "ln2")], ("eps1", _F), ("eps2", _F),
+        ("mla_w", _P * 5), ("mla_s", _P * 5), ("q_norm", _P), ("kv_norm", _P),
+        ("eps_q", _F), ("eps_kv", _F), ("scale", _F),
+        *[(n, _I) for n in ("D", "QL", "H", "N", "R", "C", "V")],
+        *[(n, _P) for n in ("sw1", "sw2", "ss1", "ss2")], ("SF", _I),
+        *[(n, _P) for n in ("ew1", "ew2", "es1", "es2")], ("EF", _I),
+        ("gate", _P), ("gate_bias", _P), ("route_scale", _F),
+        *[(n, _I) for n in ("E", "n_group", "topk_group", "K", "softmax", "method", "norm",
+                            "gate_bf16", "kind", "bf16")],
+    ]  # fmt: skip
+
+
+def layer_plan(mla_mats: list, mla_norms: tuple, mla_dims: tuple, scale: float, norms: tuple,
+               shared: tuple | None, routed: tuple | None, router, kind: int,
+               bf16: bool) -> LayerPlan:  # fmt: skip
+    """A decoder layer's `LayerPlan`: mla_* as `Kernels.mla_args` and `mla_decode` take them;
+    norms: (input, post-attention) RMSNorm modules; shared (the dense FFN or the shared experts)
+    and routed (None: a dense layer): (w1 rows, scales, w2 rows, scales) as `experts_ffn`
+    takes them; router: the MoE's Router or None. The caller keeps the tensors alive."""
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    p = LayerPlan()
+    p.ln1, p.ln2 = ptr(norms[0].weight), ptr(norms[1].weight)
+    p.eps1, p.eps2 = norms[0].eps, norms[1].eps
+    p.mla_w[:] = [ptr(m) for m, _ in mla_mats]
+    p.mla_s[:] = [ptr(sc) for _, sc in mla_mats]
+    q_norm, p.eps_q, kv_norm, p.eps_kv = mla_norms
+    p.q_norm, p.kv_norm = ptr(q_norm), ptr(kv_norm)
+    p.scale = scale
+    p.D, p.QL, p.H, p.N, p.R, p.C, p.V = mla_dims
+    if shared is not None:
+        p.sw1, p.ss1, p.sw2, p.ss2 = map(ptr, shared)
+        p.SF = shared[2].shape[-1]
+    if routed is not None:
+        p.ew1, p.es1, p.ew2, p.es2 = map(ptr, routed)
+        p.EF = routed[2].shape[-1]
+        p.gate, p.gate_bias = ptr(router.weight), ptr(router.e_score_correction_bias)
+        p.route_scale = router.routed_scaling_factor
+        p.E, p.n_group, p.topk_group, p.K = (router.n_experts, router.n_group, router.topk_group,
+                                             router.top_k)  # fmt: skip
+        p.softmax, p.method = (
+            router.scoring_func == "softmax",
+            ROUTE_METHODS.index(router.topk_method),
+        )
+        p.norm, p.gate_bf16 = router.norm_topk_prob, router.weight.dtype == torch.bfloat16
+    p.kind, p.bf16 = kind, bf16
+    return p
+
+
 class Kernels:
     """ctypes bindings of gemv.c; every tensor must be contiguous CPU memory, and every tensor
     whose pointer a call takes is held in a local until the call returns (a temporary's
@@ -132,9 +191,9 @@ class Kernels:
         lib.nanoseek_experts_ffn.argtypes = [*[_P] * 5, _IDS, _FLOATS, _P, *[_I] * 6]
         lib.nanoseek_experts_grouped.argtypes = [*[_P] * 8, *[_I] * 6]
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
-        _F = ctypes.c_float
         lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, *[_P] * 3, _L, _P, _F, _P,
                                             *[_I] * 11]  # fmt: skip
+        lib.nanoseek_layer_decode.argtypes = [ctypes.POINTER(LayerPlan), *[_P] * 5, _L, _P, _I, _I]
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -303,4 +362,18 @@ class Kernels:
             (ctypes.c_int * B)(*start), scale, out.data_ptr(), B, T, *dims, kind,
             x.dtype == torch.bfloat16,
         )  # fmt: skip
+        return out
+
+    def layer_decode(self, x: torch.Tensor, plan: LayerPlan, cos: torch.Tensor, sin: torch.Tensor,
+                     cache_row: int, row_stride: int, start: list[int]) -> torch.Tensor:  # fmt: skip
+        """A decoder layer for T new tokens in each of B rows in one call (gemv.c
+        `nanoseek_layer_decode`; nanoseek/model/block.py `DecoderLayer.decode` is the
+        reference): x [B, T, D] of the model's dtype -> the layer's output, the rows' latents
+        written as `mla_decode` writes them. plan: the layer's `LayerPlan`."""
+        x, cos, sin = _host(x), _host(cos), _host(sin)
+        out = torch.empty_like(x)
+        B = x.shape[0]
+        self.lib.nanoseek_layer_decode(ctypes.byref(plan), x.data_ptr(), out.data_ptr(),
+                                       cos.data_ptr(), sin.data_ptr(), cache_row, row_stride,
+                                       (ctypes.c_int * B)(*start), B, x.shape[1])  # fmt: skip
         return out

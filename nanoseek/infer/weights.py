@@ -47,6 +47,7 @@ from torch import nn
 
 from nanoseek.infer import native
 from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
+from nanoseek.model.moe import MoE
 from nanoseek.model.weights import combine, experts_ffn, grouped_experts_ffn, swiglu
 
 # tokens `mla_decode` and `swiglu` take in one native call: a decode step of up to 8 rows, a
@@ -77,6 +78,18 @@ class _MLAPlan:
     dims: tuple
     kind: int  # native.BF16, Q8 or F32
     dtype: torch.dtype
+    args: tuple | None = None
+    made: int = -1
+
+
+@dataclass
+class _LayerPlan:
+    """What `DecodeWeights.decoder_layer` passes for one decoder layer: `build()` gives the
+    (native.LayerPlan, the tensors it points into) from the current entries; `args` that, made
+    when `made` (DecodeWeights._made at the time) falls behind."""
+
+    kernels: object
+    build: object
     args: tuple | None = None
     made: int = -1
 
@@ -255,6 +268,74 @@ class DecodeWeights:
                                               st.start, mla.softmax_scale, plan.dims,
                                               plan.kind)  # fmt: skip
         return mla.decode(x, cache)
+
+    def decoder_layer(self, layer: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
+        """A decoder layer for x [B,T,D] after the tokens in `cache` (the interface's
+        `decoder_layer`). For up to FEW_TOKENS tokens where every piece of it runs native (its
+        norms, `mla_decode`, the router and the FFN calls, all of one weight kind), one call
+        that makes the same native calls in the same order (`DecoderLayer.decode`, the
+        composition, makes ~8 calls and ~10 operators a layer: ~0.1 ms of Python a layer);
+        elsewhere `DecoderLayer.decode`."""
+        if x.numel() <= FEW_TOKENS * x.shape[-1] and self._fusable(x) and not layer.training:
+            plan = self._layer_plan(layer, x)
+            st = cache.step
+            if plan is not None and st.start is not None and st.cache.kv.dtype == x.dtype:
+                if plan.made != self._made:  # an entry was re-made: new pointers
+                    plan.args, plan.made = plan.build(), self._made
+                if plan.args is not None and not torch.is_grad_enabled():
+                    return plan.kernels.layer_decode(x, plan.args[0], st.cos, st.sin,
+                                                     st.cache.row_address(cache.i, st.row0),
+                                                     st.cache.row_stride(), st.start)  # fmt: skip
+        return layer.decode(x, cache)
+
+    def _layer_plan(self, layer: nn.Module, x: torch.Tensor) -> _LayerPlan | None:
+        """How `decoder_layer` calls the native layer for `layer` (x: a decode input), or None
+        where some piece of it would not run native."""
+        key = ("layer", layer)
+        if key in self._plans:
+            return self._plans[key]
+        self._plans[key] = plan = None
+        kernels, mla_plan = native.kernels_for(x), self._mla_plan(layer.self_attn, x.dtype)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if kernels is None or mla_plan is None or self.expert_dtype is not None:
+            return None
+        kind, mlp = mla_plan.kind, layer.mlp
+        if any(n.weight.dtype != x.dtype for n in norms):
+            return None
+        router, shared, routed = None, mlp, None
+        if isinstance(mlp, MoE):
+            router, shared = mlp.gate, mlp.shared_experts
+            routed = (mlp.experts.gate_up_proj, mlp.experts.down_proj)
+            if not mlp.experts.all_local or router.weight.dtype not in native.DTYPES:
+                return None
+            if router.n_experts > MAX_ROUTED or mlp.few_tokens < FEW_TOKENS:
+                return None
+
+        def ffn(w1s, w2s):  # (w1 rows, scales, w2 rows, scales) of the FFN kernels, or None
+            w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
+            found = _ffn_kernels(x, w1, w2, x, not self.exact)
+            if found is None or native.weight_kind(found[1][0], found[1][1]) != kind:
+                return None
+            return found[1]
+
+        def build():  # (the LayerPlan, the tensors it points into) from the current entries
+            sw = None
+            if shared is not None:
+                (w1s, _, b1), (w2s, _, b2) = self._plan((shared.gate_proj, shared.up_proj)), \
+                    self._plan((shared.down_proj,))  # fmt: skip
+                sw = ffn(w1s, w2s) if b1 == [None, None] and b2 == [None] else None
+            ew = ffn(routed[:1], routed[1:]) if routed else None
+            mats = mla_plan.mats()
+            if (shared is not None and sw is None) or (routed and ew is None) or None in mats:
+                return None
+            args = native.layer_plan(mats, mla_plan.norms, mla_plan.dims,
+                                     layer.self_attn.softmax_scale, norms, sw, ew, router, kind,
+                                     x.dtype == torch.bfloat16)  # fmt: skip
+            return args, (mats, sw, ew)
+
+        if build() is not None:
+            plan = self._plans[key] = _LayerPlan(kernels, build)
+        return plan
 
     def _mla_plan(self, mla: nn.Module, dtype: torch.dtype):
         """(a function giving the five (rows, scales) pairs `Kernels.mla_decode` takes, the

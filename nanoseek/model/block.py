@@ -31,7 +31,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, token_mask=None, cache=None):
         """x [B,T,D] -> (x [B,T,D], balance loss (MoE in training) or None). `cache`: this
-        layer's view of a latent cache, whose `weights` also multiply the FFN (inference)."""
+        layer's view of a latent cache, whose `weights` also multiply the FFN (inference); a
+        decode or verification step goes through `weights.decoder_layer` (`decode`, or one
+        fused implementation of it)."""
+        if cache is not None and not cache.prefill:
+            return cache.weights.decoder_layer(self, x, cache), None
+        return self._compose(x, cos, sin, mask, token_mask, cache)
+
+    def decode(self, x, cache):
+        """x [B,T,D] -> [B,T,D] for new tokens after cached ones (MLA writes their latents to
+        `cache`, a layer's view of a decode step): what `weights.decoder_layer` computes (the
+        reference of its fused implementations)."""
+        return self._compose(x, cache.step.cos, cache.step.sin, None, None, cache)[0]
+
+    def _compose(self, x, cos, sin, mask, token_mask, cache):
         weights = MODULE_WEIGHTS if cache is None else cache.weights
         x = x + self.self_attn(weights.norm(self.input_layernorm, x), cos, sin, mask, cache)
         h = weights.norm(self.post_attention_layernorm, x)

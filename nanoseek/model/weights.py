@@ -1,7 +1,7 @@
 """How a module's matrices are multiplied: the weights as the modules hold them.
 
 Every projection, norm, FFN, routing decision and decode-time attention of the model goes
-through a *weights* object with twelve methods, so that one forward serves training, prefill
+through a *weights* object with thirteen methods, so that one forward serves training, prefill
 and decode while the layout of the matrices (and the kernels that multiply them) may differ:
 - `linear(x, *modules)`: the outputs of several projections of the same input, one per module;
 - `experts(param)`: the E per-expert W^T [in, out] of a stacked [E, out, in] expert weight;
@@ -17,7 +17,8 @@ and decode while the layout of the matrices (and the kernels that multiply them)
 - `swiglu(x, gate_proj, up_proj, down_proj)`: a SwiGLU FFN of three projection modules;
 - `norm(module, x)`: an RMSNorm module applied to x;
 - `route(router, x)`: the MoE router's gate weights and expert ids for x;
-- `mla_decode(mla, x, cache)`: MLA for new tokens after cached ones (`MLA.decode`).
+- `mla_decode(mla, x, cache)`: MLA for new tokens after cached ones (`MLA.decode`);
+- `decoder_layer(layer, x, cache)`: a whole decoder layer for them (`DecoderLayer.decode`).
 
 `ModuleWeights` (here) calls the modules themselves: training, FP8 training (which swaps the
 modules) and prefill use it. The inference engine passes its own implementation
@@ -91,6 +92,12 @@ class ModuleWeights:
     def mla_decode(mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
         """MLA for x [B,T,D] after the tokens in `cache` (a layer's view of a decode step)."""
         return mla.decode(x, cache)
+
+    @staticmethod
+    def decoder_layer(layer: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
+        """A decoder layer for x [B,T,D] after the tokens in `cache` (a layer's view of a
+        decode step)."""
+        return layer.decode(x, cache)
 
 
 def experts_ffn(weights, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

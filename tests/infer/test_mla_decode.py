@@ -59,6 +59,12 @@ def decode_once(mla, cfg, dtype, weights, fused: bool, seen: int, rows: int = 1,
     return y.float(), entries.float()
 
 
+def compose_layers(monkeypatch):
+    """Decoder layers as their composition, whose MLA is this file's subject."""
+    monkeypatch.setattr(DecodeWeights, "decoder_layer",
+                        lambda self, layer, x, cache: layer.decode(x, cache))  # fmt: skip
+
+
 def count_native(monkeypatch):
     calls = []
     real = native.Kernels.mla_decode
@@ -130,6 +136,7 @@ def test_engine_decodes_through_it(quantize, monkeypatch):
     model = random_model(cfg, seed=3).eval()
     prompts = [[5, 9, 2, 7, 11, 3], [8, 1], [4, 4, 6, 10, 12, 13, 14, 2, 9]]
     params = [SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)] * 3
+    compose_layers(monkeypatch)  # (tests/infer/test_layer_decode.py: the whole layer fused)
     calls = count_native(monkeypatch)
     fused = Engine(model, max_batch_size=3, max_seq_len=32, quantize=quantize)
     got = fused.generate(prompts, params)
@@ -161,6 +168,7 @@ def test_speculative_verify_through_it(quantize, monkeypatch):
     model = random_model(cfg, seed=4).eval()
     prompts = [[5, 9, 2, 7, 11, 3], [8, 1, 4]]
     params = [SamplingParams(max_new_tokens=10, ignore_eos=True)] * 2
+    compose_layers(monkeypatch)
     plain = Engine(model, max_batch_size=2, max_seq_len=32, quantize=quantize).generate(
         prompts, params
     )

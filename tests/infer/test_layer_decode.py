@@ -1,0 +1,102 @@
+"""`weights.decoder_layer`: a whole decoder layer of a decode or verify step in one native call
+against `DecoderLayer.decode`, the composition it replaces: it makes the same native calls in
+the same order, so the logits and the cache must be equal bit for bit; where it applies and where
+the composition must run."""
+
+import pytest
+import torch
+
+from nanoseek.infer import native
+from nanoseek.infer.runner import ModelRunner
+from nanoseek.infer.weights import FEW_TOKENS, DecodeWeights
+from tests.helpers import random_model, tiny_config
+
+KERNELS = native.kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason=f"native kernels: {native.reason()}")
+
+
+def config(**overrides):
+    # widths the kernels take (multiples of 32); layer 0 dense, layers 1-2 MoE with a shared
+    # expert; 6 heads: a block of 4 and a tail of 2
+    base = dict(hidden_size=128, intermediate_size=96, moe_intermediate_size=64, q_lora_rank=64,
+                kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                num_attention_heads=6, num_hidden_layers=3, vocab_size=64)  # fmt: skip
+    return tiny_config(**{**base, **overrides})
+
+
+def count_layers(monkeypatch):
+    calls = []
+    real = native.Kernels.layer_decode
+    monkeypatch.setattr(native.Kernels, "layer_decode",
+                        lambda self, x, *a: calls.append(x.shape) or real(self, x, *a))  # fmt: skip
+    return calls
+
+
+def run(model, quantize, rows: int, T: int, steps: int = 4, exact: bool = False):
+    """Prefill `rows` prompts of different lengths, then `steps` forwards of T tokens per row
+    (T = 1: decode steps; more: verify steps); returns (the logits of every step, the cache)."""
+    g = torch.Generator().manual_seed(rows * 10 + T)
+    r = ModelRunner(model, max_batch=rows, max_seq_len=64, quantize=quantize, exact=exact)
+    lens = [5 + 3 * b for b in range(rows)]
+    ids = torch.randint(3, 60, (rows, max(lens)), generator=g)
+    out = []
+    with torch.inference_mode():
+        r.prefill(ids, lens, 0)
+        for _ in range(steps):
+            logits, _ = r.decode(torch.randint(3, 60, (rows, T), generator=g))
+            out.append(logits)
+    return torch.cat(out, dim=1), r.cache.kv.clone()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32", "int8-bf16"])  # the last: V2-Lite's
+@pytest.mark.parametrize("q_lora", [64, None])  # None: V2-Lite's direct query projection
+@pytest.mark.parametrize("rows,T", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 3), (FEW_TOKENS, 1)])
+def test_fused_layer_equals_the_composition(kind, q_lora, rows, T, monkeypatch):
+    """Decode steps of 1, 2 (per-token experts) and 3-8 rows (grouped experts), verify steps of
+    2-3 tokens: every layer (dense and MoE) in one call, equal to the composition bit for bit."""
+    model = random_model(config(q_lora_rank=q_lora), seed=rows).eval()
+    if kind in ("bf16", "int8-bf16"):
+        model = model.to(torch.bfloat16)
+    quantize = "int8" if kind.startswith("int8") else None
+    calls = count_layers(monkeypatch)
+    got, got_cache = run(model, quantize, rows, T)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # every layer of every step
+    monkeypatch.setattr(DecodeWeights, "decoder_layer",
+                        lambda self, layer, x, cache: layer.decode(x, cache))  # fmt: skip
+    want, want_cache = run(model, quantize, rows, T)
+    assert torch.equal(got, want) and torch.equal(got_cache, want_cache)
+
+
+@needs_kernels
+def test_mtp_module_drafts_through_it(monkeypatch):
+    """The MTP module is a decoder layer too: its drafting steps take the fused call."""
+    from nanoseek import Engine, SamplingParams
+
+    model = random_model(config(), seed=5).eval()
+    calls = count_layers(monkeypatch)
+    spec = Engine(model, max_batch_size=1, max_seq_len=48, speculative="mtp")
+    spec.generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert any(shape[1] == 2 for shape in calls)  # verify steps of [pending, draft]
+    assert len(calls) > 5 * model.config.num_hidden_layers  # + the MTP module's own steps
+
+
+@pytest.mark.parametrize("case", ["exact", "tokens", "width", "training"])
+def test_where_the_composition_runs(case, monkeypatch):
+    """Exact fp32 engines (PyTorch's operators), more than FEW_TOKENS tokens, widths the kernels
+    do not take and a layer in training mode compose: no native layer call, the same logits."""
+    cfg = config(hidden_size=80) if case == "width" else config()  # 80: not a multiple of 32
+    model = random_model(cfg, seed=7).eval()
+    if case == "training":
+        model.model.layers[1].train()
+    calls = count_layers(monkeypatch)
+    rows, T = (3, FEW_TOKENS // 3 + 1) if case == "tokens" else (1, 1)
+    got, _ = run(model, None, rows, T, steps=2, exact=case == "exact")
+    if case == "training":  # the other layers still fuse
+        assert 0 < len(calls) < 2 * cfg.num_hidden_layers
+    else:
+        assert calls == []
+    monkeypatch.setattr(DecodeWeights, "decoder_layer",
+                        lambda self, layer, x, cache: layer.decode(x, cache))  # fmt: skip
+    want, _ = run(model, None, rows, T, steps=2, exact=case == "exact")
+    assert torch.equal(got, want)
