@@ -18,7 +18,7 @@ each kernel PyTorch offers on CPU:
     mv            torch.mv(W, x)
     mkl packed    MKL's packed sgemm (torch.ops.mkl._mkl_linear, what inductor uses for fp32)
     onednn packed oneDNN's linear on a reordered weight (torch.ops.mkldnn._linear_pointwise)
-    native        nanoseek's kernel (nanoseek/infer/native.py; bf16, where it builds)
+    native        nanoseek's kernel (nanoseek/infer/native.py; bf16 and fp32, where it builds)
 and for --dtype int8 (per-output-channel int8 weights, as `quantize="int8"` keeps them):
     int8pack      ATen's torch._weight_int8pack_mm (bf16 activations)
     native        nanoseek's kernel (int16 activations)
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.infer import native
-from nanoseek.infer.quant import Int8Weight
+from nanoseek.infer.quant import NATIVE_ROWS, Int8Weight
 from nanoseek.machine import banner
 
 SHAPES = {"expert gate+up": (256, 512), "expert down": (256, 256), "head": (256, 8192)}
@@ -49,7 +49,7 @@ def int8_kernels(x: torch.Tensor, ws: list[Int8Weight]) -> dict:
     xb = x.bfloat16()
     out = {"int8pack": lambda i: torch._weight_int8pack_mm(xb, ws[i].q, ws[i].scale)}
     lib = native.kernels()
-    if lib is not None and x.shape[0] <= native.MAX_ROWS:
+    if lib is not None and x.shape[0] <= NATIVE_ROWS:
         out["native"] = lambda i: lib.q8(x, ws[i].q, ws[i].scale, torch.float32)
     return out
 
@@ -57,10 +57,9 @@ def int8_kernels(x: torch.Tensor, ws: list[Int8Weight]) -> dict:
 def kernels(x: torch.Tensor, ws: list[torch.Tensor]) -> dict:
     """name -> f(i) computing x @ ws[i]^T; kernels this build lacks are left out."""
     lib = native.kernels()
-    if lib is not None and x.dtype == torch.bfloat16 and x.shape[0] <= native.MAX_ROWS:
-        own = {"native": lambda i: lib.bf16(x, ws[i])}
-    else:
-        own = {}  # fp32: MKL already streams at the bandwidth
+    own = {}
+    if lib is not None and x.shape[0] <= native.MAX_ROWS:
+        own = {"native": lambda i: (lib.bf16 if x.dtype == torch.bfloat16 else lib.f32)(x, ws[i])}
     wts = [w.t().contiguous() for w in ws]
     out = {
         "F.linear": lambda i: F.linear(x, ws[i]),

@@ -6,7 +6,7 @@ Decoding a few tokens on CPU reads every weight it multiplies once per step, so 
 memory bandwidth divided by the bytes of the weights (bench/decode.py --gemm-split shows GEMMs
 taking most of a step). Storing the decode-time copies as int8 with one scale per output
 channel (symmetric, absmax / 127) reads 1 byte per weight instead of 4 (fp32). Up to
-`native.MAX_ROWS` rows go through nanoseek's own kernel (nanoseek/infer/native.py: activations
+`NATIVE_ROWS` (64) rows go through nanoseek's own kernel (nanoseek/infer/native.py: activations
 as int16 with one scale per row, so the weights' rounding is the only one that matters, and
 1.4-1.6x the bandwidth of ATen's kernel for one row); more rows, or a CPU without the kernel,
 run on ATen's `_weight_int8pack_mm`, which dequantises inside the GEMM and takes the activations
@@ -32,6 +32,10 @@ import torch
 from nanoseek.infer import native
 
 QUANTIZE = (None, "int8")
+# activation rows `Int8Weight.mm` sends to the native kernel (more go to ATen): its int8 products
+# are compute-bound from ~4 rows but ~2x ATen's `_weight_int8pack_mm` at 4-64 rows (a short
+# prompt's prefill; `python bench/gemv.py --dtype int8 --shapes big --rows 27`)
+NATIVE_ROWS = 64
 
 
 @dataclass
@@ -63,7 +67,7 @@ class Int8Weight:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., O] in x's dtype."""
         rows = x.numel() // x.shape[-1]
-        if rows <= native.MAX_ROWS and (kernels := self.kernels_for(x)) is not None:
+        if rows <= NATIVE_ROWS and (kernels := self.kernels_for(x)) is not None:
             return kernels.q8(x, self.q, self.scale, x.dtype)
         flat = x.reshape(rows, -1)
         if self.q.shape[-1] % 16:  # ATen's kernel reads K in blocks of 16: with any other K it

@@ -32,6 +32,8 @@ from nanoseek.model.mla import score_dtype
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.weights import MODULE_WEIGHTS
 
+PREFILL_INT8 = 64  # prompt tokens (all rows) an int8 engine prefills with its int8 weights
+
 
 class ModelRunner:
     """Owns the latent caches and runs the model over them; knows nothing about requests."""
@@ -95,7 +97,7 @@ class ModelRunner:
             # pick up weights changed since the last prefill (training between generate calls;
             # a request decodes with the weights it was admitted with)
             self.weights.refresh()
-            w = MODULE_WEIGHTS if self.weights.modules_hold_weights else self.weights
+            w = self.weights if self._prefill_quantized(B * T) else MODULE_WEIGHTS
             return CacheStep(cache, row0, positions, seq, True, w, cos, sin)
 
         def deferred():  # what the composed MLA reads (CacheStep.made)
@@ -109,6 +111,15 @@ class ModelRunner:
 
         return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin,
                          start=list(start), deferred=deferred)  # fmt: skip
+
+    def _prefill_quantized(self, tokens: int) -> bool:
+        """Whether a prefill of `tokens` multiplies with the int8 decode weights rather than the
+        modules' own: always for a streamed model (its modules hold none); in an int8 engine,
+        prompts of up to PREFILL_INT8 tokens, whose prefill reads weights (a quarter of the
+        bytes, and the numbers the decode steps then use), where longer ones are compute-bound
+        and MKL's fp32 / bf16 GEMMs are faster than int8 products."""
+        w = self.weights
+        return not w.modules_hold_weights or (w.quantize is not None and tokens <= PREFILL_INT8)
 
     def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int):
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""

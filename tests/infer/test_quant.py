@@ -6,7 +6,7 @@ import torch
 import nanoseek
 from nanoseek.infer import Engine, SamplingParams, native
 from nanoseek.infer.quant import Int8Weight, mm
-from nanoseek.infer.runner import ModelRunner
+from nanoseek.infer.runner import PREFILL_INT8, ModelRunner
 from nanoseek.infer.weights import DecodeWeights
 from tests.helpers import random_model, tiny_config
 from tests.infer.test_cli_generate import ckpt, run  # noqa: F401 - fixture
@@ -28,7 +28,7 @@ def test_int8_weight_round_trip_and_matmul():
 
 
 @pytest.mark.parametrize("k", [16, 40, 8, 100])
-@pytest.mark.parametrize("rows", [3, 12])  # 12: more than the native kernels take
+@pytest.mark.parametrize("rows", [3, 80])  # 80: more than the native kernel takes (ATen's)
 def test_int8_matmul_any_input_width(k, rows):
     """In widths that are not a multiple of 16, ATen's int8 kernel crashes the process or
     returns garbage (torch 2.13): such weights multiply dequantised instead, exactly."""
@@ -53,8 +53,8 @@ def kernels(request, monkeypatch):
 @pytest.mark.parametrize("q_lora_rank", [None, 16])
 @torch.inference_mode()
 def test_int8_decode_logits_close_to_exact(q_lora_rank, kernels):
-    """Prefill (exact) then decode steps with int8 weights: logits within a few percent of the
-    exact path's, on the same cache contents."""
+    """Prefill and decode steps with int8 weights: logits within a few percent of the exact
+    path's."""
     cfg = tiny_config(q_lora_rank=q_lora_rank)
     model = random_model(cfg)
     ids = torch.randint(3, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -69,6 +69,23 @@ def test_int8_decode_logits_close_to_exact(q_lora_rank, kernels):
         # changed (it is int8) but only by a few percent (2-4% seen on this wide-init model; a
         # scale on the wrong axis or a transposed weight gives ~100%)
         assert 0 < err < 0.08, (t, err)
+
+
+@pytest.mark.parametrize("prompt", [6, PREFILL_INT8 + 6])
+def test_int8_prefill_of_a_short_prompt_reads_int8_weights(prompt, kernels, monkeypatch):
+    """An int8 engine prefills prompts of up to PREFILL_INT8 tokens with its int8 weights (a
+    quarter of the bytes; the numbers its decode steps use), longer ones with the model's own
+    (compute-bound: MKL's GEMMs are faster there)."""
+    model = random_model(tiny_config(), seed=2)
+    runner = ModelRunner(model, max_batch=1, max_seq_len=prompt + 4, quantize="int8")
+    seen = []
+    real = Int8Weight.mm
+    monkeypatch.setattr(Int8Weight, "mm", lambda self, x: seen.append(x.shape) or real(self, x))
+    with torch.inference_mode():
+        logits, _ = runner.prefill(torch.randint(3, 90, (1, prompt)), [prompt], 0)
+    assert torch.isfinite(logits).all()
+    rows = [s[0] if len(s) == 2 else s[0] * s[1] for s in seen]
+    assert (prompt in rows) == (prompt <= PREFILL_INT8)  # the projections of every token
 
 
 def test_int8_engine_generates_and_refreshes_after_an_update(kernels):
