@@ -30,8 +30,13 @@ from nanoseek.infer.streamed import load_for_engine
 from nanoseek.serve import chat
 from nanoseek.serve.loading import load_engine
 
-
 # ------------------------------------------------------------------------------ generate
+EXACT_HELP = (
+    "decode fp32 through PyTorch's operators only, as training's rollouts and evaluations do "
+    "(default: nanoseek's native kernels where they build; the same maths, logits ~1e-6 apart)"
+)
+
+
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--prompt", required=True, help="the prompt text")
@@ -46,6 +51,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
     p.add_argument("--quantize", choices=["int8"], help=LOAD_INT8_HELP)
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--tokenizer", help="tokenizer directory (default: MODEL)")
@@ -59,6 +65,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model):
         raise CheckpointError(f"{args.model}: no such checkpoint directory")
+    if args.exact and args.quantize:
+        raise ValueError("--exact decodes the model's own weights: it takes no --quantize")
     tok_dir = args.tokenizer or args.model
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {tok_dir} (pass --tokenizer DIR)")
@@ -103,6 +111,7 @@ def run_generate(args: argparse.Namespace) -> int:
         speculative=args.speculative,
         num_draft=args.num_draft,
         quantize=args.quantize,
+        exact=args.exact,
         weights=weights,
     )
     print(opened, end="", flush=True)
@@ -139,6 +148,7 @@ def _add_engine_options(p: argparse.ArgumentParser, max_batch: int | None) -> No
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
     p.add_argument("--quantize", choices=["int8"], help=LOAD_INT8_HELP)
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--seed", type=int, default=None, help="for requests without their own")
 
 
@@ -147,7 +157,7 @@ def _engine_from_args(args: argparse.Namespace):
         args.model, args.tokenizer, dtype=args.dtype, device=args.device,
         max_batch_size=getattr(args, "max_batch", 1), max_seq_len=args.max_seq_len,
         speculative=args.speculative, num_draft=args.num_draft, seed=args.seed,
-        quantize=args.quantize,
+        quantize=args.quantize, exact=args.exact,
     )  # fmt: skip
 
 

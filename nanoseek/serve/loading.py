@@ -26,6 +26,7 @@ def load_engine(
     num_draft: int = 1,
     seed: int | None = None,
     quantize: str | None = None,
+    exact: bool = False,
 ) -> tuple[Engine, Tokenizer]:
     """(engine, tokenizer) for a checkpoint directory holding tokenizer.json (or
     `tokenizer_dir`). Everything cheap is checked before the weights load; user errors raise
@@ -37,6 +38,8 @@ def load_engine(
         raise FileNotFoundError(f"no tokenizer.json in {tok_dir} (pass --tokenizer DIR)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if exact and quantize:
+        raise ValueError("--exact decodes the model's own weights: it takes no --quantize")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -62,6 +65,7 @@ def load_engine(
         num_draft=num_draft,
         seed=seed,
         quantize=quantize,
+        exact=exact,
         weights=weights,
     )
     return engine, tokenizer

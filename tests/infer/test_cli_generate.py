@@ -41,6 +41,17 @@ def test_streams_the_greedy_completion(capsys, ckpt):
     assert "tokens/s" in err
 
 
+def test_exact_decodes_as_an_exact_engine(capsys, ckpt):
+    """--exact: PyTorch's operators only, the text of an exact engine (what evaluation gives)."""
+    code, out, err = run(capsys, "generate", ckpt, "--prompt", "the cat", "--max-new-tokens", 12,
+                         "--exact")  # fmt: skip
+    assert code == 0, err
+    tok = Tokenizer.load(ckpt)
+    engine = Engine(nanoseek.load(ckpt), tok, max_batch_size=1, max_seq_len=128, exact=True)
+    ids = tok.encode("the cat", add_bos=True)
+    assert out == engine.generate([ids], SamplingParams(max_new_tokens=12))[0].text + "\n"
+
+
 def test_chat_and_speculative(capsys, ckpt):
     argv = ["generate", ckpt, "--prompt", "hi", "--chat", "--max-new-tokens", 8, "--ignore-eos"]
     code, out, err = run(capsys, *argv, "--speculative", "mtp", "--num-draft", 2)
@@ -63,6 +74,7 @@ def test_sampling_with_a_seed_is_reproducible(capsys, ckpt):
         (["--top-p", "0"], ["top_p"]),
         (["--max-new-tokens", "0"], ["max-new-tokens"]),
         (["--speculative", "eagle"], ["speculative"]),
+        (["--exact", "--quantize", "int8"], ["--exact", "--quantize"]),
     ],
 )
 def test_bad_arguments_are_one_line_errors(capsys, ckpt, extra, words):

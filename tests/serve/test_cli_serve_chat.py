@@ -53,6 +53,17 @@ def test_chat_through_a_pipe(ckpt, capsys, monkeypatch):
     assert p.stdout.startswith(want or "[answer] ")
 
 
+def test_engine_options_exact(ckpt):
+    """chat / serve --exact: an exact engine (PyTorch's operators only); with --quantize a
+    one-line error naming both, before the weights load."""
+    from nanoseek.serve.loading import load_engine
+
+    engine, _ = load_engine(str(ckpt), max_batch_size=1, exact=True)
+    assert engine.runner.weights.exact
+    with pytest.raises(ValueError, match="--exact.*--quantize"):
+        load_engine(str(ckpt), exact=True, quantize="int8")
+
+
 class FakeEngine:
     """Streams a fixed text in small pieces; records the prompts it was given."""
 
