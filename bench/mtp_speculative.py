@@ -17,9 +17,9 @@ memory. Each run decodes `--new-tokens` tokens greedily after the same prompt:
 - the speed-up that follows for an acceptance rate a: (1 + a) * t_step / (t_verify + t_draft(a)
   + t_rest), t_rest the engine's other work per step; after an accepted draft the MTP forward
   catches up two positions (the accepted token's and the next: both need the main model's
-  hidden state), so t_draft(a) mixes the one-position draft timed in the run with a
-  two-position one (the run's draft times the ratio of the two timed on their own), in
-  proportions 1 - a and a.
+  hidden state; only the last one's FFN and head run), so t_draft(a) mixes the one-position
+  draft timed in the run with a two-position one (the run's draft times the ratio of the two
+  timed on their own), in proportions 1 - a and a.
 
 Random weights give random drafts (acceptance ~0), so the measured speed-up is the a = 0 point
 of that line, which checks it; the rows for a = 0.83 / 0.97 use the acceptance the main job's
@@ -111,14 +111,16 @@ def mtp_seconds(engine, model, T: int, start: int, reps: int = 8) -> float:
     """Best time of the engine's MTP forward over T positions from `start` (its cache rolled
     back after each). A step after an accepted draft runs it over 2 positions: the accepted
     token's and the next (each needs the main model's hidden state from the verify forward),
-    so a trained module's drafts cost more than the random drafts' single position."""
+    so a trained module's drafts cost more than the random drafts' single position; as the
+    speculator does, only the last position's output is computed (the first writes its cache
+    entry; its FFN and head are skipped)."""
     runner, dev = engine.runner, model.device
     h = torch.randn(1, T, model.config.hidden_size, dtype=model.dtype, device=dev)
     ids = torch.arange(5, 5 + T, device=dev)[None]
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        runner.mtp_forward(h, ids, 0, [start])
+        runner.mtp_forward(h, ids, 0, [start], last_only=T > 1)
         best = min(best, time.perf_counter() - t0)
         runner.mtp_cache.rollback(0, start)
     return best

@@ -164,6 +164,9 @@ class CacheStep:
     # decode: makes (freqs, bias, rows) when a layer first reads them; a step whose layers all
     # run in native calls reads none of them (~10 operators a step)
     deferred: Callable[[], tuple] | None = None
+    # decode: only each row's last position's output is wanted (the earlier positions' cache
+    # entries are): a layer runs its FFN on the last position alone (DecoderLayer.decode)
+    last_only: bool = False
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)

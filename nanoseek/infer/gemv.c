@@ -29,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI 11
+#define ABI 12
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
@@ -851,14 +851,16 @@ static void add_rows(const void *a, const void *b, void *y, int64_t n, int bf16)
  *   out = h + FFN(norm2(h))                     (a dense SwiGLU, or [V3 eq. 12]: the shared
  *        experts, then each token's routed experts, one token at a time for up to 2 tokens and
  *        grouped by expert for more, added in their order of choice)
- * Weights of the `kind` (int8 with a bf16 model: its activations widened to fp32 for the FFN
- * kernels, as their Python bindings do); x and out [B T, D] of the model's dtype; cos, sin,
- * cache, row_stride, start as
+ * With last_only, out [B, D] holds each row's last token alone (its FFN the only one run: the MTP
+ * module catching up on positions whose cache entries it needs). Weights of the `kind` (int8
+ * with a bf16 model: its activations widened to fp32 for the FFN kernels, as their Python
+ * bindings do); x and out [B T, D] of the model's dtype; cos, sin, cache, row_stride, start as
  * nanoseek_mla_decode's. */
 void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const float *cos,
                            const float *sin, void *cache, int64_t row_stride, const int *start,
-                           int B, int T) {
-  const int M = B * T, D = p->D, bf16 = p->bf16;
+                           int B, int T, int last_only) {
+  int M = B * T;
+  const int D = p->D, bf16 = p->bf16;
   const size_t es = bf16 ? 2 : 4, rows = (size_t)M * D;
   char *h = malloc(es * rows), *a = malloc(es * rows), *y = calloc(rows, es);
   nanoseek_rmsnorm(x, p->ln1, h, M, D, p->eps1, bf16);
@@ -866,13 +868,18 @@ void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const 
                       cache, row_stride, start, p->scale, a, B, T, D, p->QL, p->H, p->N, p->R,
                       p->C, p->V, p->kind, bf16);
   add_rows(x, a, out, rows, bf16); /* out holds the residual stream until the FFN is added */
+  if (last_only && T > 1) { /* each row's last token only, moved to out's first B rows */
+    for (int b = 0; b < B; b++)
+      memmove((char *)out + es * b * D, (char *)out + es * ((int64_t)b * T + T - 1) * D, es * D);
+    M = B;
+  }
   nanoseek_rmsnorm(out, p->ln2, h, M, D, p->eps2, bf16);
   const int64_t one = 0;
   const float unit = 1.f;
   /* the FFN kernels' input: int8 takes fp32 activations (a bf16 model's widened, exactly) */
-  float *hf = p->kind == W_Q8 && bf16 ? malloc(sizeof(float) * rows) : NULL;
+  float *hf = p->kind == W_Q8 && bf16 ? malloc(sizeof(float) * M * D) : NULL;
   if (hf)
-    for (size_t i = 0; i < rows; i++) hf[i] = bf16_to_float(((const uint16_t *)h)[i]);
+    for (size_t i = 0; i < (size_t)M * D; i++) hf[i] = bf16_to_float(((const uint16_t *)h)[i]);
   const char *hx = hf ? (const char *)hf : h;
   const size_t xs = hf ? sizeof(float) : es;
   if (p->SF)
@@ -893,7 +900,7 @@ void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const 
     free(gates);
     free(ids);
   }
-  add_rows(out, y, out, rows, bf16);
+  add_rows(out, y, out, (int64_t)M * D, bf16);
   free(hf);
   free(h);
   free(a);

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 11  # gemv.c's ABI: the argument lists below
+ABI = 12  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
@@ -193,7 +193,8 @@ class Kernels:
         lib.nanoseek_route.argtypes = [_P, _P, _P, _P, _P, _L, *[_I] * 8, ctypes.c_float, _I, _I]
         lib.nanoseek_mla_decode.argtypes = [*[_P] * 5, _F, _F, *[_P] * 3, _L, _P, _F, _P,
                                             *[_I] * 11]  # fmt: skip
-        lib.nanoseek_layer_decode.argtypes = [ctypes.POINTER(LayerPlan), *[_P] * 5, _L, _P, _I, _I]
+        lib.nanoseek_layer_decode.argtypes = [ctypes.POINTER(LayerPlan), *[_P] * 5, _L, _P,
+                                               *[_I] * 3]  # fmt: skip
 
     @staticmethod
     def _call(x: torch.Tensor, w: torch.Tensor, ids: list[int] | None, out_dtype):
@@ -365,15 +366,17 @@ class Kernels:
         return out
 
     def layer_decode(self, x: torch.Tensor, plan: LayerPlan, cos: torch.Tensor, sin: torch.Tensor,
-                     cache_row: int, row_stride: int, start: list[int]) -> torch.Tensor:  # fmt: skip
+                     cache_row: int, row_stride: int, start: list[int],
+                     last_only: bool = False) -> torch.Tensor:  # fmt: skip
         """A decoder layer for T new tokens in each of B rows in one call (gemv.c
         `nanoseek_layer_decode`; nanoseek/model/block.py `DecoderLayer.decode` is the
-        reference): x [B, T, D] of the model's dtype -> the layer's output, the rows' latents
-        written as `mla_decode` writes them. plan: the layer's `LayerPlan`."""
+        reference): x [B, T, D] of the model's dtype -> the layer's output ([B, 1, D], each
+        row's last token, with `last_only`), the rows' latents written as `mla_decode` writes
+        them. plan: the layer's `LayerPlan`."""
         x, cos, sin = _host(x), _host(cos), _host(sin)
         out = torch.empty_like(x)
-        B = x.shape[0]
+        B, T = x.shape[0], x.shape[1]
         self.lib.nanoseek_layer_decode(ctypes.byref(plan), x.data_ptr(), out.data_ptr(),
                                        cos.data_ptr(), sin.data_ptr(), cache_row, row_stride,
-                                       (ctypes.c_int * B)(*start), B, x.shape[1])  # fmt: skip
-        return out
+                                       (ctypes.c_int * B)(*start), B, T, last_only)  # fmt: skip
+        return out.view(B * T, -1)[:B].view(B, 1, -1) if last_only and T > 1 else out

@@ -121,9 +121,11 @@ class ModelRunner:
         w = self.weights
         return not w.modules_hold_weights or (w.quantize is not None and tokens <= PREFILL_INT8)
 
-    def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int):
+    def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int,
+             last_only: bool = False):  # fmt: skip
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""
         step = self.make_step(cache, row0, start, T)
+        step.last_only = last_only and not step.prefill
         h = fn(step.cos, step.sin, step)
         cache.commit(row0, [s + T for s in start])
         return h
@@ -167,17 +169,24 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ MTP module
     def mtp_forward(
-        self, h_prev: torch.Tensor, next_ids: torch.Tensor, row0: int, start: list[int]
+        self,
+        h_prev: torch.Tensor,
+        next_ids: torch.Tensor,
+        row0: int,
+        start: list[int],
+        last_only: bool = False,
     ):
         """The MTP module at positions start[b]+t over its own cache (commits start + T): position
         i combines h_prev (the main model's hidden at i, or the module's own output when drafting
         further) with the embedding of token i+1, and predicts token i+2 [V3 eqs. 21-23].
-        h_prev [B,T,D], next_ids [B,T]. Returns (fp32 logits [B,T,Vocab], its hidden [B,T,D])."""
+        h_prev [B,T,D], next_ids [B,T]. Returns (fp32 logits [B,T,Vocab], its hidden [B,T,D]);
+        with `last_only` (a decode step) those of each row's last position, [B,1,...]: the
+        earlier positions write their cache entries, and their FFN and head are skipped."""
         layer = self.mtp_layer
         emb = self.model.model.embed_tokens(next_ids)
 
         def fn(cos, sin, step):
             return layer(h_prev, emb, cos, sin, cache=step.layer(0))[0]
 
-        h = self._run(fn, self.mtp_cache, row0, start, next_ids.shape[1])
+        h = self._run(fn, self.mtp_cache, row0, start, next_ids.shape[1], last_only)
         return self.logits(h, layer.shared_head.norm), h

@@ -122,9 +122,13 @@ class MTPSpeculator:
             h_in[b, : counts[b]] = s.mtp_hidden
             ids_in[b, : counts[b]] = torch.tensor(s.mtp_next, device=dev)
         rows = torch.arange(B, device=dev)
-        last = torch.tensor(counts, device=dev) - 1
-        logits, g = runner.mtp_forward(h_in, ids_in, 0, list(m))
-        q_logits, g_last = logits[rows, last], g[rows, last]  # [B,Vocab], [B,D]
+        if min(counts) == c_max:  # every row's last position is the last: only its output
+            logits, g = runner.mtp_forward(h_in, ids_in, 0, list(m), last_only=True)
+            q_logits, g_last = logits[:, -1], g[:, -1]  # [B,Vocab], [B,D]
+        else:
+            last = torch.tensor(counts, device=dev) - 1
+            logits, g = runner.mtp_forward(h_in, ids_in, 0, list(m))
+            q_logits, g_last = logits[rows, last], g[rows, last]
         for b in range(B):
             runner.mtp_cache.rollback(b, n[b])  # true entries only (rows were padded to c_max)
 

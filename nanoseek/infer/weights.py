@@ -285,7 +285,8 @@ class DecodeWeights:
                 if plan.args is not None and not torch.is_grad_enabled():
                     return plan.kernels.layer_decode(x, plan.args[0], st.cos, st.sin,
                                                      st.cache.row_address(cache.i, st.row0),
-                                                     st.cache.row_stride(), st.start)  # fmt: skip
+                                                     st.cache.row_stride(), st.start,
+                                                     st.last_only)  # fmt: skip
         return layer.decode(x, cache)
 
     def _layer_plan(self, layer: nn.Module, x: torch.Tensor) -> _LayerPlan | None:

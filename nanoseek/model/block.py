@@ -41,12 +41,17 @@ class DecoderLayer(nn.Module):
     def decode(self, x, cache):
         """x [B,T,D] -> [B,T,D] for new tokens after cached ones (MLA writes their latents to
         `cache`, a layer's view of a decode step): what `weights.decoder_layer` computes (the
-        reference of its fused implementations)."""
-        return self._compose(x, cache.step.cos, cache.step.sin, None, None, cache)[0]
+        reference of its fused implementations). A step that wants only each row's last
+        position (`cache.step.last_only`: the MTP module catching up on positions whose cache
+        entries it needs, V3 §2.2) returns [B,1,D]: the FFN runs on that position alone."""
+        st = cache.step
+        return self._compose(x, st.cos, st.sin, None, None, cache, st.last_only)[0]
 
-    def _compose(self, x, cos, sin, mask, token_mask, cache):
+    def _compose(self, x, cos, sin, mask, token_mask, cache, last_only=False):
         weights = MODULE_WEIGHTS if cache is None else cache.weights
         x = x + self.self_attn(weights.norm(self.input_layernorm, x), cos, sin, mask, cache)
+        if last_only:
+            x = x[:, -1:]
         h = weights.norm(self.post_attention_layernorm, x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h, token_mask, weights)

@@ -100,3 +100,43 @@ def test_where_the_composition_runs(case, monkeypatch):
                         lambda self, layer, x, cache: layer.decode(x, cache))  # fmt: skip
     want, _ = run(model, None, rows, T, steps=2, exact=case == "exact")
     assert torch.equal(got, want)
+
+
+def mtp_catch_up(model, quantize, rows: int, T: int, last_only: bool):
+    """The MTP module over 4 prefilled positions per row, then T more in one decode step
+    (`last_only`: only each row's last output wanted) -> (logits, hidden, its cache)."""
+    g = torch.Generator().manual_seed(rows * 10 + T)
+    D = model.config.hidden_size
+    r = ModelRunner(model, max_batch=rows, max_seq_len=32, mtp=True, quantize=quantize)
+    with torch.inference_mode():
+        dt = model.dtype
+        r.mtp_forward(torch.randn(rows, 4, D, generator=g).to(dt),
+                      torch.randint(3, 60, (rows, 4), generator=g), 0, [0] * rows)  # fmt: skip
+        logits, h = r.mtp_forward(torch.randn(rows, T, D, generator=g).to(dt),
+                                  torch.randint(3, 60, (rows, T), generator=g), 0, [4] * rows,
+                                  last_only=last_only)  # fmt: skip
+    return logits, h, r.mtp_cache.kv.clone()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
+@pytest.mark.parametrize("rows,T", [(1, 2), (1, 3), (3, 2)])
+def test_last_position_only(kind, rows, T, monkeypatch):
+    """An MTP catch-up step that wants only each row's last output: the FFN and the head run on
+    that position alone, the cache gets every position's entry. Fused equals the composition bit
+    for bit, and both equal the full step's last position (a row's numbers do not depend on the
+    other tokens in the native calls)."""
+    model = random_model(config(), seed=11).eval()
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    quantize = "int8" if kind == "int8" else None
+    logits, h, cache = mtp_catch_up(model, quantize, rows, T, last_only=True)
+    assert h.shape == (rows, 1, model.config.hidden_size) and logits.shape[1] == 1
+    full_logits, full_h, full_cache = mtp_catch_up(model, quantize, rows, T, last_only=False)
+    assert torch.equal(cache, full_cache) and torch.equal(h, full_h[:, -1:])
+    torch.testing.assert_close(logits, full_logits[:, -1:], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(DecodeWeights, "decoder_layer",
+                        lambda self, layer, x, cache: layer.decode(x, cache))  # fmt: skip
+    want_logits, want_h, want_cache = mtp_catch_up(model, quantize, rows, T, last_only=True)
+    assert torch.equal(h, want_h) and torch.equal(cache, want_cache)
+    assert torch.equal(logits, want_logits)
