@@ -1,24 +1,29 @@
-"""Native GEMV kernels for decoding (nanoseek/infer/gemv.c), built when first needed.
+"""Native kernels for decoding (nanoseek/infer/gemv.c, moe.c, mla.c, layer.c), built when
+first needed.
 
 Shape legend: G matrices, M activation rows, K in features, O out features.
 
 PyTorch's CPU kernels leave bandwidth unused where decoding spends its time: one bf16 row
 against a [O, K] matrix streams at 8-11 GB/s on one core of a machine that reads 12 (torch.mv),
-int8 weights at ~6 (`_weight_int8pack_mm`, which also takes its activations in bf16).
-gemv.c streams bf16 with vdpbf16ps, fp32 with vfmadd (an fp32 model's own weights; no W^T
-copies), and int8 weights with vpdpwssd against the activations as int16 (one scale per row: ~15 bits, so the result is as exact as the weights' int8 allows,
-where llama.cpp's q8_0 rounds the activations to int8 per block of 32), four weight rows per
-activation load and a software prefetch ahead in each row. Measured on one core of an Intel
-Xeon (AMX; 2026-12-07) against a read bandwidth of ~12 GB/s, with weights cycled through DRAM:
-int8 8.6-11.8 GB/s against ATen's 5.8-6.9, bf16 9.4-11.0 against torch.mv's 7.0-11.8
-(`python bench/gemv.py --dtype bf16|int8` compares them on the machine it runs on).
+int8 weights at ~6 (`_weight_int8pack_mm`, which also takes its activations in bf16), and a
+decode step of PyTorch's operators pays microseconds for each of hundreds of them. gemv.c
+streams bf16 with vdpbf16ps, fp32 with vfmadd (an fp32 model's own weights; no W^T copies),
+and int8 weights with vpdpwssd against the activations as int16 (one scale per row: ~15 bits,
+so the result is as exact as the weights' int8 allows, where llama.cpp's q8_0 rounds the
+activations to int8 per block of 32), four weight rows per activation load. Measured on one
+core of an Intel Xeon (AMX; 2026-12-07) against a read bandwidth of ~12 GB/s, with weights
+cycled through DRAM: int8 8.6-11.8 GB/s against ATen's 5.8-6.9, bf16 9.4-11.0 against
+torch.mv's 7.0-11.8; fp32 at MKL's rate (`python bench/gemv.py --dtype fp32|bf16|int8
+--pool-mb 1200` compares them on the machine it runs on). A decode step of up to 8 rows is one
+call per decoder layer (layer.c).
 
-The C source ships with the package and is compiled once per process with the system's C
-compiler (`cc -O3 -march=native -fopenmp`, 0.3-0.6 s here) into a private temporary
-directory, so no binary is ever loaded from a cache another process could have written. It
-needs x86-64 with AVX-512 BF16 and VNNI (Intel Sapphire Rapids and later, AMD Zen 4 and later)
-and a compiler; anywhere else, or with NANOSEEK_NATIVE=0, `kernels()` is None and the callers
-keep PyTorch's kernels (`reason()` says why). tests/infer/test_native.py checks both against PyTorch.
+The C sources ship with the package and are compiled once per process with the system's C
+compiler (`cc -O3 -march=native -fopenmp`, ~2 s here) into a private temporary directory, so
+no binary is ever loaded from a cache another process could have written. They need x86-64
+with AVX-512 BF16 and VNNI (Intel Sapphire Rapids and later, AMD Zen 4 and later) and a
+compiler; anywhere else, or with NANOSEEK_NATIVE=0, `kernels()` is None and the callers keep
+PyTorch's kernels (`reason()` says why). tests/infer/test_native.py, test_mla_decode.py and
+test_layer_decode.py check them against PyTorch and the modules' compositions.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
+# the C sources, built into one library: products, norms (gemv.c, whose ABI this module checks);
+# the MoE's pieces (moe.c); MLA (mla.c); a decoder layer (layer.c); what they share (native.h)
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "moe.c", "mla.c", "layer.c")]
 ABI = 12  # gemv.c's ABI: the argument lists below
 # activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
 # 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
@@ -67,18 +74,18 @@ def kernels() -> Kernels | None:
         return None
     out = Path(tempfile.mkdtemp(prefix="nanoseek-native-")) / "gemv.so"
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], check=True,
+        subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out)], check=True,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
         lib = ctypes.CDLL(str(out))  # after torch: libgomp.so.1 binds to torch's OpenMP runtime
     except (OSError, subprocess.SubprocessError) as e:
         err = getattr(e, "stderr", "") or str(e)
         last = (err.strip().splitlines() or [""])[-1]
-        _reason = f"{cc} could not build {SOURCE.name}: {last}"
+        _reason = f"{cc} could not build the native kernels: {last}"
         return None
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)  # the mapping stays valid once loaded
     if lib.nanoseek_gemv_abi() != ABI:
-        _reason = f"{SOURCE.name} has ABI {lib.nanoseek_gemv_abi()}, this module {ABI}"
+        _reason = f"gemv.c has ABI {lib.nanoseek_gemv_abi()}, this module {ABI}"
         return None
     if not lib.nanoseek_gemv_supported():
         _reason = "the CPU (or compiler) lacks AVX-512 BF16 / VNNI"
@@ -96,8 +103,8 @@ def kernels_for(x: torch.Tensor) -> Kernels | None:
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _IDS, _FLOATS = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
-ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # gemv.c's enum, in order
-BF16, Q8, F32 = 0, 1, 2  # gemv.c's weight kinds: bf16 rows, int8 rows with scales, fp32 rows
+ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # moe.c's enum, in order
+BF16, Q8, F32 = 0, 1, 2  # native.h's weight kinds: bf16 rows, int8 rows with scales, fp32 rows
 
 
 def weight_kind(w: torch.Tensor, scales: torch.Tensor | None) -> int:
@@ -119,7 +126,7 @@ _F = ctypes.c_float
 
 
 class LayerPlan(ctypes.Structure):
-    """gemv.c's `layer_plan`, field by field: what `nanoseek_layer_decode` needs of a decoder
+    """layer.c's `layer_plan`, field by field: what `nanoseek_layer_decode` needs of a decoder
     layer (pointers into the decode weights, which the owner keeps alive)."""
 
     _fields_ = [
@@ -175,10 +182,10 @@ def layer_plan(mla_mats: list, mla_norms: tuple, mla_dims: tuple, scale: float, 
 
 
 class Kernels:
-    """ctypes bindings of gemv.c; every tensor must be contiguous CPU memory, and every tensor
-    whose pointer a call takes is held in a local until the call returns (a temporary's
-    `data_ptr()` would point at freed memory). A decode step makes ~70 of these calls, so they
-    dispatch no PyTorch operator they can avoid (one `empty` for the output): each costs
+    """ctypes bindings of the C kernels; every tensor must be contiguous CPU memory, and every
+    tensor whose pointer a call takes is held in a local until the call returns (a temporary's
+    `data_ptr()` would point at freed memory). A decode step makes one to ~70 of these calls, so
+    they dispatch no PyTorch operator they can avoid (one `empty` for the output): each costs
     microseconds right after a kernel has streamed the caches."""
 
     def __init__(self, lib: ctypes.CDLL):
@@ -348,7 +355,7 @@ class Kernels:
         dims: tuple,
         kind: int,
     ) -> torch.Tensor:
-        """T new tokens in each of B rows of MLA in one call (gemv.c `nanoseek_mla_decode`;
+        """T new tokens in each of B rows of MLA in one call (mla.c `nanoseek_mla_decode`;
         nanoseek/model/mla.py `MLA.decode` is the reference): x [B, T, D] (fp32 or bf16, the
         model's dtype) -> out of x's shape, and row b's latents written at positions
         start[b]..start[b]+T-1 of its cache row, at address `cache_row` + b * `row_stride`
@@ -368,7 +375,7 @@ class Kernels:
     def layer_decode(self, x: torch.Tensor, plan: LayerPlan, cos: torch.Tensor, sin: torch.Tensor,
                      cache_row: int, row_stride: int, start: list[int],
                      last_only: bool = False) -> torch.Tensor:  # fmt: skip
-        """A decoder layer for T new tokens in each of B rows in one call (gemv.c
+        """A decoder layer for T new tokens in each of B rows in one call (layer.c
         `nanoseek_layer_decode`; nanoseek/model/block.py `DecoderLayer.decode` is the
         reference): x [B, T, D] of the model's dtype -> the layer's output ([B, 1, D], each
         row's last token, with `last_only`), the rows' latents written as `mla_decode` writes

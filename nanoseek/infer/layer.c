@@ -1,0 +1,101 @@
+/* A whole decoder layer of a decode or verify step in one native call (nanoseek/infer/
+ * native.py binds it; nanoseek/model/block.py `DecoderLayer.decode` is the reference). */
+#include "native.h"
+
+#ifdef NANOSEEK_KERNELS
+
+/* What `nanoseek_layer_decode` needs of one decoder layer, made once per set of weights
+ * (nanoseek/infer/native.py `LayerPlan` mirrors it field by field) */
+typedef struct {
+  const void *ln1, *ln2; /* input_layernorm, post_attention_layernorm weights */
+  float eps1, eps2;
+  const void *mla_w[5]; /* nanoseek_mla_decode's w, s, norms, eps, scale and dims */
+  const uint16_t *mla_s[5];
+  const void *q_norm, *kv_norm;
+  float eps_q, eps_kv, scale;
+  int D, QL, H, N, R, C, V;
+  const void *sw1, *sw2; /* the dense FFN or the shared experts, one expert of width SF */
+  const uint16_t *ss1, *ss2;
+  int SF; /* 0: no shared experts */
+  const void *ew1, *ew2; /* the routed experts [E, 2 EF, D], [E, D, EF] */
+  const uint16_t *es1, *es2;
+  int EF; /* 0: a dense layer */
+  const void *gate; /* the router, as nanoseek_route takes it */
+  const float *gate_bias;
+  float route_scale;
+  int E, n_group, topk_group, K, softmax, method, norm, gate_bf16;
+  int kind, bf16; /* the weights' kind (fp32 activations for int8), the model's dtype */
+} layer_plan;
+
+/* y = a + b over n values of the model's dtype (bf16: added in fp32, rounded once, as
+ * PyTorch's bf16 add) */
+static void add_rows(const void *a, const void *b, void *y, int64_t n, int bf16) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    store16(y, i, m, _mm512_add_ps(load16(a, i, m, bf16), load16(b, i, m, bf16)), bf16);
+  }
+}
+
+/* A decoder layer [V3 §2.1] for T new tokens in each of B rows, in one call: nanoseek/model/
+ * block.py `DecoderLayer.decode` (the reference; the same native calls it makes, in its order,
+ * so the same bits):
+ *   h = x + MLA(norm1(x))                       (nanoseek_mla_decode over the rows' caches)
+ *   out = h + FFN(norm2(h))                     (a dense SwiGLU, or [V3 eq. 12]: the shared
+ *        experts, then each token's routed experts, one token at a time for up to 2 tokens and
+ *        grouped by expert for more, added in their order of choice)
+ * With last_only, out [B, D] holds each row's last token alone (its FFN the only one run: the MTP
+ * module catching up on positions whose cache entries it needs). Weights of the `kind` (int8
+ * with a bf16 model: its activations widened to fp32 for the FFN kernels, as their Python
+ * bindings do); x and out [B T, D] of the model's dtype; cos, sin, cache, row_stride, start as
+ * nanoseek_mla_decode's. */
+void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const float *cos,
+                           const float *sin, void *cache, int64_t row_stride, const int *start,
+                           int B, int T, int last_only) {
+  int M = B * T;
+  const int D = p->D, bf16 = p->bf16;
+  const size_t es = bf16 ? 2 : 4, rows = (size_t)M * D;
+  char *h = malloc(es * rows), *a = malloc(es * rows), *y = calloc(rows, es);
+  nanoseek_rmsnorm(x, p->ln1, h, M, D, p->eps1, bf16);
+  nanoseek_mla_decode(h, p->mla_w, p->mla_s, p->q_norm, p->kv_norm, p->eps_q, p->eps_kv, cos, sin,
+                      cache, row_stride, start, p->scale, a, B, T, D, p->QL, p->H, p->N, p->R,
+                      p->C, p->V, p->kind, bf16);
+  add_rows(x, a, out, rows, bf16); /* out holds the residual stream until the FFN is added */
+  if (last_only && T > 1) { /* each row's last token only, moved to out's first B rows */
+    for (int b = 0; b < B; b++)
+      memmove((char *)out + es * b * D, (char *)out + es * ((int64_t)b * T + T - 1) * D, es * D);
+    M = B;
+  }
+  nanoseek_rmsnorm(out, p->ln2, h, M, D, p->eps2, bf16);
+  const int64_t one = 0;
+  const float unit = 1.f;
+  /* the FFN kernels' input: int8 takes fp32 activations (a bf16 model's widened, exactly) */
+  float *hf = p->kind == W_Q8 && bf16 ? malloc(sizeof(float) * M * D) : NULL;
+  if (hf)
+    for (size_t i = 0; i < (size_t)M * D; i++) hf[i] = bf16_to_float(((const uint16_t *)h)[i]);
+  const char *hx = hf ? (const char *)hf : h;
+  const size_t xs = hf ? sizeof(float) : es;
+  if (p->SF)
+    nanoseek_experts_ffn(hx, p->sw1, p->ss1, p->sw2, p->ss2, &one, &unit, y, 1, M, D, p->SF,
+                         p->kind, bf16);
+  if (p->EF) {
+    float *gates = malloc(sizeof(float) * M * p->K);
+    int64_t *ids = malloc(sizeof(int64_t) * M * p->K);
+    nanoseek_route(h, p->gate, p->gate_bias, gates, ids, M, D, p->E, p->n_group, p->topk_group,
+                   p->K, p->softmax, p->method, p->norm, p->route_scale, bf16, p->gate_bf16);
+    if (M <= 2) /* MoE.forward_few: per token */
+      for (int n = 0; n < M; n++)
+        nanoseek_experts_ffn(hx + xs * n * D, p->ew1, p->es1, p->ew2, p->es2, ids + n * p->K,
+                             gates + n * p->K, y + es * n * D, p->K, 1, D, p->EF, p->kind, bf16);
+    else
+      nanoseek_experts_grouped(hx, p->ew1, p->es1, p->ew2, p->es2, ids, gates, y, M, p->K, D,
+                               p->EF, p->kind, bf16);
+    free(gates);
+    free(ids);
+  }
+  add_rows(out, y, out, (int64_t)M * D, bf16);
+  free(hf);
+  free(h);
+  free(a);
+  free(y);
+}
+#endif
