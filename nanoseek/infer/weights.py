@@ -230,9 +230,10 @@ class DecodeWeights:
         return swiglu(self, x, gate_proj, up_proj, down_proj)
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """An RMSNorm module applied to x. One native call where the kernels run (PyTorch's RMSNorm is ~8 operators: 1.4 ms of a 16 ms decode step of the
-        803M model, `bench/vs_llamacpp.py`); its sum of squares is added in another order, so
-        fp32 results may differ in the last bit. Exact fp32 engines call the module: their
+        """An RMSNorm module applied to x. One native call where the kernels run (PyTorch's
+        RMSNorm is ~8 operators: 1.4 ms of a 16 ms decode step of the 803M model,
+        `bench/vs_llamacpp.py`); its sum of squares is added in another order, so fp32 results
+        may differ in the last bit. Exact fp32 engines call the module: their
         decoding stays bit-identical to its forward's norms."""
         w = module.weight
         if self._fusable(x) and x.dtype == w.dtype:
@@ -301,8 +302,8 @@ class DecodeWeights:
         if kernels is None or mla_plan is None or self.expert_dtype is not None:
             return None
         kind, mlp = mla_plan.kind, layer.mlp
-        if any(n.weight.dtype != x.dtype for n in norms):
-            return None
+        if mla_plan.dtype != x.dtype or any(n.weight.dtype != x.dtype for n in norms):
+            return None  # (the kernels read every norm's weight in the activations' dtype)
         router, shared, routed = None, mlp, None
         if isinstance(mlp, MoE):
             router, shared = mlp.gate, mlp.shared_experts
