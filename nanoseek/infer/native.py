@@ -107,6 +107,14 @@ ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # moe.c's enum, 
 BF16, Q8, F32 = 0, 1, 2  # native.h's weight kinds: bf16 rows, int8 rows with scales, fp32 rows
 
 
+def route_config(router) -> tuple:
+    """(E, groups, topk_group, K, softmax?, method, normalise?, scale) of a Router, in the order
+    moe.c's `nanoseek_route` (and layer.c's plan) take them."""
+    return (router.n_experts, router.n_group, router.topk_group, router.top_k,
+            router.scoring_func == "softmax", ROUTE_METHODS.index(router.topk_method),
+            router.norm_topk_prob, router.routed_scaling_factor)  # fmt: skip
+
+
 def weight_kind(w: torch.Tensor, scales: torch.Tensor | None) -> int:
     """The kind of weight rows w (int8 when they come with scales)."""
     if scales is not None:
@@ -156,10 +164,9 @@ def layer_plan(mla_mats: list, mla_norms: tuple, mla_dims: tuple, scale: float, 
     p = LayerPlan()
     p.ln1, p.ln2 = ptr(norms[0].weight), ptr(norms[1].weight)
     p.eps1, p.eps2 = norms[0].eps, norms[1].eps
-    p.mla_w[:] = [ptr(m) for m, _ in mla_mats]
-    p.mla_s[:] = [ptr(sc) for _, sc in mla_mats]
-    q_norm, p.eps_q, kv_norm, p.eps_kv = mla_norms
-    p.q_norm, p.kv_norm = ptr(q_norm), ptr(kv_norm)
+    (p.mla_w, p.mla_s, p.q_norm, p.kv_norm, p.eps_q, p.eps_kv), _ = Kernels.mla_args(
+        mla_mats, mla_norms
+    )
     p.scale = scale
     p.D, p.QL, p.H, p.N, p.R, p.C, p.V = mla_dims
     if shared is not None:
@@ -169,14 +176,9 @@ def layer_plan(mla_mats: list, mla_norms: tuple, mla_dims: tuple, scale: float, 
         p.ew1, p.es1, p.ew2, p.es2 = map(ptr, routed)
         p.EF = routed[2].shape[-1]
         p.gate, p.gate_bias = ptr(router.weight), ptr(router.e_score_correction_bias)
-        p.route_scale = router.routed_scaling_factor
-        p.E, p.n_group, p.topk_group, p.K = (router.n_experts, router.n_group, router.topk_group,
-                                             router.top_k)  # fmt: skip
-        p.softmax, p.method = (
-            router.scoring_func == "softmax",
-            ROUTE_METHODS.index(router.topk_method),
-        )
-        p.norm, p.gate_bf16 = router.norm_topk_prob, router.weight.dtype == torch.bfloat16
+        (p.E, p.n_group, p.topk_group, p.K, p.softmax, p.method, p.norm,
+         p.route_scale) = route_config(router)  # fmt: skip
+        p.gate_bf16 = router.weight.dtype == torch.bfloat16
     p.kind, p.bf16 = kind, bf16
     return p
 
@@ -313,10 +315,8 @@ class Kernels:
         ids = torch.empty((n, k), dtype=torch.int64)
         self.lib.nanoseek_route(
             x.data_ptr(), w.data_ptr(), bias.data_ptr(), gates.data_ptr(), ids.data_ptr(), n,
-            x.shape[-1], router.n_experts, router.n_group, router.topk_group, k,
-            router.scoring_func == "softmax", ROUTE_METHODS.index(router.topk_method),
-            router.norm_topk_prob, router.routed_scaling_factor,
-            x.dtype == torch.bfloat16, w.dtype == torch.bfloat16,
+            x.shape[-1], *route_config(router), x.dtype == torch.bfloat16,
+            w.dtype == torch.bfloat16,
         )  # fmt: skip
         return gates, ids
 
@@ -333,7 +333,7 @@ class Kernels:
     def mla_args(mats: list, norms: tuple) -> tuple:
         """The pointer arguments `mla_decode` takes, made once per set of weights. mats: five
         (weight rows, scales or None) pairs (the first projection, q_b or (None, None), W_UK
-        [H,C,N], W_UV [H,V,C], o_proj), int8 or bf16; norms: (q_a norm weight or None, eps,
+        [H,C,N], W_UV [H,V,C], o_proj), int8, bf16 or fp32; norms: (q_a norm weight or None, eps,
         kv_a norm weight, eps). The tensors are kept with the pointers."""
         w = (ctypes.c_void_p * 5)(*[None if m is None else m.data_ptr() for m, _ in mats])
         s = (ctypes.c_void_p * 5)(*[None if sc is None else sc.data_ptr() for _, sc in mats])

@@ -111,6 +111,19 @@ def bf16_kernels(x: torch.Tensor, w_rows: torch.Tensor) -> native.Kernels | None
     return None
 
 
+def f32_kernels(x: torch.Tensor, w_rows: torch.Tensor) -> native.Kernels | None:
+    """The native kernels, where they run for fp32 x against fp32 weight rows w_rows [..., O, K]
+    (nn.Linear's layout, contiguous, K a multiple of 16), else None. Callers bound the rows
+    and keep exact engines away."""
+    if (
+        x.dtype == w_rows.dtype == torch.float32
+        and x.shape[-1] % 16 == 0
+        and w_rows.is_contiguous()
+    ):
+        return native.kernels_for(x)
+    return None
+
+
 def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x @ W^T for a decode weight: a float W^T [K, O] tensor or an `Int8Weight`."""
     if isinstance(w, Int8Weight):

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from nanoseek.infer import native
-from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, mm
+from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, f32_kernels, mm
 from nanoseek.model.moe import MoE
 from nanoseek.model.weights import combine, experts_ffn, grouped_experts_ffn, swiglu
 
@@ -158,9 +158,7 @@ class DecodeWeights:
         if self.exact or x.dtype != torch.float32 or not isinstance(w, torch.Tensor):
             return None
         rows = x.numel() // x.shape[-1] // (x.shape[0] if rows_dim else 1)
-        if rows > FEW_TOKENS or w.dtype != torch.float32 or x.shape[-1] % 16:
-            return None
-        return native.kernels_for(x) if w.transpose(-1, -2).is_contiguous() else None
+        return f32_kernels(x, w.transpose(-1, -2)) if rows <= FEW_TOKENS else None
 
     def experts_mm(self, x: torch.Tensor, param: torch.Tensor, ids: list[int],
                    gates: list[float] | None = None, out: torch.Tensor | None = None):  # fmt: skip
@@ -498,10 +496,9 @@ def _ffn_kernels(x: torch.Tensor, w1, w2, out: torch.Tensor, f32: bool):
             return kernels, (rows1, None, rows2, None)
     elif f32 and x.dtype == torch.float32 and not isinstance(w1, Int8Weight):
         rows1, rows2 = w1.transpose(-1, -2), w2.transpose(-1, -2)
-        fits = rows1.shape[-1] % 16 == 0 == rows2.shape[-1] % 16 and w1.dtype == torch.float32
-        if fits and rows1.is_contiguous() and rows2.is_contiguous():
-            if (kernels := native.kernels_for(x)) is not None:
-                return kernels, (rows1, None, rows2, None)
+        fits = rows2.shape[-1] % 16 == 0 and rows2.is_contiguous()  # F (f32_kernels: D)
+        if fits and (kernels := f32_kernels(x, rows1)) is not None:
+            return kernels, (rows1, None, rows2, None)
     return None
 
 
@@ -516,8 +513,8 @@ def _native_experts(x: torch.Tensor, value, ids: list[int], out_dtype, f32: bool
         w_rows = value.transpose(1, 2)
         if (kernels := bf16_kernels(x, w_rows)) is not None:
             return kernels, kernels.bf16(x, w_rows, out_dtype, ids=ids)
-    elif f32 and x.dtype == value.dtype == torch.float32 and x.shape[-1] % 16 == 0:
+    elif f32:
         w_rows = value.transpose(1, 2)
-        if w_rows.is_contiguous() and (kernels := native.kernels_for(x)) is not None:
+        if (kernels := f32_kernels(x, w_rows)) is not None:
             return kernels, kernels.f32(x, w_rows, out_dtype, ids=ids)
     return None
