@@ -43,8 +43,9 @@ import torch
 # the MoE's pieces (moe.c); MLA (mla.c); a decoder layer (layer.c); what they share (native.h)
 SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "moe.c", "mla.c", "layer.c")]
 ABI = 12  # gemv.c's ABI: the argument lists below
-# activation rows an int8 call takes (more go to ATen's GEMM); bf16 takes 1-2 (quant.py): from
-# 4 rows on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
+# tokens the fused calls take (a decode step of up to 8 rows, a verify step) and rows the fp32
+# products take; int8 products take up to quant.NATIVE_ROWS, bf16 1-2 (quant.py): from 4 rows
+# on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV = "NANOSEEK_NATIVE"

@@ -50,8 +50,8 @@ from nanoseek.infer.quant import QUANTIZE, Int8Weight, bf16_kernels, bmm, f32_ke
 from nanoseek.model.moe import MoE
 from nanoseek.model.weights import combine, experts_ffn, grouped_experts_ffn, swiglu
 
-# tokens `mla_decode` and `swiglu` take in one native call: a decode step of up to 8 rows, a
-# verify step (a few tokens of a row); the int8 products take that many rows (native.MAX_ROWS)
+# tokens `decoder_layer`, `mla_decode` and `swiglu` take in one native call: a decode step of
+# up to 8 rows, a verify step (a few tokens of a row); fp32 products take that many rows too
 FEW_TOKENS = native.MAX_ROWS
 MAX_ROUTED = 4096  # routed experts the native router takes (its scores live on the C stack)
 
