@@ -44,14 +44,23 @@ int nanoseek_gemv_supported(void) { return 1; }
  * over 1.2 GB of matrices, 1 and 2 threads, Intel Xeon, 2026-12-07) */
 #define PF_F32_BELOW 1024
 
+/* sum[m][r] = the sum of acc[m][r]'s lanes for the tile's MT activation rows: one row's 4 sums
+ * reduced one by one, more rows' all 16 at once (reduce_4x4: the same bits, fewer instructions) */
+#define REDUCE_INTO(MT_, acc, sum)                                                   \
+  if (MT_ >= 2)                                                                      \
+    reduce_4x4(acc, sum);                                                            \
+  else                                                                               \
+    for (int r = 0; r < 4; r++) sum[0][r] = _mm512_reduce_add_ps(acc[0][r]);
+#define REDUCE(MT_) REDUCE_INTO(MT_, acc, sum)
+
 /* Up to 4 output rows (r0..r0+R) of one matrix against MT <= 4 activation rows: each weight
  * vector is loaded (and widened) once and used for all MT rows. */
 #define TILE(MT_)                                                                                \
   static inline __attribute__((always_inline)) void tile_bf16_##MT_(                          \
       const uint16_t *x, const uint16_t *w, void *y, int64_t y0, int R, int K, int O,           \
       int out_bf16) {                                                                          \
-    __m512 acc[MT_][4];                                                                        \
-    for (int m = 0; m < MT_; m++)                                                              \
+    __m512 acc[4][4];                                                                          \
+    for (int m = 0; m < 4; m++)                                                                \
       for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                             \
     for (int k = 0; k < K; k += 32) {                                                          \
       __m512bh wv[4];                                                                          \
@@ -62,14 +71,15 @@ int nanoseek_gemv_supported(void) { return 1; }
         for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);         \
       }                                                                                        \
     }                                                                                          \
+    float sum[4][4];                                                                           \
+    REDUCE(MT_)                                                                                \
     for (int m = 0; m < MT_; m++)                                                              \
-      for (int r = 0; r < R; r++)                                                              \
-        store(y, y0 + (int64_t)m * O + r, _mm512_reduce_add_ps(acc[m][r]), out_bf16);          \
+      for (int r = 0; r < R; r++) store(y, y0 + (int64_t)m * O + r, sum[m][r], out_bf16);       \
   }                                                                                            \
   static inline __attribute__((always_inline)) void tile_f32_##MT_(                           \
       const float *x, const float *w, void *y, int64_t y0, int R, int K, int O, int out_bf16) {  \
-    __m512 acc[MT_][4];                                                                        \
-    for (int m = 0; m < MT_; m++)                                                              \
+    __m512 acc[4][4];                                                                          \
+    for (int m = 0; m < 4; m++)                                                                \
       for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_ps();                             \
     for (int k = 0; k < K; k += 16) {                                                          \
       __m512 wv[4];                                                                            \
@@ -80,18 +90,19 @@ int nanoseek_gemv_supported(void) { return 1; }
         for (int r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);          \
       }                                                                                        \
     }                                                                                          \
+    float sum[4][4];                                                                           \
+    REDUCE(MT_)                                                                                \
     for (int m = 0; m < MT_; m++)                                                              \
-      for (int r = 0; r < R; r++)                                                              \
-        store(y, y0 + (int64_t)m * O + r, _mm512_reduce_add_ps(acc[m][r]), out_bf16);          \
+      for (int r = 0; r < R; r++) store(y, y0 + (int64_t)m * O + r, sum[m][r], out_bf16);       \
   }                                                                                            \
   static inline __attribute__((always_inline)) void tile_q16_##MT_(                           \
       const int16_t *x, const float *sx, const int8_t *w, const uint16_t *scale, void *y,       \
       int64_t y0, int R, int K, int O, int out_bf16) {                                         \
-    float sum[MT_][4] = {{0}};                                                                 \
+    float sum[4][4] = {{0}};                                                                   \
     for (int k0 = 0; k0 < K; k0 += CHUNK) {                                                    \
       const int k1 = k0 + CHUNK < K ? k0 + CHUNK : K;                                          \
-      __m512i acc[MT_][4];                                                                     \
-      for (int m = 0; m < MT_; m++)                                                            \
+      __m512i acc[4][4];                                                                       \
+      for (int m = 0; m < 4; m++)                                                              \
         for (int r = 0; r < 4; r++) acc[m][r] = _mm512_setzero_si512();                        \
       for (int k = k0; k < k1; k += 32) {                                                      \
         __m512i wv[4];                                                                         \
@@ -103,8 +114,13 @@ int nanoseek_gemv_supported(void) { return 1; }
           for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv, wv[r]);    \
         }                                                                                      \
       }                                                                                        \
+      __m512 accf[4][4];                                                                       \
+      float part[4][4];                                                                        \
+      for (int m = 0; m < 4; m++)                                                              \
+        for (int r = 0; r < 4; r++) accf[m][r] = _mm512_cvtepi32_ps(acc[m][r]);                \
+      REDUCE_INTO(MT_, accf, part)                                                             \
       for (int m = 0; m < MT_; m++)                                                            \
-        for (int r = 0; r < R; r++) sum[m][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][r])); \
+        for (int r = 0; r < R; r++) sum[m][r] += part[m][r];                                   \
     }                                                                                          \
     for (int m = 0; m < MT_; m++)                                                              \
       for (int r = 0; r < R; r++)                                                              \
@@ -239,7 +255,7 @@ void gemv_kind(int kind, const void *x, int64_t xs, const void *w, const uint16_
  * squares is added in another order than PyTorch's, so results may differ in the last bit. */
 void nanoseek_rmsnorm(const void *x, const void *w, void *y, int64_t rows, int D, float eps,
                       int bf16) {
-#pragma omp parallel for schedule(static) if (rows * D >= (1 << 18))
+#pragma omp parallel for schedule(static) if (rows * D >= PAR_MIN)
   for (int64_t r = 0; r < rows; r++) {
     const int64_t row = r * D;
     __m512 acc = _mm512_setzero_ps();

@@ -30,6 +30,7 @@ typedef struct {
 /* y = a + b over n values of the model's dtype (bf16: added in fp32, rounded once, as
  * PyTorch's bf16 add) */
 static void add_rows(const void *a, const void *b, void *y, int64_t n, int bf16) {
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
     store16(y, i, m, _mm512_add_ps(load16(a, i, m, bf16), load16(b, i, m, bf16)), bf16);

@@ -64,11 +64,10 @@ static inline __attribute__((always_inline)) void attention_share(
           for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(qv, kk[i], acc[j][i]);
         }
       }
-      float dot[4][4]; /* all 16 reduced (constant indices keep acc in registers) */
-      for (int j = 0; j < 4; j++)
-        for (int i = 0; i < 4; i++) dot[j][i] = _mm512_reduce_add_ps(acc[j][i]) * scale;
+      float dot[4][4]; /* all 16 reduced at once */
+      reduce_4x4(acc, dot);
       for (int j = 0; j < nh; j++)
-        for (int i = 0; i < nk; i++) p[(int64_t)(h0 + j) * S + s + i] = dot[j][i];
+        for (int i = 0; i < nk; i++) p[(int64_t)(h0 + j) * S + s + i] = dot[j][i] * scale;
     }
   }
   for (int h = 0; h < H; h++) { /* e^(score - the share's max), and their sum */
@@ -113,46 +112,60 @@ static inline __attribute__((always_inline)) void attention_share(
   }
 }
 
+/* The T shares' results (part: T blocks of `per` = [max H, sum H, o H x C]) of head h combined:
+ * each share rescaled to the overall maximum, o [H, C] row h = their weighted sum / total */
+static void combine_shares(const float *part, int per, int T, int h, int H, int C, float *o) {
+  float top = -INFINITY, total = 0.f, w[T];
+  for (int u = 0; u < T; u++) top = fmaxf(top, part[(int64_t)u * per + h]);
+  for (int u = 0; u < T; u++) { /* a share without keys (max -inf): weight 0 */
+    const float m = part[(int64_t)u * per + h];
+    w[u] = m == -INFINITY ? 0.f : expf(m - top);
+    total += w[u] * part[(int64_t)u * per + H + h];
+  }
+  for (int c = 0; c < C; c += 16) {
+    const __mmask16 m = lanes(c, C);
+    __m512 v = _mm512_setzero_ps();
+    for (int u = 0; u < T; u++) {
+      const float *share = part + (int64_t)u * per + 2 * H + (int64_t)h * C;
+      if (w[u] != 0.f)
+        v = _mm512_fmadd_ps(_mm512_set1_ps(w[u]), _mm512_maskz_loadu_ps(m, share + c), v);
+    }
+    _mm512_mask_storeu_ps(o + (int64_t)h * C + c, m, _mm512_div_ps(v, _mm512_set1_ps(total)));
+  }
+}
+
+static void share_of(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
+                     float scale, float *p, float *part, int t, int T) {
+  float *mx = part + (int64_t)t * H * (2 + C), *sm = mx + H, *op = sm + H;
+  if (bf16)
+    attention_share(q, kv, 1, S, H, C, R, scale, p, mx, sm, op, t, T);
+  else
+    attention_share(q, kv, 0, S, H, C, R, scale, p, mx, sm, op, t, T);
+}
+
 /* Absorbed attention of H query rows q [H, C+R] fp32 over keys 0..S-1 of one cache row kv
  * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
- * = p @ c_KV. The keys are split between the threads (each reads its share of the cache once,
- * for every head), each keeps its own softmax maximum and sum, and the shares are combined at
- * the end, the heads split between the threads (split-K, as flash-decoding does). p: [H, S]
- * scratch. */
+ * = p @ c_KV. The keys are split into T shares, one per thread (each reads its share of the
+ * cache once, for every head), each keeps its own softmax maximum and sum, and the shares are
+ * combined at the end, the heads split between the threads (split-K, as flash-decoding does).
+ * With `serial` the calling thread computes all T shares itself, in the same arithmetic: the
+ * same bits whether a step's rows share out their keys or the rows themselves are shared out
+ * (`nanoseek_mla_decode`). p: [H, S] scratch; part: T H (2 + C) scratch. */
 static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
-                             float scale, float *p, float *o) {
-  const int nt = omp_get_max_threads(), per = H * (2 + C); /* a share: max, sum, o [H, C] */
-  float *part = malloc(sizeof(float) * nt * per);
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    float *mx = part + (int64_t)t * per, *sm = mx + H, *op = sm + H;
-    if (bf16)
-      attention_share(q, kv, 1, S, H, C, R, scale, p, mx, sm, op, t, T);
-    else
-      attention_share(q, kv, 0, S, H, C, R, scale, p, mx, sm, op, t, T);
-#pragma omp barrier
-    for (int h = t; h < H; h += T) { /* the shares rescaled to the overall maximum */
-      float top = -INFINITY, total = 0.f, w[T];
-      for (int u = 0; u < T; u++) top = fmaxf(top, part[(int64_t)u * per + h]);
-      for (int u = 0; u < T; u++) { /* a share without keys (max -inf): weight 0 */
-        const float m = part[(int64_t)u * per + h];
-        w[u] = m == -INFINITY ? 0.f : expf(m - top);
-        total += w[u] * part[(int64_t)u * per + H + h];
-      }
-      for (int c = 0; c < C; c += 16) {
-        const __mmask16 m = lanes(c, C);
-        __m512 v = _mm512_setzero_ps();
-        for (int u = 0; u < T; u++) {
-          const float *share = part + (int64_t)u * per + 2 * H + (int64_t)h * C;
-          if (w[u] != 0.f)
-            v = _mm512_fmadd_ps(_mm512_set1_ps(w[u]), _mm512_maskz_loadu_ps(m, share + c), v);
-        }
-        _mm512_mask_storeu_ps(o + (int64_t)h * C + c, m, _mm512_div_ps(v, _mm512_set1_ps(total)));
-      }
-    }
+                             float scale, float *p, float *part, int T, int serial, float *o) {
+  const int per = H * (2 + C); /* a share: max, sum, o [H, C] */
+  if (serial) {
+    for (int t = 0; t < T; t++) share_of(q, kv, bf16, S, H, C, R, scale, p, part, t, T);
+    for (int h = 0; h < H; h++) combine_shares(part, per, T, h, H, C, o);
+    return;
   }
-  free(part);
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    for (int u = t; u < T; u += nt) share_of(q, kv, bf16, S, H, C, R, scale, p, part, u, T);
+#pragma omp barrier
+    for (int h = t; h < H; h += nt) combine_shares(part, per, T, h, H, C, o);
+  }
 }
 
 /* T new tokens in each of B rows of MLA [V3 §2.1.1, eqs. 1-11, with W_UK and W_UV absorbed;
@@ -180,6 +193,7 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
   for (int b = 0; b < B; b++) S = start[b] + T > S ? start[b] + T : S;
   char *a = malloc(es * M * A), *q = a, *qn = NULL;
   act_gemv(x, 0, w[0], s[0], a, 1, M, D, A, kind, bf16);
+#pragma omp parallel for schedule(static) if ((int64_t)M * A >= PAR_MIN)
   for (int m = 0; m < M; m++) {
     const char *am = a + es * m * A;
     const int64_t position = start[m / T] + m % T;
@@ -190,6 +204,7 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
   int q_stride = A; /* elements between the tokens' queries */
   if (QL) {
     qn = malloc(es * M * (QL + QH));
+#pragma omp parallel for schedule(static) if ((int64_t)M * QL >= PAR_MIN)
     for (int m = 0; m < M; m++)
       nanoseek_rmsnorm(a + es * m * A, q_norm, qn + es * m * QL, 1, QL, eps_q, bf16);
     q = qn + es * M * QL;
@@ -197,28 +212,40 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
     q_stride = QH;
   }
   /* [H, M, N] queries (nope), [H, M, C] their latents, [H, M, C] o_lat, [H, M, V], [M, H V] */
-  char *buf = malloc(es * H * M * (N + 2 * C + 2 * V) + es * R);
+  char *buf = malloc(es * H * M * (N + 2 * C + 2 * V));
   char *q_nope = buf, *lat = q_nope + es * H * M * N, *o_lat = lat + es * H * M * C;
-  char *o_h = o_lat + es * H * M * C, *o = o_h + es * H * M * V, *qr = o + es * M * H * V;
+  char *o_h = o_lat + es * H * M * C, *o = o_h + es * H * M * V;
   for (int h = 0; h < H; h++)
     for (int m = 0; m < M; m++)
       memcpy(q_nope + es * ((int64_t)h * M + m) * N,
              q + es * ((int64_t)m * q_stride + h * (N + R)), es * N);
   act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, kind, bf16);
-  float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S));
-  float *o_f = qf + H * CR, *p = o_f + H * C;
-  for (int m = 0; m < M; m++) {
-    for (int h = 0; h < H; h++) {
-      const char *qh = q + es * ((int64_t)m * q_stride + h * (N + R) + N);
-      rope_one(qh, cos + m * R / 2, sin + m * R / 2, qr, R, bf16);
-      for (int c = 0; c < C; c++)
-        qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
-      for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
+  /* each token's attention: its keys shared out between the threads for a few tokens, the
+   * tokens themselves for more (each computing all its T shares: the same bits either way) */
+  const int T_ = omp_get_max_threads(), by_token = M >= 2 * T_;
+#pragma omp parallel if (by_token)
+  {
+    float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S + T_ * H * (2 + C)));
+    float *o_f = qf + H * CR, *p = o_f + H * C, *part = p + (int64_t)H * S;
+    char *qr = malloc(es * R);
+#pragma omp for schedule(dynamic)
+    for (int m = 0; m < M; m++) {
+      for (int h = 0; h < H; h++) {
+        const char *qh = q + es * ((int64_t)m * q_stride + h * (N + R) + N);
+        rope_one(qh, cos + m * R / 2, sin + m * R / 2, qr, R, bf16);
+        for (int c = 0; c < C; c++)
+          qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
+        for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
+      }
+      const char *kv = (const char *)cache + es * (m / T) * row_stride;
+      latent_attention(qf, kv, bf16, start[m / T] + m % T + 1, H, C, R, scale, p, part, T_,
+                       by_token, o_f);
+      for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
+        for (int c = 0; c < C; c++)
+          store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
     }
-    const char *kv = (const char *)cache + es * (m / T) * row_stride;
-    latent_attention(qf, kv, bf16, start[m / T] + m % T + 1, H, C, R, scale, p, o_f);
-    for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
-      for (int c = 0; c < C; c++) store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
+    free(qf);
+    free(qr);
   }
   act_gemv(o_lat, (int64_t)M * C, w[3], s[3], o_h, H, M, C, V, kind, bf16);
   for (int m = 0; m < M; m++)
@@ -228,6 +255,5 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
   free(a);
   free(qn);
   free(buf);
-  free(qf);
 }
 #endif

@@ -22,6 +22,7 @@ void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, con
   float *h = malloc(sizeof(float) * KM * 2 * F), *y = malloc(sizeof(float) * KM * D);
   void *a = malloc(sizeof(float) * KM * F); /* [K, M, F] fp32, or bf16 for bf16 weights */
   gemv_kind(kind, x, 0, w1, s1, ids, h, K, M, D, 2 * F, 0);
+#pragma omp parallel for schedule(static) if (KM * F >= PAR_MIN)
   for (int64_t km = 0; km < KM; km++)
     for (int j = 0; j < F; j += 16) {
       const __mmask16 m = lanes(j, F);
@@ -31,6 +32,7 @@ void nanoseek_experts_ffn(const void *x, const void *w1, const uint16_t *s1, con
     }
   gemv_kind(kind, a, (int64_t)M * F, w2, s2, ids, y, K, M, F, D, 0);
   const size_t es = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if ((int64_t)M * K * D >= PAR_MIN)
   for (int m = 0; m < M; m++)
     combine_rows(y + (int64_t)m * D, (int64_t)M * D, gates, (char *)out + es * m * D, K, D,
                  out_bf16);
@@ -70,6 +72,7 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
   char *xg = malloc(xs * NK * (int64_t)(D > F ? D : F));
   float *sx = malloc(sizeof(float) * NK), *h = malloc(sizeof(float) * NK * 2 * (int64_t)F);
   float *y = malloc(sizeof(float) * NK * (int64_t)D);
+#pragma omp parallel for schedule(static) if ((int64_t)NK * D >= PAR_MIN)
   for (int r = 0; r < NK; r++) { /* row r: token[r]'s x, int16 with its scale (q8) or as is */
     if (!q8) {
       memcpy(xg + xs * r * D, (const char *)x + xs * token[r] * D, xs * D);
@@ -95,6 +98,7 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
       block_bf16((const uint16_t *)xg + (int64_t)r0 * D, (const uint16_t *)w1 + w * D, h,
                  (int64_t)r0 * 2 * F + o, R, M, D, 2 * F, 0);
   }
+#pragma omp parallel for schedule(static) if ((int64_t)NK * F >= PAR_MIN)
   for (int r = 0; r < NK; r++) { /* silu(g) * u, as the down products' input */
     float *a = h + (int64_t)r * 2 * F; /* (written over its own gate half) */
     for (int j = 0; j < F; j += 16) {
@@ -124,6 +128,7 @@ void nanoseek_experts_grouped(const void *x, const void *w1, const uint16_t *s1,
                  (int64_t)r0 * D + o, R, M, F, D, 0);
   }
   const size_t es = out_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if ((int64_t)NK * D >= PAR_MIN)
   for (int n = 0; n < N; n++) { /* each token's experts added in its order of choice */
     float g[K];
     int64_t rows[K];

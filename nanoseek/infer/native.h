@@ -55,6 +55,33 @@ static inline __m512 round_bf16(__m512 v) { /* fp32 -> bf16 (nearest even) -> fp
   return widen16((__m256i)_mm512_cvtneps_pbh(v));
 }
 
+/* sum[j][i] = _mm512_reduce_add_ps(acc[j][i]) for 4 x 4 vectors, bit for bit (the same tree:
+ * lane l + lane l+8, then + 4, + 2, + 1), as if transposed: 15 adds and 30 shuffles where 16
+ * reductions take ~110 instructions (a 4 x 4 tile over 128 values spends as long reducing as
+ * multiplying) */
+static inline void reduce_4x4(__m512 acc[4][4], float sum[4][4]) {
+  __m512 s[8], w[4], y[2];
+  for (int i = 0; i < 8; i++) { /* lane l + l+8: acc 2i's 8 sums, then acc 2i+1's */
+    const __m512 a = acc[i / 2][2 * (i % 2)], b = acc[i / 2][2 * (i % 2) + 1];
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; i++) /* + 4 */
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++) /* + 2 */
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  float v[16]; /* + 1: acc n = 4 j + i lands in lane 4 (n % 4) + n / 4 */
+  _mm512_storeu_ps(v, _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88),
+                                    _mm512_shuffle_ps(y[0], y[1], 0xDD)));
+  for (int j = 0; j < 4; j++)
+    for (int i = 0; i < 4; i++) sum[j][i] = v[4 * i + j];
+}
+
+/* values of work from which a row-wise loop is shared out between the threads (each row's
+ * arithmetic is the same whichever thread does it) */
+#define PAR_MIN (1 << 14)
+
 /* the lanes of the 16 at k that lie before n */
 static inline __mmask16 lanes(int k, int n) {
   return n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
