@@ -143,23 +143,34 @@ static void share_of(const float *q, const void *kv, int bf16, int S, int H, int
     attention_share(q, kv, 0, S, H, C, R, scale, p, mx, sm, op, t, T);
 }
 
+/* keys per share of a token's attention, and the most shares: how a token's keys are split
+ * depends on their number alone, so its bits do not depend on the threads or the batch */
+#define SHARE_KEYS 128
+#define MAX_SHARES 32
+
+static int shares_of(int S) {
+  const int T = (S + SHARE_KEYS - 1) / SHARE_KEYS;
+  return T < 1 ? 1 : T > MAX_SHARES ? MAX_SHARES : T;
+}
+
 /* Absorbed attention of H query rows q [H, C+R] fp32 over keys 0..S-1 of one cache row kv
  * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
- * = p @ c_KV. The keys are split into T shares, one per thread (each reads its share of the
- * cache once, for every head), each keeps its own softmax maximum and sum, and the shares are
- * combined at the end, the heads split between the threads (split-K, as flash-decoding does).
- * With `serial` the calling thread computes all T shares itself, in the same arithmetic: the
- * same bits whether a step's rows share out their keys or the rows themselves are shared out
- * (`nanoseek_mla_decode`). p: [H, S] scratch; part: T H (2 + C) scratch. */
+ * = p @ c_KV. The keys are split into `shares_of(S)` shares, shared out between the threads
+ * (each reads its share of the cache once, for every head), each keeps its own softmax maximum
+ * and sum, and the shares are combined at the end, the heads split between the threads
+ * (split-K, as flash-decoding does). With `serial` the calling thread computes all the shares
+ * itself, in the same arithmetic: the same bits whether a step's rows share out their keys or
+ * the rows themselves are shared out (`nanoseek_mla_decode`). p: [H, S] scratch; part:
+ * MAX_SHARES H (2 + C) scratch. */
 static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
-                             float scale, float *p, float *part, int T, int serial, float *o) {
-  const int per = H * (2 + C); /* a share: max, sum, o [H, C] */
-  if (serial) {
+                             float scale, float *p, float *part, int serial, float *o) {
+  const int per = H * (2 + C), T = shares_of(S); /* a share: max, sum, o [H, C] */
+  if (serial || T == 1) {
     for (int t = 0; t < T; t++) share_of(q, kv, bf16, S, H, C, R, scale, p, part, t, T);
     for (int h = 0; h < H; h++) combine_shares(part, per, T, h, H, C, o);
     return;
   }
-#pragma omp parallel num_threads(T)
+#pragma omp parallel
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     for (int u = t; u < T; u += nt) share_of(q, kv, bf16, S, H, C, R, scale, p, part, u, T);
@@ -221,11 +232,11 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
              q + es * ((int64_t)m * q_stride + h * (N + R)), es * N);
   act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, kind, bf16);
   /* each token's attention: its keys shared out between the threads for a few tokens, the
-   * tokens themselves for more (each computing all its T shares: the same bits either way) */
-  const int T_ = omp_get_max_threads(), by_token = M >= 2 * T_;
+   * tokens themselves for more (each computing all its shares: the same bits either way) */
+  const int by_token = M >= 2 * omp_get_max_threads();
 #pragma omp parallel if (by_token)
   {
-    float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S + T_ * H * (2 + C)));
+    float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S + MAX_SHARES * H * (2 + C)));
     float *o_f = qf + H * CR, *p = o_f + H * C, *part = p + (int64_t)H * S;
     char *qr = malloc(es * R);
 #pragma omp for schedule(dynamic)
@@ -238,8 +249,8 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
         for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
       }
       const char *kv = (const char *)cache + es * (m / T) * row_stride;
-      latent_attention(qf, kv, bf16, start[m / T] + m % T + 1, H, C, R, scale, p, part, T_,
-                       by_token, o_f);
+      latent_attention(qf, kv, bf16, start[m / T] + m % T + 1, H, C, R, scale, p, part, by_token,
+                       o_f);
       for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
         for (int c = 0; c < C; c++)
           store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);

@@ -47,6 +47,11 @@ ABI = 12  # gemv.c's ABI: the argument lists below
 # products take; int8 products take up to quant.NATIVE_ROWS, bf16 1-2 (quant.py): from 4 rows
 # on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
+# fp32 tokens the native calls take: a rollout's or an evaluation's batch of decode rows (the
+# speedrun model's 128-row step 3.1-3.5 ms through them, 6.1-7.2 ms through PyTorch's
+# operators; Intel Xeon, 2 threads, 2026-12-07). Their results for a row do not depend on the
+# other rows or on the threads (tests/infer/test_native.py).
+F32_ROWS = 256
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV = "NANOSEEK_NATIVE"
 

@@ -7,8 +7,8 @@ Decoding a few tokens on CPU is bound by reading weights and by per-kernel overh
 engine keeps the matrices a decode step multiplies in the layout that streams fastest:
 - where the native kernels run (nanoseek/infer/native.py: x86-64 with AVX-512 BF16 / VNNI),
   nn.Linear's own [out, in] rows, views with no copies: the kernels stream them, and up to
-  FEW_TOKENS rows of a step run a layer's MLA, its FFN and its experts in one call each, in
-  fp32, bf16 or int8;
+  FEW_TOKENS rows of a step (an fp32 model's up to native.F32_ROWS: a rollout's batch) run a
+  layer in one call, in fp32, bf16 or int8;
 - for fp32 decoding through PyTorch's operators (`exact` engines, or no native kernels) one
   row at a time, every matrix as a contiguous W^T [in, out] copy: MKL
   streams it up to 1.4x faster than the [out, in] layout F.linear reads (the head; 1.0-1.2x for
@@ -51,7 +51,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.model.weights import combine, experts_ffn, grouped_experts_ffn, swiglu
 
 # tokens `decoder_layer`, `mla_decode` and `swiglu` take in one native call: a decode step of
-# up to 8 rows, a verify step (a few tokens of a row); fp32 products take that many rows too
+# up to 8 rows, a verify step (a few tokens of a row); an fp32 model's up to native.F32_ROWS
 FEW_TOKENS = native.MAX_ROWS
 MAX_ROUTED = 4096  # routed experts the native router takes (its scores live on the C stack)
 
@@ -121,6 +121,11 @@ class DecodeWeights:
         self.modules_hold_weights = False
 
     # ------------------------------------------------------------------ the weights interface
+    def few_tokens(self, x: torch.Tensor) -> int:
+        """The tokens of x the native calls take, or 0 where they do not run: a decode step of
+        that many rows takes `MoE.forward_few`, whose pieces they run."""
+        return self._rows(x) if self._fusable(x) and native.kernels_for(x) is not None else 0
+
     def linear(self, x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
         """Each module's output for input x [...,in], from one GEMM over their fused W^T."""
         weights, sizes, biases = self._plan(modules)
@@ -139,7 +144,7 @@ class DecodeWeights:
         return entry.split
 
     def mm(self, x: torch.Tensor, w) -> torch.Tensor:
-        """x @ W^T for a decode weight (quant.py `mm`); up to FEW_TOKENS fp32 rows against
+        """x @ W^T for a decode weight (quant.py `mm`); up to native.F32_ROWS fp32 rows against
         fp32 rows (nn.Linear's layout) through the native kernel, unless exact."""
         if (kernels := self._f32_kernels(x, w, 0)) is not None:
             return kernels.f32(x, w.transpose(-1, -2))
@@ -152,13 +157,13 @@ class DecodeWeights:
         return bmm(x, w)
 
     def _f32_kernels(self, x: torch.Tensor, w, rows_dim: int) -> native.Kernels | None:
-        """The native kernels where fp32 x (at most FEW_TOKENS rows along `rows_dim`, the
+        """The native kernels where fp32 x (at most native.F32_ROWS rows along `rows_dim`, the
         matrices before it) goes through them against the fp32 rows of the decode weight w
         (W^T a view of contiguous rows, in K a multiple of 16); else None (exact engines)."""
         if self.exact or x.dtype != torch.float32 or not isinstance(w, torch.Tensor):
             return None
         rows = x.numel() // x.shape[-1] // (x.shape[0] if rows_dim else 1)
-        return f32_kernels(x, w.transpose(-1, -2)) if rows <= FEW_TOKENS else None
+        return f32_kernels(x, w.transpose(-1, -2)) if rows <= native.F32_ROWS else None
 
     def experts_mm(self, x: torch.Tensor, param: torch.Tensor, ids: list[int],
                    gates: list[float] | None = None, out: torch.Tensor | None = None):  # fmt: skip
@@ -200,11 +205,11 @@ class DecodeWeights:
     def grouped_experts_ffn(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                             ids: torch.Tensor, gates: torch.Tensor, out: torch.Tensor):  # fmt: skip
         """Several tokens through their chosen experts (the interface's `grouped_experts_ffn`):
-        for up to FEW_TOKENS tokens where the native kernels run for both weights, one native
-        call that reads each chosen expert once (the composition is ~5 operators per chosen
-        expert: ~35 experts and ~1.4 ms per MoE layer of an 8-row decode step of the 803M
-        model); elsewhere `grouped_experts_ffn` of nanoseek/model/weights.py."""
-        if x.shape[0] <= FEW_TOKENS:
+        for up to FEW_TOKENS tokens (fp32: F32_ROWS) where the native kernels run for both
+        weights, one native call that reads each chosen expert once (the composition is ~5
+        operators per chosen expert: ~35 experts and ~1.4 ms per MoE layer of an 8-row decode
+        step of the 803M model); elsewhere `grouped_experts_ffn` of nanoseek/model/weights.py."""
+        if x.shape[0] <= self._rows(x):
             w1, w2 = self._entry("t", gate_up).value, self._entry("t", down).value
             if (found := _ffn_kernels(x, w1, w2, out, not self.exact)) is not None:
                 kernels, weights = found
@@ -214,10 +219,10 @@ class DecodeWeights:
     def swiglu(self, x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module,
                down_proj: nn.Module) -> torch.Tensor:  # fmt: skip
         """The dense FFN or shared experts (the interface's `swiglu`): for up to FEW_TOKENS
-        tokens where the native kernels run, one call (`experts_ffn`'s kernel over the fused
-        gate/up weight as a single expert of gate 1); elsewhere `swiglu` of
+        tokens (fp32: F32_ROWS) where the native kernels run, one call (`experts_ffn`'s kernel
+        over the fused gate/up weight as a single expert of gate 1); elsewhere `swiglu` of
         nanoseek/model/weights.py."""
-        if self._fusable(x) and x.numel() <= FEW_TOKENS * x.shape[-1]:
+        if self._fusable(x) and x.numel() <= self._rows(x) * x.shape[-1]:
             (w1s, _, b1), (w2s, _, b2) = self._plan((gate_proj, up_proj)), self._plan((down_proj,))
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
@@ -250,12 +255,12 @@ class DecodeWeights:
 
     def mla_decode(self, mla: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
         """MLA for x [B,T,D] after the tokens in `cache` (the interface's `mla_decode`). For up to
-        FEW_TOKENS tokens (a decode step of a few rows, a verify step) where the native kernels
-        run for every matrix (int8, or the rows of a bf16 or fp32 model), one call:
+        FEW_TOKENS tokens (fp32: F32_ROWS; a decode step of a few rows, a verify step) where the
+        native kernels run for every matrix (int8, or the rows of a bf16 or fp32 model), one call:
         projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
-        operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond
-        reading its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
-        if x.numel() <= FEW_TOKENS * x.shape[-1] and self._fusable(x):
+        operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond reading
+        its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
+        if x.numel() <= self._rows(x) * x.shape[-1] and self._fusable(x):
             plan = self._mla_plan(mla, x.dtype)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
                 st, kv = cache.step, cache.step.cache
@@ -270,12 +275,12 @@ class DecodeWeights:
 
     def decoder_layer(self, layer: nn.Module, x: torch.Tensor, cache) -> torch.Tensor:
         """A decoder layer for x [B,T,D] after the tokens in `cache` (the interface's
-        `decoder_layer`). For up to FEW_TOKENS tokens where every piece of it runs native (its
-        norms, `mla_decode`, the router and the FFN calls, all of one weight kind), one call
-        that makes the same native calls in the same order (`DecoderLayer.decode`, the
-        composition, makes ~8 calls and ~10 operators a layer: ~0.1 ms of Python a layer);
-        elsewhere `DecoderLayer.decode`."""
-        if x.numel() <= FEW_TOKENS * x.shape[-1] and self._fusable(x) and not layer.training:
+        `decoder_layer`). For up to FEW_TOKENS tokens (fp32: F32_ROWS) where every piece of it runs
+        native (its norms, `mla_decode`, the router and the FFN calls, all of one weight kind), one
+        call that makes the same native calls in the same order (`DecoderLayer.decode`, the
+        composition, makes ~8 calls and ~10 operators a layer: ~0.1 ms of Python a layer); elsewhere
+        `DecoderLayer.decode`."""
+        if x.numel() <= self._rows(x) * x.shape[-1] and self._fusable(x) and not layer.training:
             plan = self._layer_plan(layer, x)
             st = cache.step
             if plan is not None and st.start is not None and st.cache.kv.dtype == x.dtype:
@@ -308,7 +313,7 @@ class DecodeWeights:
             routed = (mlp.experts.gate_up_proj, mlp.experts.down_proj)
             if not mlp.experts.all_local or router.weight.dtype not in native.DTYPES:
                 return None
-            if router.n_experts > MAX_ROUTED or mlp.few_tokens < FEW_TOKENS:
+            if router.n_experts > MAX_ROUTED:
                 return None
 
         def ffn(w1s, w2s):  # (w1 rows, scales, w2 rows, scales) of the FFN kernels, or None
@@ -388,6 +393,11 @@ class DecodeWeights:
         return self._entry("absorbed", w, mla=mla).value
 
     # ------------------------------------------------------------------ bookkeeping
+    def _rows(self, x: torch.Tensor) -> int:
+        """Tokens a native call takes for activations x: an fp32 model's F32_ROWS, else
+        FEW_TOKENS (for more rows MKL's bf16 and ATen's int8 GEMMs are the faster)."""
+        return native.F32_ROWS if x.dtype == torch.float32 and not self.quantize else FEW_TOKENS
+
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the model's maths beyond the products (norms, router, FFN activations,
         attention) may run in native calls for x, in the dtypes the kernels take: always but

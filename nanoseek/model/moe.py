@@ -273,7 +273,8 @@ class MoE(FixedDtypeBuffers):
         """x [B,T,D] -> (y [B,T,D], sequence-wise balance loss (scalar tensor) or None).
 
         token_mask [B,T] bool marks real tokens (padding is neither counted nor balanced).
-        Outside training, at most `few_tokens` tokens (decode, verification, short prompts)
+        Outside training, at most `few_tokens` tokens (decode, verification, short prompts), or
+        as many as `weights.few_tokens(x)` (a decode step of many rows through native calls),
         take `forward_few`, which runs only the chosen experts (when every expert lives in this
         process), as does any number of tokens when the experts exist only as `weights`' int8
         copies (a streamed model, nanoseek/infer/streamed.py); `weights` multiplies
@@ -284,7 +285,10 @@ class MoE(FixedDtypeBuffers):
             not self.training
             and not torch.is_grad_enabled()
             and self.experts.all_local  # not sharded by expert parallelism
-            and (B * T <= self.few_tokens or not weights.modules_hold_weights)
+            and (
+                B * T <= max(self.few_tokens, weights.few_tokens(x))
+                or not weights.modules_hold_weights
+            )
         ):
             return self.forward_few(x, weights), None
         flat = x.reshape(-1, D)

@@ -44,6 +44,12 @@ class ModuleWeights:
         return tuple(m(x) for m in modules)
 
     @staticmethod
+    def few_tokens(x: torch.Tensor) -> int:
+        """Tokens of x up to which `MoE.forward` runs only the chosen experts whatever the
+        module's `few_tokens` says (decode weights: the rows their native calls take); 0."""
+        return 0
+
+    @staticmethod
     def experts(param: torch.Tensor) -> list[torch.Tensor]:
         return [param[e].t() for e in range(param.shape[0])]  # [in, out] views
 

@@ -81,12 +81,57 @@ def test_mtp_module_drafts_through_it(monkeypatch):
     assert len(calls) > 5 * model.config.num_hidden_layers  # + the MTP module's own steps
 
 
+def row_zero(model, rows: int, steps: int = 6) -> torch.Tensor:
+    """Row 0's logits over `steps` decode steps of `rows` (<= 20) rows, each row prefilled alone
+    (a prefill's GEMMs round a row differently with the batch; the decode steps are the
+    subject)."""
+    g = torch.Generator().manual_seed(3)
+    ids, toks = (
+        torch.randint(3, 60, (20, 40), generator=g),
+        torch.randint(3, 60, (20, steps), generator=g),
+    )
+    r = ModelRunner(model, max_batch=rows, max_seq_len=64)
+    out = []
+    with torch.inference_mode():
+        for b in range(rows):
+            r.prefill(ids[b : b + 1], [40 - b], b)
+        for s in range(steps):
+            out.append(r.decode(toks[:rows, s : s + 1])[0][0])
+    return torch.stack(out)
+
+
+@needs_kernels
+def test_fp32_steps_of_many_rows_are_native_and_invariant(monkeypatch):
+    """fp32 decode steps of up to native.F32_ROWS rows (a rollout's batch; 14 and 20 here, past the
+    8 of bf16 and int8) take the native layer call, equal to the composition bit for bit; a row's
+    logits do not depend on the other rows or on the thread count (each token's attention is split
+    by its number of keys alone, the products by output rows)."""
+    model = random_model(config(), seed=13).eval()
+    calls = count_layers(monkeypatch)
+    got, got_cache = run(model, None, 14, 1)
+    assert len(calls) == 4 * model.config.num_hidden_layers and calls[0][0] == 14
+    alone = row_zero(model, 1)
+    assert torch.equal(row_zero(model, 20), alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert torch.equal(row_zero(model, 20), alone)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(DecodeWeights, "decoder_layer",
+                        lambda self, layer, x, cache: layer.decode(x, cache))  # fmt: skip
+    want, want_cache = run(model, None, 14, 1)
+    assert torch.equal(got, want) and torch.equal(got_cache, want_cache)
+
+
 @pytest.mark.parametrize("case", ["exact", "tokens", "width", "training"])
 def test_where_the_composition_runs(case, monkeypatch):
-    """Exact fp32 engines (PyTorch's operators), more than FEW_TOKENS tokens, widths the kernels
-    do not take and a layer in training mode compose: no native layer call, the same logits."""
+    """Exact fp32 engines (PyTorch's operators), more tokens than the native calls take (fp32:
+    native.F32_ROWS, 8 here), widths the kernels do not take and a layer in training mode
+    compose: no native layer call, the same logits."""
     cfg = config(hidden_size=80) if case == "width" else config()  # 80: not a multiple of 32
     model = random_model(cfg, seed=7).eval()
+    monkeypatch.setattr(native, "F32_ROWS", FEW_TOKENS)
     if case == "training":
         model.model.layers[1].train()
     calls = count_layers(monkeypatch)

@@ -382,11 +382,12 @@ def test_experts_ffn(kind, width):
 
 
 @pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
-@pytest.mark.parametrize("n", [3, FEW_TOKENS, FEW_TOKENS + 1])  # the last: the composed path
+@pytest.mark.parametrize("n", [3, FEW_TOKENS, FEW_TOKENS + 1])  # the last: composed but in fp32
 def test_grouped_experts_ffn(kind, n, monkeypatch):
     """grouped_experts_ffn: a few tokens through their chosen experts, each chosen expert once
-    for all its tokens (several tokens share experts here). Exact fp32 engines and more than
-    FEW_TOKENS tokens compose (bit for bit the modules' sequence); int8 and bf16 engines make
+    for all its tokens (several tokens share experts here). Exact fp32 engines and more tokens
+    than the native calls take (FEW_TOKENS; fp32 native.F32_ROWS) compose (bit for bit the
+    modules' sequence); int8, bf16 and fp32 engines make
     one native call, equal to the composition through the same weights to int8's activation
     rounding, and for bf16 at least as close to fp32 arithmetic on the same bf16 weights."""
     g = torch.Generator().manual_seed(n)
@@ -411,7 +412,11 @@ def test_grouped_experts_ffn(kind, n, monkeypatch):
         exact = MODULE_WEIGHTS.grouped_experts_ffn(x.float(), gate_up.float(), down.float(), ids,
                                                    gates, out0.float().clone())  # fmt: skip
     assert got is out and out.dtype == out0.dtype
-    if kind == "exact" or KERNELS is None or n > FEW_TOKENS:
+    if (
+        kind == "exact"
+        or KERNELS is None
+        or n > (native.F32_ROWS if kind == "fp32" else FEW_TOKENS)
+    ):
         assert not native_ran and torch.equal(got, composed)
     elif kind == "fp32":
         assert native_ran and rel(got, exact) < 1e-6
@@ -424,12 +429,13 @@ def test_grouped_experts_ffn(kind, n, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["exact", "fp32", "int8", "bf16"])
-@pytest.mark.parametrize("rows", [1, 3, FEW_TOKENS + 1])  # the last: the composed path
+@pytest.mark.parametrize("rows", [1, 3, FEW_TOKENS + 1])  # the last: composed but in fp32
 def test_swiglu(kind, rows):
     """DecodeWeights.swiglu (the dense FFN and shared experts): for up to FEW_TOKENS tokens in
-    int8 / bf16 engines one native call over the fused gate/up weight, equal to the composition
-    through the same weights to int8's activation rounding (bf16: at least as close to fp32
-    arithmetic on the same weights); exact fp32 engines and more tokens compose, bit for bit."""
+    int8 / bf16 engines (fp32: native.F32_ROWS) one native call over the fused gate/up weight,
+    equal to the composition through the same weights to int8's activation rounding (bf16: at
+    least as close to fp32 arithmetic on the same weights); exact fp32 engines and more tokens
+    compose, bit for bit."""
     torch.manual_seed(rows)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     ffn = SwiGLU(64, 96).to(dtype)
@@ -444,7 +450,11 @@ def test_swiglu(kind, rows):
         exact = swiglu(MODULE_WEIGHTS, x.float(), *(m.float() for m in (
             ffn.gate_proj, ffn.up_proj, ffn.down_proj)))  # fmt: skip
     assert got.shape == x.shape and got.dtype == dtype
-    if kind == "exact" or KERNELS is None or rows > FEW_TOKENS:
+    if (
+        kind == "exact"
+        or KERNELS is None
+        or rows > (native.F32_ROWS if kind == "fp32" else FEW_TOKENS)
+    ):
         assert torch.equal(got, composed)
     elif kind == "fp32":
         assert rel(got, exact) < 1e-6
