@@ -439,9 +439,7 @@ def stage_speculative(ctx: Context) -> dict:
     max_len = max(map(len, prompts)) + o.spec_new_tokens + 4
     runs = {}
     for name, spec in (("plain", None), ("mtp", "mtp")):
-        engine = Engine(
-            model, tok, max_batch_size=1, max_seq_len=max_len, speculative=spec, exact=True
-        )  # as the rollouts and evaluations: PyTorch's operators
+        engine = Engine(model, tok, max_batch_size=1, max_seq_len=max_len, speculative=spec)
         engine.generate([prompts[0]], params)  # warm-up
         if engine.speculator is not None:
             engine.speculator.reset_stats()

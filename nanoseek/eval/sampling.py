@@ -145,8 +145,8 @@ def engine_sample_fn(
     gets seed `seed + i`, so a sample does not depend on what else is in the batch. A request
     whose prompt leaves fewer than max_new_tokens positions in the context gets the rest.
     quantize="int8": decode with weight-only int8 weights (nanoseek/infer/quant.py); without
-    it, exact (`Engine`'s `exact`): a sample does not depend on whether the machine builds the
-    native kernels."""
+    it the model's own weights, through the native kernels where the machine builds them (a
+    sample does not depend on the threads either)."""
     stops = tuple(int(t) for t in stop_token_ids)
 
     def sample_fn(model, prompts, max_new_tokens, temperature, seed):
@@ -174,7 +174,6 @@ def engine_sample_fn(
                 max_seq_len=min(ctx, longest + max_new_tokens),
                 seed=seed,
                 quantize=quantize,
-                exact=quantize is None,
             )
             return [c.token_ids for c in engine.generate([list(p) for p in prompts], params)]
         finally:

@@ -115,10 +115,9 @@ class Engine:
         dtype) or "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
         token-identical; nanoseek/infer/quant.py). exact: decode an fp32 model through
         PyTorch's operators only, as on a machine without nanoseek's native kernels
-        (nanoseek/infer/native.py, which a few rows of an fp32 model otherwise go through:
-        the same maths, sums added in another order, so logits differ in the last bits); the
-        training stack's rollouts and evaluations decode exact, so that the numbers a recipe
-        reports do not depend on whether the machine builds the kernels. weights: the int8
+        (nanoseek/infer/native.py, which up to 256 rows of an fp32 model otherwise go through:
+        the same maths, sums added in another order, so logits differ in the last bits): the
+        bits such a machine gets. weights: the int8
         decode weights of a model loaded with `nanoseek.infer.streamed.load_int8` (its modules
         hold none)."""
         if speculative not in SPECULATIVE:

@@ -95,9 +95,9 @@ class Rollouts:
         if self.engine is None or self.engine.max_seq_len < need:
             # the engine holds views of the weights, so optimizer steps reach it without a rebuild
             size = min(self.limit, need + need // 2)  # headroom for longer prompts
-            # exact: a rollout does not depend on whether the machine builds the native kernels
-            self.engine = Engine(self.model, max_batch_size=self.rows, max_seq_len=size,
-                                 exact=True)  # fmt: skip
+            # the native kernels where the machine builds them (nanoseek/infer/native.py): a
+            # row's tokens depend neither on the other rows nor on the threads
+            self.engine = Engine(self.model, max_batch_size=self.rows, max_seq_len=size)
         self.model.eval()  # the engine switches to eval once; the trainer switches back
         if self.world == 1:
             return self.engine.generate(prompts, params)
