@@ -122,10 +122,9 @@ class SamplingBatch:
     # ------------------------------------------------------------------ draws
     def noise(self, shape: tuple[int, int], device) -> torch.Tensor:
         """Exponential(1) noise [B,V], each row from its own generator (none on greedy rows)."""
-        e = torch.ones(shape, device=device)
-        for i, g in enumerate(self.generators):
-            if not self.greedy_rows[i]:
-                e[i].exponential_(generator=g)
+        # -log(1 - U), U ~ U[0,1): Tensor.exponential_ costs ~8 us a call on CPU against
+        # uniform_'s ~2.4 (one call per row: 1.1 of a 128-row rollout step's ~4.4 ms)
+        e = -torch.log1p(-self.uniform(shape[1], device))
         return e.clamp_min_(TINY)
 
     def draw(self, weights: torch.Tensor) -> torch.Tensor:
@@ -138,9 +137,10 @@ class SamplingBatch:
     def uniform(self, n: int, device) -> torch.Tensor:
         """U[0,1) [B,n], each row from its own generator (zeros on greedy rows)."""
         u = torch.zeros(len(self), n, device=device)
-        for i, g in enumerate(self.generators):
-            if not self.greedy_rows[i]:
-                u[i].uniform_(generator=g)
+        # (rows by unbind: one call for all the views, where indexing is an operator per row)
+        for row, g, greedy in zip(u.unbind(0), self.generators, self.greedy_rows):
+            if not greedy:
+                row.uniform_(generator=g)
         return u
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
