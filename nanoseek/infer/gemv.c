@@ -26,7 +26,7 @@
  */
 #include "native.h"
 
-#define ABI 12
+#define ABI 13
 int nanoseek_gemv_abi(void) { return ABI; }
 
 #ifdef NANOSEEK_KERNELS

@@ -25,6 +25,7 @@ typedef struct {
   float route_scale;
   int E, n_group, topk_group, K, softmax, method, norm, gate_bf16;
   int kind, bf16; /* the weights' kind (fp32 activations for int8), the model's dtype */
+  int64_t bytes; /* of all the weights above */
 } layer_plan;
 
 /* y = a + b over n values of the model's dtype (bf16: added in fp32, rounded once, as
@@ -49,9 +50,9 @@ static void add_rows(const void *a, const void *b, void *y, int64_t n, int bf16)
  * with a bf16 model: its activations widened to fp32 for the FFN kernels, as their Python
  * bindings do); x and out [B T, D] of the model's dtype; cos, sin, cache, row_stride, start as
  * nanoseek_mla_decode's. */
-void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const float *cos,
-                           const float *sin, void *cache, int64_t row_stride, const int *start,
-                           int B, int T, int last_only) {
+static void layer_rows(const layer_plan *p, const void *x, void *out, const float *cos,
+                       const float *sin, void *cache, int64_t row_stride, const int *start, int B,
+                       int T, int last_only) {
   int M = B * T;
   const int D = p->D, bf16 = p->bf16;
   const size_t es = bf16 ? 2 : 4, rows = (size_t)M * D;
@@ -98,5 +99,33 @@ void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const 
   free(h);
   free(a);
   free(y);
+}
+/* A layer of at most SPLIT_BYTES of weights has its rows shared out between the threads for
+ * a step of at least 4 rows a thread, each thread running the whole layer on its rows alone (no
+ * barrier inside it; each reads the weights from the caches: the speedrun model's layers hold
+ * ~0.2-0.6 MB). Larger layers share out each product's output rows instead, so that each
+ * weight is read from memory once. A row's numbers are the same either way. */
+#define SPLIT_BYTES (8 << 20)
+
+void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const float *cos,
+                           const float *sin, void *cache, int64_t row_stride, const int *start,
+                           int B, int T, int last_only) {
+  const int nt = omp_get_max_threads();
+  if (nt == 1 || B < 4 * nt || (last_only && T > 1) || p->bytes > SPLIT_BYTES) {
+    layer_rows(p, x, out, cos, sin, cache, row_stride, start, B, T, last_only);
+    return;
+  }
+  const size_t es = p->bf16 ? 2 : 4;
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int b0 = (int)((int64_t)B * t / n), b1 = (int)((int64_t)B * (t + 1) / n);
+    omp_set_num_threads(1); /* the calls below: this thread alone (this region's setting) */
+    const int64_t m0 = (int64_t)b0 * T; /* the first token of the thread's rows */
+    if (b1 > b0)
+      layer_rows(p, (const char *)x + es * m0 * p->D, (char *)out + es * m0 * p->D,
+                 cos + m0 * (p->R / 2), sin + m0 * (p->R / 2), (char *)cache + es * b0 * row_stride,
+                 row_stride, start + b0, b1 - b0, T, 0);
+  }
 }
 #endif

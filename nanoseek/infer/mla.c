@@ -1,7 +1,7 @@
 /* MLA at decode time in one native call (nanoseek/infer/native.py binds it; nanoseek/model/
  * mla.py `MLA.decode` is the reference): a few tokens' projections, norms, rope, cache write,
- * absorbed attention over each row's latent cache (the keys split between the threads) and
- * o_proj. */
+ * absorbed attention over each row's latent cache (a few rows' keys split between the threads,
+ * many rows themselves shared out) and o_proj. */
 #include "native.h"
 
 #ifdef NANOSEEK_KERNELS
@@ -71,8 +71,11 @@ static inline __attribute__((always_inline)) void attention_share(
     }
   }
   for (int h = 0; h < H; h++) { /* e^(score - the share's max), and their sum */
-    float *r = p + (int64_t)h * S, top = -INFINITY;
-    for (int s = s0; s < s1; s++) top = fmaxf(top, r[s]);
+    float *r = p + (int64_t)h * S;
+    __m512 tops = _mm512_set1_ps(-INFINITY); /* (a maximum is the same in any order) */
+    for (int s = s0; s < s1; s += 16)
+      tops = _mm512_max_ps(tops, _mm512_mask_loadu_ps(tops, lanes(s - s0, s1 - s0), r + s));
+    const float top = _mm512_reduce_max_ps(tops);
     __m512 total = _mm512_setzero_ps();
     for (int s = s0; s < s1; s += 16) {
       const __mmask16 m = lanes(s - s0, s1 - s0);
@@ -161,7 +164,7 @@ static int shares_of(int S) {
  * (split-K, as flash-decoding does). With `serial` the calling thread computes all the shares
  * itself, in the same arithmetic: the same bits whether a step's rows share out their keys or
  * the rows themselves are shared out (`nanoseek_mla_decode`). p: [H, S] scratch; part:
- * MAX_SHARES H (2 + C) scratch. */
+ * shares_of(S) H (2 + C) scratch. */
 static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
                              float scale, float *p, float *part, int serial, float *o) {
   const int per = H * (2 + C), T = shares_of(S); /* a share: max, sum, o [H, C] */
@@ -236,7 +239,8 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
   const int by_token = M >= 2 * omp_get_max_threads();
 #pragma omp parallel if (by_token)
   {
-    float *qf = malloc(sizeof(float) * (H * CR + H * C + (int64_t)H * S + MAX_SHARES * H * (2 + C)));
+    const int64_t scratch = H * CR + H * C + (int64_t)H * S + shares_of(S) * H * (2 + C);
+    float *qf = malloc(sizeof(float) * scratch);
     float *o_f = qf + H * CR, *p = o_f + H * C, *part = p + (int64_t)H * S;
     char *qr = malloc(es * R);
 #pragma omp for schedule(dynamic)

@@ -42,7 +42,7 @@ import torch
 # the C sources, built into one library: products, norms (gemv.c, whose ABI this module checks);
 # the MoE's pieces (moe.c); MLA (mla.c); a decoder layer (layer.c); what they share (native.h)
 SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "moe.c", "mla.c", "layer.c")]
-ABI = 12  # gemv.c's ABI: the argument lists below
+ABI = 13  # gemv.c's ABI: the argument lists below
 # tokens the fused calls take (a decode step of up to 8 rows, a verify step) and rows the fp32
 # products take; int8 products take up to quant.NATIVE_ROWS, bf16 1-2 (quant.py): from 4 rows
 # on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
@@ -153,6 +153,7 @@ class LayerPlan(ctypes.Structure):
         ("gate", _P), ("gate_bias", _P), ("route_scale", _F),
         *[(n, _I) for n in ("E", "n_group", "topk_group", "K", "softmax", "method", "norm",
                             "gate_bf16", "kind", "bf16")],
+        ("bytes", ctypes.c_int64),
     ]  # fmt: skip
 
 
@@ -186,6 +187,8 @@ def layer_plan(mla_mats: list, mla_norms: tuple, mla_dims: tuple, scale: float, 
          p.route_scale) = route_config(router)  # fmt: skip
         p.gate_bf16 = router.weight.dtype == torch.bfloat16
     p.kind, p.bf16 = kind, bf16
+    tensors = [t for pair in mla_mats for t in pair] + [*(shared or ()), *(routed or ())]
+    p.bytes = sum(t.nbytes for t in tensors if t is not None)
     return p
 
 
