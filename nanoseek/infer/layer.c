@@ -38,7 +38,8 @@ static void add_rows(const void *a, const void *b, void *y, int64_t n, int bf16)
   }
 }
 
-/* A decoder layer [V3 §2.1] for T new tokens in each of B rows, in one call: nanoseek/model/
+/* A decoder layer [V3 §2.1] for T new tokens in each of B rows (`nanoseek_layer_decode` shares
+ * them out between the threads or not; this runs them with the threads it has): nanoseek/model/
  * block.py `DecoderLayer.decode` (the reference; the same native calls it makes, in its order,
  * so the same bits):
  *   h = x + MLA(norm1(x))                       (nanoseek_mla_decode over the rows' caches)
@@ -100,11 +101,13 @@ static void layer_rows(const layer_plan *p, const void *x, void *out, const floa
   free(a);
   free(y);
 }
-/* A layer of at most SPLIT_BYTES of weights has its rows shared out between the threads for
- * a step of at least 4 rows a thread, each thread running the whole layer on its rows alone (no
- * barrier inside it; each reads the weights from the caches: the speedrun model's layers hold
- * ~0.2-0.6 MB). Larger layers share out each product's output rows instead, so that each
- * weight is read from memory once. A row's numbers are the same either way. */
+
+/* `layer_rows` for the B rows, shared out between the threads by rows for a layer of at most
+ * SPLIT_BYTES of weights and a step of at least 4 rows a thread: each thread runs the whole
+ * layer on its rows alone (no barrier inside it; each reads the weights from the caches: the
+ * speedrun model's layers hold 0.8-1.1 MB). Larger layers share out each product's output
+ * rows instead, so that each weight is read from memory once. A row's numbers are the same
+ * either way. */
 #define SPLIT_BYTES (8 << 20)
 
 void nanoseek_layer_decode(const layer_plan *p, const void *x, void *out, const float *cos,

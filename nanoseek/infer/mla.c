@@ -146,28 +146,33 @@ static void share_of(const float *q, const void *kv, int bf16, int S, int H, int
     attention_share(q, kv, 0, S, H, C, R, scale, p, mx, sm, op, t, T);
 }
 
-/* keys per share of a token's attention, and the most shares: how a token's keys are split
- * depends on their number alone, so its bits do not depend on the threads or the batch */
-#define SHARE_KEYS 128
+/* How a token's keys are split into shares depends on their number and the layer's shape
+ * alone, so its bits depend neither on the threads nor on the batch: shares of about
+ * SHARE_WORK / (H (C + R)) keys (16-128: the speedrun model's 4 x 48 take 128 a share, a
+ * 16 x 576 layer 16, so that a few hundred keys still split between the threads), at most
+ * MAX_SHARES. */
+#define SHARE_WORK (128 * 192)
 #define MAX_SHARES 32
 
-static int shares_of(int S) {
-  const int T = (S + SHARE_KEYS - 1) / SHARE_KEYS;
+static int shares_of(int S, int H, int CR) {
+  int keys = SHARE_WORK / (H * CR);
+  keys = keys < 16 ? 16 : keys > 128 ? 128 : keys;
+  const int T = (S + keys - 1) / keys;
   return T < 1 ? 1 : T > MAX_SHARES ? MAX_SHARES : T;
 }
 
 /* Absorbed attention of H query rows q [H, C+R] fp32 over keys 0..S-1 of one cache row kv
  * [S, C+R] (c_KV then k_rope; fp32 or bf16): p = softmax(scale * q . kv) per row, o [H, C] fp32
- * = p @ c_KV. The keys are split into `shares_of(S)` shares, shared out between the threads
+ * = p @ c_KV. The keys are split into `shares_of` shares, shared out between the threads
  * (each reads its share of the cache once, for every head), each keeps its own softmax maximum
  * and sum, and the shares are combined at the end, the heads split between the threads
  * (split-K, as flash-decoding does). With `serial` the calling thread computes all the shares
  * itself, in the same arithmetic: the same bits whether a step's rows share out their keys or
  * the rows themselves are shared out (`nanoseek_mla_decode`). p: [H, S] scratch; part:
- * shares_of(S) H (2 + C) scratch. */
+ * shares_of(S, H, C + R) H (2 + C) scratch. */
 static void latent_attention(const float *q, const void *kv, int bf16, int S, int H, int C, int R,
                              float scale, float *p, float *part, int serial, float *o) {
-  const int per = H * (2 + C), T = shares_of(S); /* a share: max, sum, o [H, C] */
+  const int per = H * (2 + C), T = shares_of(S, H, C + R); /* a share: max, sum, o [H, C] */
   if (serial || T == 1) {
     for (int t = 0; t < T; t++) share_of(q, kv, bf16, S, H, C, R, scale, p, part, t, T);
     for (int h = 0; h < H; h++) combine_shares(part, per, T, h, H, C, o);
@@ -180,6 +185,31 @@ static void latent_attention(const float *q, const void *kv, int bf16, int S, in
 #pragma omp barrier
     for (int h = t; h < H; h += nt) combine_shares(part, per, T, h, H, C, o);
   }
+}
+
+/* Token m's absorbed attention (of M = B T tokens; `nanoseek_mla_decode`'s q, lat, cos, sin,
+ * cache, row_stride and start): its query latents and roped query, `latent_attention` over
+ * its row's cache (`serial`: all its shares on this thread), o_lat [H, M, C] row m rounded
+ * once to the model's dtype, as the reference's. f: H (C+R) + H C + H S + the shares' floats
+ * of scratch. */
+static void attend_token(int m, const char *q, int q_stride, const char *lat, const float *cos,
+                         const float *sin, const void *cache, int64_t row_stride,
+                         const int *start, float scale, char *o_lat, float *f, int serial, int M,
+                         int T, int H, int N, int R, int C, int bf16) {
+  const int CR = C + R, S = start[m / T] + m % T + 1;
+  const size_t es = bf16 ? 2 : 4;
+  float *qf = f, *o_f = qf + H * CR, *p = o_f + H * C, *part = p + (int64_t)H * S;
+  float qr[R]; /* one head's roped query in the model's dtype (bf16: the first half) */
+  for (int h = 0; h < H; h++) {
+    const char *qh = q + es * ((int64_t)m * q_stride + h * (N + R) + N);
+    rope_one(qh, cos + (int64_t)m * R / 2, sin + (int64_t)m * R / 2, qr, R, bf16);
+    for (int c = 0; c < C; c++) qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
+    for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
+  }
+  const char *kv = (const char *)cache + es * (m / T) * row_stride;
+  latent_attention(qf, kv, bf16, S, H, C, R, scale, p, part, serial, o_f);
+  for (int h = 0; h < H; h++)
+    for (int c = 0; c < C; c++) store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
 }
 
 /* T new tokens in each of B rows of MLA [V3 §2.1.1, eqs. 1-11, with W_UK and W_UV absorbed;
@@ -235,32 +265,27 @@ void nanoseek_mla_decode(const void *x, const void *const *w, const uint16_t *co
              q + es * ((int64_t)m * q_stride + h * (N + R)), es * N);
   act_gemv(q_nope, (int64_t)M * N, w[2], s[2], lat, H, M, N, C, kind, bf16);
   /* each token's attention: its keys shared out between the threads for a few tokens, the
-   * tokens themselves for more (each computing all its shares: the same bits either way) */
-  const int by_token = M >= 2 * omp_get_max_threads();
-#pragma omp parallel if (by_token)
-  {
-    const int64_t scratch = H * CR + H * C + (int64_t)H * S + shares_of(S) * H * (2 + C);
-    float *qf = malloc(sizeof(float) * scratch);
-    float *o_f = qf + H * CR, *p = o_f + H * C, *part = p + (int64_t)H * S;
-    char *qr = malloc(es * R);
+   * tokens themselves for more (each computing all its shares: the same bits either way). Two
+   * loops, not one in a conditional parallel region: a parallel region inside an inactive one
+   * gets threads of its own beside the spinning pool's, which cost a 1-row step of the 803M
+   * model 2-3x. */
+  const int64_t scratch = H * CR + H * C + (int64_t)H * S + shares_of(S, H, CR) * H * (2 + C);
+  if (M >= 2 * omp_get_max_threads()) {
+#pragma omp parallel
+    {
+      float *f = malloc(sizeof(float) * scratch);
 #pragma omp for schedule(dynamic)
-    for (int m = 0; m < M; m++) {
-      for (int h = 0; h < H; h++) {
-        const char *qh = q + es * ((int64_t)m * q_stride + h * (N + R) + N);
-        rope_one(qh, cos + m * R / 2, sin + m * R / 2, qr, R, bf16);
-        for (int c = 0; c < C; c++)
-          qf[h * CR + c] = get_act(lat, ((int64_t)h * M + m) * C + c, bf16);
-        for (int r = 0; r < R; r++) qf[h * CR + C + r] = get_act(qr, r, bf16);
-      }
-      const char *kv = (const char *)cache + es * (m / T) * row_stride;
-      latent_attention(qf, kv, bf16, start[m / T] + m % T + 1, H, C, R, scale, p, part, by_token,
-                       o_f);
-      for (int h = 0; h < H; h++) /* rounded once, as the reference's o_lat */
-        for (int c = 0; c < C; c++)
-          store(o_lat, ((int64_t)h * M + m) * C + c, o_f[h * C + c], bf16);
+      for (int m = 0; m < M; m++)
+        attend_token(m, q, q_stride, lat, cos, sin, cache, row_stride, start, scale, o_lat, f, 1,
+                     M, T, H, N, R, C, bf16);
+      free(f);
     }
-    free(qf);
-    free(qr);
+  } else {
+    float *f = malloc(sizeof(float) * scratch);
+    for (int m = 0; m < M; m++)
+      attend_token(m, q, q_stride, lat, cos, sin, cache, row_stride, start, scale, o_lat, f, 0, M,
+                   T, H, N, R, C, bf16);
+    free(f);
   }
   act_gemv(o_lat, (int64_t)M * C, w[3], s[3], o_h, H, M, C, V, kind, bf16);
   for (int m = 0; m < M; m++)

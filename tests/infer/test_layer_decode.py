@@ -84,17 +84,18 @@ def test_mtp_module_drafts_through_it(monkeypatch):
 def row_zero(model, rows: int, steps: int = 6) -> torch.Tensor:
     """Row 0's logits over `steps` decode steps of `rows` (<= 20) rows, each row prefilled alone
     (a prefill's GEMMs round a row differently with the batch; the decode steps are the
-    subject)."""
+    subject). 100-token prompts: each token's keys split into 2-3 shares (51 keys a share at
+    this config's 6 x 80 attention)."""
     g = torch.Generator().manual_seed(3)
     ids, toks = (
-        torch.randint(3, 60, (20, 40), generator=g),
+        torch.randint(3, 60, (20, 100), generator=g),
         torch.randint(3, 60, (20, steps), generator=g),
     )
-    r = ModelRunner(model, max_batch=rows, max_seq_len=64)
+    r = ModelRunner(model, max_batch=rows, max_seq_len=112)
     out = []
     with torch.inference_mode():
         for b in range(rows):
-            r.prefill(ids[b : b + 1], [40 - b], b)
+            r.prefill(ids[b : b + 1], [100 - b], b)
         for s in range(steps):
             out.append(r.decode(toks[:rows, s : s + 1])[0][0])
     return torch.stack(out)
