@@ -32,8 +32,9 @@ from nanoseek.serve.loading import load_engine
 
 # ------------------------------------------------------------------------------ generate
 EXACT_HELP = (
-    "decode fp32 through PyTorch's operators only, as training's rollouts and evaluations do "
-    "(default: nanoseek's native kernels where they build; the same maths, logits ~1e-6 apart)"
+    "decode fp32 through PyTorch's operators only, as a machine without nanoseek's native "
+    "kernels does (default: the native kernels where they build; the same maths, logits ~1e-6 "
+    "apart)"
 )
 
 

@@ -33,9 +33,10 @@ rollouts rely on it). They cost one extra copy of those weights (`nbytes`), noth
 for the views.
 
 `exact=True` keeps fp32 decoding in PyTorch's operators (`_fusable`): the bits of a machine
-without the native kernels, which the training stack's rollouts and evaluations use so that a
-recipe's numbers do not depend on the machine. The native fp32 path computes the same maths
-with the sums in other orders (logits ~1e-6 relative apart, tests/infer/test_mla_decode.py).
+without the native kernels. The native fp32 path computes the same maths with the sums in other
+orders (logits ~1e-6 relative apart, tests/infer/test_mla_decode.py), and a row's results there
+depend neither on the other rows nor on the threads (tests/infer/test_layer_decode.py): the
+training stack's rollouts and evaluations decode through it.
 """
 
 from __future__ import annotations
