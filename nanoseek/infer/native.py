@@ -48,9 +48,10 @@ ABI = 13  # gemv.c's ABI: the argument lists below
 # on MKL's bf16 GEMM is faster (`python bench/gemv.py --dtype bf16 --rows 4`)
 MAX_ROWS = 8
 # fp32 tokens the native calls take: a rollout's or an evaluation's batch of decode rows (the
-# speedrun model's 128-row step 3.1-3.5 ms through them, 6.1-7.2 ms through PyTorch's
-# operators; Intel Xeon, 2 threads, 2026-12-07). Their results for a row do not depend on the
-# other rows or on the threads (tests/infer/test_native.py).
+# speedrun model's 128-row step 2.6 ms through them, 7.0-7.5 ms through PyTorch's operators;
+# the 803M model's 64-row fp32 step 217-222 against 309-320 ms; Intel Xeon, 2 threads,
+# 2026-12-07). Their results for a row depend neither on the other rows nor on the threads
+# (tests/infer/test_layer_decode.py).
 F32_ROWS = 256
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV = "NANOSEEK_NATIVE"
