@@ -98,30 +98,26 @@ class Int8Weight:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
 
-def bf16_kernels(x: torch.Tensor, w_rows: torch.Tensor) -> native.Kernels | None:
-    """The native kernels, where they run for bf16 x against bf16 weight rows w_rows [..., O, K]
-    (nn.Linear's layout, contiguous, K a multiple of 32), else None. Callers bound the rows:
-    from 4 rows on MKL's bf16 GEMM is faster."""
-    if (
-        x.dtype == w_rows.dtype == torch.bfloat16
-        and x.shape[-1] % 32 == 0
-        and w_rows.is_contiguous()
-    ):
+def _row_kernels(x: torch.Tensor, w_rows: torch.Tensor, dtype: torch.dtype,
+                 multiple: int) -> native.Kernels | None:  # fmt: skip
+    """The native kernels for x and weight rows w_rows [..., O, K] both of `dtype` (nn.Linear's
+    layout, contiguous, K a multiple of `multiple`: one vector of the kernel's k-step), else
+    None."""
+    if x.dtype == w_rows.dtype == dtype and x.shape[-1] % multiple == 0 and w_rows.is_contiguous():
         return native.kernels_for(x)
     return None
+
+
+def bf16_kernels(x: torch.Tensor, w_rows: torch.Tensor) -> native.Kernels | None:
+    """`_row_kernels` for bf16 (K a multiple of 32). Callers bound the rows: from 4 rows on
+    MKL's bf16 GEMM is faster."""
+    return _row_kernels(x, w_rows, torch.bfloat16, 32)
 
 
 def f32_kernels(x: torch.Tensor, w_rows: torch.Tensor) -> native.Kernels | None:
-    """The native kernels, where they run for fp32 x against fp32 weight rows w_rows [..., O, K]
-    (nn.Linear's layout, contiguous, K a multiple of 16), else None. Callers bound the rows
-    and keep exact engines away."""
-    if (
-        x.dtype == w_rows.dtype == torch.float32
-        and x.shape[-1] % 16 == 0
-        and w_rows.is_contiguous()
-    ):
-        return native.kernels_for(x)
-    return None
+    """`_row_kernels` for fp32 (K a multiple of 16). Callers bound the rows and keep exact
+    engines away."""
+    return _row_kernels(x, w_rows, torch.float32, 16)
 
 
 def mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:

@@ -223,7 +223,7 @@ class DecodeWeights:
         tokens (fp32: F32_ROWS) where the native kernels run, one call (`experts_ffn`'s kernel
         over the fused gate/up weight as a single expert of gate 1); elsewhere `swiglu` of
         nanoseek/model/weights.py."""
-        if self._fusable(x) and x.numel() <= self._rows(x) * x.shape[-1]:
+        if self._takes(x):
             (w1s, _, b1), (w2s, _, b2) = self._plan((gate_proj, up_proj)), self._plan((down_proj,))
             if b1 == [None, None] and b2 == [None]:
                 w1, w2 = self._entry("t", *w1s).value, self._entry("t", *w2s).value
@@ -261,7 +261,7 @@ class DecodeWeights:
         projections, norms, rope, the cache write, attention and o_proj (`MLA.decode` is ~40
         operators, ~0.3 ms of every layer of an 8-bit decode step of the 803M model beyond reading
         its weights); elsewhere (exact fp32 engines included) `MLA.decode`."""
-        if x.numel() <= self._rows(x) * x.shape[-1] and self._fusable(x):
+        if self._takes(x):
             plan = self._mla_plan(mla, x.dtype)
             if plan is not None and (kernels := native.kernels_for(x)) is not None:
                 st, kv = cache.step, cache.step.cache
@@ -281,7 +281,7 @@ class DecodeWeights:
         call that makes the same native calls in the same order (`DecoderLayer.decode`, the
         composition, makes ~8 calls and ~10 operators a layer: ~0.1 ms of Python a layer); elsewhere
         `DecoderLayer.decode`."""
-        if x.numel() <= self._rows(x) * x.shape[-1] and self._fusable(x) and not layer.training:
+        if self._takes(x) and not layer.training:
             plan = self._layer_plan(layer, x)
             st = cache.step
             if plan is not None and st.start is not None and st.cache.kv.dtype == x.dtype:
@@ -398,6 +398,11 @@ class DecodeWeights:
         """Tokens a native call takes for activations x: an fp32 model's F32_ROWS, else
         FEW_TOKENS (for more rows MKL's bf16 and ATen's int8 GEMMs are the faster)."""
         return native.F32_ROWS if x.dtype == torch.float32 and not self.quantize else FEW_TOKENS
+
+    def _takes(self, x: torch.Tensor) -> bool:
+        """Whether a fused native call (`swiglu`, `mla_decode`, `decoder_layer`) may take x
+        [..., D]: its maths may run native and its tokens are few enough (`_rows`)."""
+        return self._fusable(x) and x.numel() <= self._rows(x) * x.shape[-1]
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the model's maths beyond the products (norms, router, FFN activations,
