@@ -45,7 +45,21 @@ import nanoseek  # noqa: E402
 from bench.vs_llamacpp import big_config, bytes_per_token  # noqa: E402
 from nanoseek.machine import banner, read_bandwidth  # noqa: E402
 
-ACCEPTANCE = (0.83, 0.97, 1.0)  # the main job's trained MTP modules accept 83-97% (batch 1)
+# A random model's residual stream is dominated by what every position shares: its tokens route
+# alike (a verify step's 2 / 3 / 4 tokens choose 7.2 / 8.0 / 8.3 distinct experts of 64 a layer)
+# and its greedy output repeats one token. With the embedding 50x its initial scale each token
+# decides its own experts: 11.4 / 16.5 / 21.0, the expectation for independent choices
+# (64 * (1 - (58/64)^n)), the most a verify step can read, and the output is varied.
+EMBED_SCALE = 50.0
+
+# the fraction of steps whose drafts are accepted up to depth j = 1..k, for the main job's
+# trained MTP modules: the lowest and highest of four seeds' final models
+# (`python experiments/mtp_acceptance.py`, docs/results.md), and the ceiling
+REACH = {
+    1: [(0.888,), (0.920,), (1.0,)],
+    2: [(0.884, 0.445), (0.923, 0.661), (1.0, 1.0)],
+    3: [(0.871, 0.444, 0.271), (0.922, 0.695, 0.371), (1.0, 1.0, 1.0)],
+}
 
 
 class Timed:
@@ -74,12 +88,14 @@ class Timed:
         return timed
 
 
-def measure(model, prompt: list[int], n: int, quantize: str | None = None) -> dict:
-    """Plain and MTP greedy decoding of n tokens (batch 1), each engine warmed up first."""
-    seq = len(prompt) + n + 2
+def measure(model, prompt: list[int], n: int, quantize: str | None = None, k: int = 1,
+            draft_quantize: str | None = None) -> dict:  # fmt: skip
+    """Plain and MTP greedy decoding of n tokens (batch 1, k drafts per step), each engine
+    warmed up first."""
+    seq = len(prompt) + n + k + 1
     plain = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, quantize=quantize)
     spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp",
-                           quantize=quantize)  # fmt: skip
+                           num_draft=k, quantize=quantize, draft_quantize=draft_quantize)  # fmt: skip
     for engine in (plain, spec):  # warm-up: allocator, thread pool, decode weight copies
         nanoseek.generate(model, [prompt], max_new_tokens=8, engine=engine)
     tp, ts = Timed(plain), Timed(spec)
@@ -93,13 +109,17 @@ def measure(model, prompt: list[int], n: int, quantize: str | None = None) -> di
     steps = spec.speculator.row_steps
     t_verify = ts.seconds["decode"] / steps
     t_draft = ts.seconds["mtp_forward"] / steps
+    # random drafts are never accepted: each step ran k one-position MTP forwards (the catch-up
+    # and k - 1 further drafts). After a accepted drafts the catch-up covers a + 1 positions:
+    # its time scaled from the run's by the ratio of the two timed on their own (alone, back to
+    # back, both run faster than inside the decode loop)
+    alone = [mtp_seconds(spec, model, T, len(prompt)) for T in range(1, k + 2)]
+    one = t_draft / k
     return dict(
+        k=k,
         t_step=t_plain / (n - 1),  # prefill makes the first token
         t_verify=t_verify, t_draft=t_draft, t_rest=t_spec / steps - t_verify - t_draft,
-        # a two-position MTP forward, scaled from one timed alone to the run's one-position
-        # drafts (alone, back to back, both run faster than inside the decode loop)
-        t_draft2=t_draft * mtp_seconds(spec, model, 2, len(prompt)) / mtp_seconds(
-            spec, model, 1, len(prompt)),
+        t_draft_after=[one * (t / alone[0] + k - 1) for t in alone],  # [a]: after a accepted
         acceptance=spec.speculator.acceptance_rates()[0],
         tokens_per_step=spec.speculator.tokens_per_step(),
         speedup=t_plain / t_spec, identical=bool(torch.equal(ref, out)),
@@ -109,11 +129,11 @@ def measure(model, prompt: list[int], n: int, quantize: str | None = None) -> di
 @torch.inference_mode()
 def mtp_seconds(engine, model, T: int, start: int, reps: int = 8) -> float:
     """Best time of the engine's MTP forward over T positions from `start` (its cache rolled
-    back after each). A step after an accepted draft runs it over 2 positions: the accepted
-    token's and the next (each needs the main model's hidden state from the verify forward),
+    back after each). A step after a accepted drafts runs it over a + 1 positions: the accepted
+    tokens' and the next (each needs the main model's hidden state from the verify forward),
     so a trained module's drafts cost more than the random drafts' single position; as the
-    speculator does, only the last position's output is computed (the first writes its cache
-    entry; its FFN and head are skipped)."""
+    speculator does, only the last position's output is computed (the others write their cache
+    entries; their FFN and head are skipped)."""
     runner, dev = engine.runner, model.device
     h = torch.randn(1, T, model.config.hidden_size, dtype=model.dtype, device=dev)
     ids = torch.arange(5, 5 + T, device=dev)[None]
@@ -126,26 +146,36 @@ def mtp_seconds(engine, model, T: int, start: int, reps: int = 8) -> float:
     return best
 
 
-def predicted(r: dict, a: float) -> float:
-    """Speed-up at acceptance a (one draft per step): (1 + a) tokens per step, and with
-    probability a the step's MTP forward catches up two positions instead of one."""
-    draft = (1 - a) * r["t_draft"] + a * r["t_draft2"]
-    return (1 + a) * r["t_step"] / (r["t_verify"] + draft + r["t_rest"])
+def predicted(r: dict, reach: tuple[float, ...]) -> float:
+    """Speed-up for drafts reaching depth j with probability reach[j-1] (reach[0] the first
+    draft's acceptance, 1 >= reach[0] >= reach[1] ...): 1 + sum(reach) tokens per step, and
+    the step's MTP forward catches up a + 1 positions after a accepted drafts."""
+    p_at_least = (1.0, *reach, 0.0)
+    draft = sum((p_at_least[a] - p_at_least[a + 1]) * r["t_draft_after"][a]
+                for a in range(r["k"] + 1))  # fmt: skip
+    return (1 + sum(reach)) * r["t_step"] / (r["t_verify"] + draft + r["t_rest"])
 
 
 def report(label: str, cfg, r: dict, bandwidth: float, bytes_per_weight: float) -> None:
-    nbytes = bytes_per_token(cfg) * bytes_per_weight
-    step, verify, draft, rest = (r[k] * 1e3 for k in ("t_step", "t_verify", "t_draft", "t_rest"))
-    print(f"\n{label}: {nbytes / 1e9:.2f} GB of weights per token, {1 / r['t_step']:.1f} tokens/s "
-          f"plain ({nbytes / r['t_step'] / bandwidth:.0%} of the roofline)")  # fmt: skip
-    print(f"  ms per step: plain decode {step:.1f}; MTP step = verify 2 tokens {verify:.1f} "
-          f"({verify / step:.2f}x a decode step) + draft {draft:.1f} (after an accepted draft: "
-          f"{r['t_draft2'] * 1e3:.1f}) + other {rest:.1f}")  # fmt: skip
-    print(f"  random drafts: acceptance {r['acceptance']:.0%}, {r['tokens_per_step']:.2f} tokens "
+    k, ms = r["k"], {key: r[key] * 1e3 for key in ("t_step", "t_verify", "t_draft", "t_rest")}
+    if label:
+        nbytes = bytes_per_token(cfg) * bytes_per_weight
+        print(f"\n{label}: {nbytes / 1e9:.2f} GB of weights per token, {1 / r['t_step']:.1f} "
+              f"tokens/s plain ({nbytes / r['t_step'] / bandwidth:.0%} of the roofline), "
+              f"{ms['t_step']:.1f} ms a step")  # fmt: skip
+    after = ", ".join(f"{t * 1e3:.1f}" for t in r["t_draft_after"][1:])
+    print(f"  {k} draft(s) a step: verify {k + 1} tokens {ms['t_verify']:.1f} ms "
+          f"({ms['t_verify'] / ms['t_step']:.2f}x a decode step) + drafts {ms['t_draft']:.1f} "
+          f"(after 1.. accepted: {after}) + other {ms['t_rest']:.1f}")  # fmt: skip
+    zero = (0.0,) * k
+    print(f"    random drafts: acceptance {r['acceptance']:.0%}, {r['tokens_per_step']:.2f} tokens "
           f"per verify step, measured {r['speedup']:.2f}x plain (predicted "
-          f"{predicted(r, r['acceptance']):.2f}x), output identical: {r['identical']}")  # fmt: skip
-    rows = ", ".join(f"a = {a:.2f}: {predicted(r, a):.2f}x" for a in ACCEPTANCE)
-    print(f"  speed-up for a trained MTP module accepting a of its drafts: {rows}")
+          f"{predicted(r, zero):.2f}x), output identical: {r['identical']}")  # fmt: skip
+    rows = ", ".join(f"{'/'.join(f'{x:.2f}' for x in reach)}: {predicted(r, reach):.2f}x"
+                     for reach in REACH[k])  # fmt: skip
+    print(
+        f"    speed-up at the trained modules' acceptance by depth (lowest, highest, all): {rows}"
+    )
 
 
 def main(argv=None) -> None:
@@ -154,6 +184,14 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dense", action="store_true", help="also a dense model of the same width")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 decode weights")
+    p.add_argument("--num-draft", type=int, nargs="+", default=[1, 2], choices=sorted(REACH),
+                   help="drafts per step, each measured")  # fmt: skip
+    p.add_argument(
+        "--draft-quantize",
+        choices=["int8", "none"],
+        default="int8",
+        help="the MTP module's weights for drafting (Engine(draft_quantize=...))",
+    )
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     if args.threads is not None:
@@ -161,9 +199,11 @@ def main(argv=None) -> None:
     nanoseek.keep_freed_memory()
     print(banner(), flush=True)
     bandwidth = read_bandwidth()
+    draft_q = None if args.draft_quantize == "none" else args.draft_quantize
     print(f"read bandwidth at {torch.get_num_threads()} threads: {bandwidth / 1e9:.1f} GB/s; "
           f"batch 1, greedy, {args.new_tokens} new tokens, "
-          f"{'int8 weights' if args.quantize else 'fp32'}", flush=True)  # fmt: skip
+          f"{'int8 weights' if args.quantize else 'fp32'}, drafts with "
+          f"{draft_q or args.quantize or 'fp32'} weights", flush=True)  # fmt: skip
     prompt = list(range(5, 37))
     configs = {"MoE (803M, 64 experts top-6)": big_config().replace(num_nextn_predict_layers=1)}
     if args.dense:
@@ -174,8 +214,10 @@ def main(argv=None) -> None:
         for label, cfg in configs.items():
             torch.manual_seed(0)
             model = nanoseek.CausalLM(cfg).eval()
-            r = measure(model, prompt, args.new_tokens, args.quantize)
-            report(label, cfg, r, bandwidth, 1 if args.quantize else 4)
+            model.model.embed_tokens.weight.mul_(EMBED_SCALE)  # tokens decide their routing
+            for i, k in enumerate(args.num_draft):
+                r = measure(model, prompt, args.new_tokens, args.quantize, k, draft_q)
+                report(label if i == 0 else "", cfg, r, bandwidth, 1 if args.quantize else 4)
             del model
 
 

@@ -38,6 +38,17 @@ EXACT_HELP = (
 )
 
 
+DRAFT_QUANTIZE_HELP = (
+    "weights the MTP module drafts with: int8 copies (the output is unchanged: the model's own "
+    "weights verify), none (the engine's), auto (int8 where a draft reads >= 16 MB of weights "
+    "and the native kernels run; default)"
+)
+
+
+def _draft_quantize(args: argparse.Namespace) -> str | None:
+    return None if args.draft_quantize == "none" else args.draft_quantize
+
+
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--prompt", required=True, help="the prompt text")
@@ -51,6 +62,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going after the eos token")
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
+    p.add_argument("--draft-quantize", choices=["auto", "int8", "none"], default="auto",
+                   help=DRAFT_QUANTIZE_HELP)  # fmt: skip
     p.add_argument("--quantize", choices=["int8"], help=LOAD_INT8_HELP)
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -111,6 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
         max_seq_len=len(prompt) + args.max_new_tokens + num_draft,
         speculative=args.speculative,
         num_draft=args.num_draft,
+        draft_quantize=_draft_quantize(args),
         quantize=args.quantize,
         exact=args.exact,
         weights=weights,
@@ -148,6 +162,8 @@ def _add_engine_options(p: argparse.ArgumentParser, max_batch: int | None) -> No
     )
     p.add_argument("--speculative", choices=["mtp"], help="draft with the MTP module")
     p.add_argument("--num-draft", type=positive_int, default=1, help="drafts per step (MTP)")
+    p.add_argument("--draft-quantize", choices=["auto", "int8", "none"], default="auto",
+                   help=DRAFT_QUANTIZE_HELP)  # fmt: skip
     p.add_argument("--quantize", choices=["int8"], help=LOAD_INT8_HELP)
     p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument("--seed", type=int, default=None, help="for requests without their own")
@@ -158,7 +174,7 @@ def _engine_from_args(args: argparse.Namespace):
         args.model, args.tokenizer, dtype=args.dtype, device=args.device,
         max_batch_size=getattr(args, "max_batch", 1), max_seq_len=args.max_seq_len,
         speculative=args.speculative, num_draft=args.num_draft, seed=args.seed,
-        quantize=args.quantize, exact=args.exact,
+        quantize=args.quantize, exact=args.exact, draft_quantize=_draft_quantize(args),
     )  # fmt: skip
 
 

@@ -100,6 +100,7 @@ class Engine:
         max_seq_len: int | None = None,
         speculative: str | None = None,
         num_draft: int = 1,
+        draft_quantize: str | None = "auto",
         seed: int | None = None,
         quantize: str | None = None,
         exact: bool = False,
@@ -111,6 +112,11 @@ class Engine:
         (prompt + max_new_tokens + num_draft must fit), default min(max_position_embeddings,
         4096); the cache is allocated once for max_batch_size rows of it.
         speculative: None or "mtp" (draft num_draft tokens per step with the MTP module).
+        draft_quantize: the weights the MTP module drafts with: "int8" (weight-only int8 copies
+        of the module and the head: the drafts only propose, the verify step in the model's own
+        weights decides, so the output is unchanged), None (the engine's), or "auto": int8 where
+        the native kernels decode on CPU (not `exact`) and a draft reads at least
+        runner.DRAFT_INT8_BYTES of weights.
         seed: the generator of requests without their own seed. quantize: None (the model's
         dtype) or "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
         token-identical; nanoseek/infer/quant.py). exact: decode an fp32 model through
@@ -137,6 +143,7 @@ class Engine:
             quantize=quantize,
             exact=exact,
             weights=weights,
+            draft_quantize=draft_quantize,
         )
         self.speculator = MTPSpeculator(self.runner, num_draft) if speculative else None
         self.num_draft = num_draft if speculative else 0

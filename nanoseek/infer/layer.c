@@ -44,8 +44,8 @@ static void add_rows(const void *a, const void *b, void *y, int64_t n, int bf16)
  * so the same bits):
  *   h = x + MLA(norm1(x))                       (nanoseek_mla_decode over the rows' caches)
  *   out = h + FFN(norm2(h))                     (a dense SwiGLU, or [V3 eq. 12]: the shared
- *        experts, then each token's routed experts, one token at a time for up to 2 tokens and
- *        grouped by expert for more, added in their order of choice)
+ *        experts, then the routed experts: one token's K in order, or for more tokens each
+ *        chosen expert once for its rows, added in each token's order of choice)
  * With last_only, out [B, D] holds each row's last token alone (its FFN the only one run: the MTP
  * module catching up on positions whose cache entries it needs). Weights of the `kind` (int8
  * with a bf16 model: its activations widened to fp32 for the FFN kernels, as their Python
@@ -85,7 +85,7 @@ static void layer_rows(const layer_plan *p, const void *x, void *out, const floa
     int64_t *ids = malloc(sizeof(int64_t) * M * p->K);
     nanoseek_route(h, p->gate, p->gate_bias, gates, ids, M, D, p->E, p->n_group, p->topk_group,
                    p->K, p->softmax, p->method, p->norm, p->route_scale, bf16, p->gate_bf16);
-    if (M <= 2) /* MoE.forward_few: per token */
+    if (M == 1) /* MoE.forward_few: per token */
       for (int n = 0; n < M; n++)
         nanoseek_experts_ffn(hx + xs * n * D, p->ew1, p->es1, p->ew2, p->es2, ids + n * p->K,
                              gates + n * p->K, y + es * n * D, p->K, 1, D, p->EF, p->kind, bf16);

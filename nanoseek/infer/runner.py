@@ -33,6 +33,21 @@ from nanoseek.model.transformer import CausalLM
 from nanoseek.model.weights import MODULE_WEIGHTS
 
 PREFILL_INT8 = 64  # prompt tokens (all rows) an int8 engine prefills with its int8 weights
+# bytes of weights a draft reads from which `draft_quantize="auto"` drafts in int8: below it a
+# draft step is overhead-bound, and the int8 calls cost more (the main job's 1.2M model: MTP
+# greedy 0.90x plain with fp32 drafts, 0.84x with int8); the 803M bench model's reads 102 MB
+DRAFT_INT8_BYTES = 16 << 20
+DRAFT_QUANTIZE = ("auto", None, "int8")
+
+
+def draft_bytes(model: CausalLM) -> int:
+    """Bytes of weights one draft step reads: the first MTP module's (K of its E routed
+    experts) and the output head."""
+    c, total = model.config, model.lm_head.weight.nbytes
+    for name, p in model.mtp[0].named_parameters():
+        routed = name.startswith("mlp.experts.")
+        total += p.nbytes * c.num_experts_per_tok // c.n_routed_experts if routed else p.nbytes
+    return total
 
 
 class ModelRunner:
@@ -48,10 +63,15 @@ class ModelRunner:
         quantize: str | None = None,
         exact: bool = False,
         weights: DecodeWeights | None = None,
+        draft_quantize: str | None = "auto",
     ):
         c = model.config
         if mtp and not len(model.mtp):
             raise ValueError("speculative='mtp' needs a model with MTP modules (none in this one)")
+        if draft_quantize not in DRAFT_QUANTIZE:
+            raise ValueError(
+                f"draft_quantize must be one of {DRAFT_QUANTIZE}, got {draft_quantize!r}"
+            )
         self.model, self.config = model, c
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
@@ -74,6 +94,17 @@ class ModelRunner:
             aten = exact or native.kernels() is None
             transpose_weights = cpu_fp32 and not mtp and aten and quantize is None
         self.weights = weights or DecodeWeights(transpose_weights, quantize, exact)
+        # the MTP module's forwards only propose tokens (the verify step decides what is
+        # emitted: greedy output stays plain greedy's, sampling keeps p's distribution), so they
+        # may multiply with int8 copies of its weights and of the head: a quarter of an fp32
+        # module's bytes (half of bf16's) in a step bound by reading them
+        if draft_quantize == "auto":
+            native_cpu = model.device.type == "cpu" and native.kernels() is not None
+            big = mtp and draft_bytes(model) >= DRAFT_INT8_BYTES
+            draft_quantize = "int8" if native_cpu and big and not exact else None
+        self.draft_weights = self.weights
+        if mtp and draft_quantize is not None and draft_quantize != self.weights.quantize:
+            self.draft_weights = DecodeWeights(False, draft_quantize)
         self.n_heads = c.num_attention_heads
 
     def reset(self) -> None:
@@ -83,8 +114,11 @@ class ModelRunner:
             self.mtp_cache.reset()
 
     # ------------------------------------------------------------------ set-up of a forward
-    def make_step(self, cache: LatentCache, row0: int, start: list[int], T: int) -> CacheStep:
-        """Rows row0..row0+B-1 get T new tokens each at positions start[b]..start[b]+T-1."""
+    def make_step(self, cache: LatentCache, row0: int, start: list[int], T: int,
+                  weights: DecodeWeights | None = None) -> CacheStep:  # fmt: skip
+        """Rows row0..row0+B-1 get T new tokens each at positions start[b]..start[b]+T-1,
+        multiplying with `weights` (default the engine's decode weights)."""
+        weights = weights or self.weights
         dev = self.model.device
         B = len(start)
         s0 = torch.tensor(start, device=dev)
@@ -96,8 +130,8 @@ class ModelRunner:
         if not any(start):  # prefill: the modules' own weights (if any), plain attention
             # pick up weights changed since the last prefill (training between generate calls;
             # a request decodes with the weights it was admitted with)
-            self.weights.refresh()
-            w = self.weights if self._prefill_quantized(B * T) else MODULE_WEIGHTS
+            weights.refresh()
+            w = weights if self._prefill_quantized(weights, B * T) else MODULE_WEIGHTS
             return CacheStep(cache, row0, positions, seq, True, w, cos, sin)
 
         def deferred():  # what the composed MLA reads (CacheStep.made)
@@ -109,22 +143,22 @@ class ModelRunner:
                 bias = bias[:, :, None].expand(B, T, self.n_heads, seq).reshape(B, -1, seq)
             return torch.complex(cos, sin), bias, write_rows(row0, positions)
 
-        return CacheStep(cache, row0, positions, seq, False, self.weights, cos, sin,
+        return CacheStep(cache, row0, positions, seq, False, weights, cos, sin,
                          start=list(start), deferred=deferred)  # fmt: skip
 
-    def _prefill_quantized(self, tokens: int) -> bool:
+    @staticmethod
+    def _prefill_quantized(w: DecodeWeights, tokens: int) -> bool:
         """Whether a prefill of `tokens` multiplies with the int8 decode weights rather than the
         modules' own: always for a streamed model (its modules hold none); in an int8 engine,
         prompts of up to PREFILL_INT8 tokens, whose prefill reads weights (a quarter of the
         bytes, and the numbers the decode steps then use), where longer ones are compute-bound
         and MKL's fp32 / bf16 GEMMs are faster than int8 products."""
-        w = self.weights
         return not w.modules_hold_weights or (w.quantize is not None and tokens <= PREFILL_INT8)
 
     def _run(self, fn, cache: LatentCache, row0: int, start: list[int], T: int,
-             last_only: bool = False):  # fmt: skip
+             last_only: bool = False, weights: DecodeWeights | None = None):  # fmt: skip
         """fn(cos, sin, step) over the cache; commits lengths start[b] + T for the rows."""
-        step = self.make_step(cache, row0, start, T)
+        step = self.make_step(cache, row0, start, T, weights)
         step.last_only = last_only and not step.prefill
         h = fn(step.cos, step.sin, step)
         cache.commit(row0, [s + T for s in start])
@@ -140,9 +174,9 @@ class ModelRunner:
 
         return self._run(fn, self.cache, row0, start, input_ids.shape[1])
 
-    def logits(self, h: torch.Tensor, norm=None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, norm=None, weights: DecodeWeights | None = None):
         """Hidden [...,D] -> fp32 logits [...,Vocab] through the decode layout of the head."""
-        return self.model.logits(h, self.weights, norm).float()
+        return self.model.logits(h, weights or self.weights, norm).float()
 
     def prefill(self, input_ids: torch.Tensor, lengths: list[int], row0: int):
         """Right-padded prompts [B,T] (real lengths `lengths`) into rows row0.. from position 0.
@@ -188,5 +222,6 @@ class ModelRunner:
         def fn(cos, sin, step):
             return layer(h_prev, emb, cos, sin, cache=step.layer(0))[0]
 
-        h = self._run(fn, self.mtp_cache, row0, start, next_ids.shape[1], last_only)
-        return self.logits(h, layer.shared_head.norm), h
+        w = self.draft_weights
+        h = self._run(fn, self.mtp_cache, row0, start, next_ids.shape[1], last_only, w)
+        return self.logits(h, layer.shared_head.norm, w), h

@@ -314,12 +314,13 @@ class MoE(FixedDtypeBuffers):
 
         The grouped path pads every expert's row block and reads all E experts' weights; here
         only the chosen experts run, on exactly their rows:
-        - one or two tokens: per token, its K experts' SwiGLU FFNs and their gate-weighted sum
+        - one token: its K experts' SwiGLU FFNs and their gate-weighted sum
           (`weights.experts_ffn`: one call for the gate/up projections, one for the down
           projections and the sum, where it does not run them as one native call), no gathers;
         - more: each chosen expert once for all the tokens that chose it
           (`weights.grouped_experts_ffn`: the pairs sorted by expert, one GEMM pair per chosen
-          expert on its contiguous rows).
+          expert on its contiguous rows): an expert that several tokens chose (a batch's, a
+          speculative verify step's) is read once.
         Measured alternative, not kept: every expert on every token as two batched matmuls with
         zero weights for the unchosen was no faster even at 8-16 tokens, where the bytes of
         expert weights read, not the kernel count, decide. Costs one host sync for the indices
@@ -337,7 +338,7 @@ class MoE(FixedDtypeBuffers):
         # around every GEMM; their outputs are accumulated into y in x's dtype
         xe = flat if weights.expert_dtype is None else flat.to(weights.expert_dtype)
         params = self.experts.gate_up_proj, self.experts.down_proj
-        if flat.shape[0] <= 2:  # per token: its K experts in two calls, no gathers
+        if flat.shape[0] == 1:  # one token: its K experts in two calls, no gathers
             for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
                 # [V3 eq. 12]: y_n += sum_i g_i FFN_i(x_n), the experts added in order
                 weights.experts_ffn(xe[n], *params, es, ws, y[n])

@@ -27,6 +27,7 @@ def load_engine(
     seed: int | None = None,
     quantize: str | None = None,
     exact: bool = False,
+    draft_quantize: str | None = "auto",
 ) -> tuple[Engine, Tokenizer]:
     """(engine, tokenizer) for a checkpoint directory holding tokenizer.json (or
     `tokenizer_dir`). Everything cheap is checked before the weights load; user errors raise
@@ -67,5 +68,6 @@ def load_engine(
         quantize=quantize,
         exact=exact,
         weights=weights,
+        draft_quantize=draft_quantize,
     )
     return engine, tokenizer

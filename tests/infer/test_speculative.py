@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nanoseek.infer import Engine, SamplingParams, generate
+from nanoseek.infer import Engine, SamplingParams, generate, native
+from nanoseek.infer import runner as runner_mod
 from nanoseek.infer.speculative import accept_drafts
 from tests.helpers import random_model, tiny_config
 
@@ -49,17 +50,26 @@ def test_identical_draft_and_target_always_accept():
     assert accepted.tolist() == [2] * 5
 
 
+@pytest.mark.parametrize("draft_quantize", [None, "int8"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_speculative_greedy_equals_plain_greedy(k):
+def test_speculative_greedy_equals_plain_greedy(k, draft_quantize):
     """Batch of 4 prompts of different lengths (one of a single token), queued through 2 rows
-    (so rows are refilled): token for token the plain greedy output."""
+    (so rows are refilled): token for token the plain greedy output, whatever the drafts'
+    weights."""
     model = random_model(tiny_config())
     prompts = [[5, 9, 11, 3], [7, 8], [20, 30, 40, 50, 60, 70, 80], [42]]
     params = SamplingParams(max_new_tokens=15, ignore_eos=True)
     plain = Engine(model, max_batch_size=2, max_seq_len=64).generate(prompts, params)
-    engine = Engine(model, max_batch_size=2, max_seq_len=64, speculative="mtp", num_draft=k)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, speculative="mtp", num_draft=k,
+                    draft_quantize=draft_quantize)  # fmt: skip
     spec = engine.generate(prompts, params)
     assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    runner = engine.runner
+    if draft_quantize:  # the drafts multiplied with int8 copies; the verify steps did not
+        assert runner.draft_weights.quantize == "int8" and runner.draft_weights.nbytes() > 0
+        assert runner.weights.quantize is None
+    else:
+        assert runner.draft_weights is runner.weights
     rates = engine.speculator.acceptance_rates()
     assert len(rates) == k and all(0.0 <= r <= 1.0 for r in rates)
     assert 1.0 <= engine.speculator.tokens_per_step() <= k + 1
@@ -90,13 +100,19 @@ def test_rollback_leaves_the_caches_consistent():
             assert seq.mtp_next[-1] == seq.output_ids[-1]
 
 
-def test_speculative_sampling_is_seeded_and_logprobs_match_plain():
+@pytest.mark.parametrize("draft_quantize", [None, "int8"])
+def test_speculative_sampling_is_seeded_and_logprobs_match_plain(draft_quantize):
     model = random_model(tiny_config())
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=3, logprobs=True)
     runs = [
-        Engine(model, max_batch_size=1, max_seq_len=64, speculative="mtp", num_draft=2).generate(
-            [[4, 5, 6]], params
-        )[0]
+        Engine(
+            model,
+            max_batch_size=1,
+            max_seq_len=64,
+            speculative="mtp",
+            num_draft=2,
+            draft_quantize=draft_quantize,
+        ).generate([[4, 5, 6]], params)[0]  # fmt: skip
         for _ in range(2)
     ]
     assert runs[0].token_ids == runs[1].token_ids
@@ -106,6 +122,31 @@ def test_speculative_sampling_is_seeded_and_logprobs_match_plain():
         logits = model(ids, mtp=False).logits[0, 2:-1] / 0.8
     want = logits.log_softmax(-1).gather(-1, ids[0, 3:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(runs[0].logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_int8_drafts_where_a_draft_reads_enough_bytes(monkeypatch):
+    """draft_quantize="auto": int8 drafts where the native kernels run and a draft reads at
+    least DRAFT_INT8_BYTES (a tiny model's does not); never in exact engines; bad values named."""
+    model = random_model(tiny_config())
+
+    def drafts_int8(**kw) -> bool:
+        runner = Engine(model, max_batch_size=1, speculative="mtp", **kw).runner
+        return runner.draft_weights is not runner.weights
+
+    assert not drafts_int8()
+    nbytes = runner_mod.draft_bytes(model)
+    assert (
+        0 < nbytes < sum(p.nbytes for p in model.mtp[0].parameters()) + model.lm_head.weight.nbytes
+    )
+    monkeypatch.setattr(runner_mod, "DRAFT_INT8_BYTES", nbytes)
+    assert drafts_int8() == (native.kernels() is not None)
+    assert not drafts_int8(exact=True)
+    assert drafts_int8(draft_quantize="int8", exact=True)  # asked for: the drafts only propose
+    monkeypatch.setattr(runner_mod, "DRAFT_INT8_BYTES", nbytes + 1)
+    assert not drafts_int8()
+    assert not drafts_int8(quantize="int8")  # already int8: the engine's own copies
+    with pytest.raises(ValueError, match="draft_quantize"):
+        Engine(model, speculative="mtp", draft_quantize="int4")
 
 
 def test_speculative_needs_an_mtp_module():
