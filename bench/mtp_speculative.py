@@ -1,31 +1,39 @@
-"""MTP speculative decoding where decoding is bandwidth-bound: what one draft + verify step costs.
+"""MTP speculative decoding where decoding is bandwidth-bound: what draft + verify steps cost.
 
     python bench/mtp_speculative.py                      # 803M MoE + its MTP module, fp32
     python bench/mtp_speculative.py --threads 1 --dense  # + a dense model of the same width
     python bench/mtp_speculative.py --quantize int8      # int8 decode weights (native kernels)
+    python bench/mtp_speculative.py --num-draft 1 2 3 --draft-quantize none
 
 At batch 1 a decode step reads every weight it uses once, so speculative decoding pays off when
 verifying k+1 tokens costs little more than decoding one. The model is bench/vs_llamacpp.py's
 bandwidth-bound MoE (hidden 1024, 8 layers, 64 routed experts top-6 + 2 shared, 803M
-parameters) with one MTP module (another MoE block, V3 §2.2), random weights, fp32, built in
-memory. Each run decodes `--new-tokens` tokens greedily after the same prompt:
+parameters) with one MTP module (another MoE block, V3 §2.2), random weights (the embedding
+scaled so that tokens decide their routing: EMBED_SCALE), fp32, built in memory. The MTP module
+drafts with int8 copies of its weights unless `--draft-quantize none` (the engine's "auto").
+Each run decodes `--new-tokens` tokens greedily after the same prompt, for each k drafts a step:
 
 - plain greedy: seconds per token (t_step);
-- MTP greedy (one draft per step): its output must equal plain greedy's token for token; the
-  time of its verify forwards (the main model over [t_n, d_1]) and draft forwards (the MTP
-  module) is read by timing the engine's own calls, per verify step;
-- the speed-up that follows for an acceptance rate a: (1 + a) * t_step / (t_verify + t_draft(a)
-  + t_rest), t_rest the engine's other work per step; after an accepted draft the MTP forward
-  catches up two positions (the accepted token's and the next: both need the main model's
-  hidden state; only the last one's FFN and head run), so t_draft(a) mixes the one-position
-  draft timed in the run with a two-position one (the run's draft times the ratio of the two
-  timed on their own), in proportions 1 - a and a.
+- MTP greedy with drafts never right (`Oracle`: another token than plain greedy's, varied as
+  a trained module's drafts are; the module's forward still runs): its output must equal plain
+  greedy's; the time of its verify forwards (the main model over [t_n, d_1..d_k]) and draft
+  forwards (the MTP module) is read by timing the engine's own calls, per step; t_rest is the
+  rest of a step;
+- the speed-up those times predict for drafts accepted to depth j in a fraction reach[j] of the
+  steps: (1 + sum(reach)) * t_step / (t_verify + t_draft(reach) + t_rest). After a accepted
+  drafts the MTP forward catches up a + 1 positions (each needs the main model's hidden state;
+  only the last one's FFN and head run), timed on its own and scaled to the run's drafts;
+- measured end to end: MTP greedy with drafts made right as often as the main job's trained
+  modules' (`Oracle`: plain greedy's next token in that fraction of the steps, the module's
+  forward still run), against plain greedy timed after each run, prompts' prefill left out.
 
-Random weights give random drafts (acceptance ~0), so the measured speed-up is the a = 0 point
-of that line, which checks it; the rows for a = 0.83 / 0.97 use the acceptance the main job's
-trained models reach (docs/results.md), a = 1 is the ceiling. `--dense` repeats it on a dense
-model (every layer an MLP of 4 x 1024, the same attention), where a second token reads no new
-weights. Prints the machine, its measured read bandwidth, and the bytes of weights a token reads.
+The never-right run is the reach = 0 point of the prediction, which checks it (the random
+module's own drafts would do as well for that, but they are one token over and over). The
+acceptance profiles (REACH) are the lowest and highest of four seeds' trained modules
+(`python experiments/mtp_acceptance.py`) and the ceiling. `--dense` repeats it on a
+dense model (every layer an MLP of 4 x 1024, the same attention), where a second token reads no
+new weights. Prints the machine, its measured read bandwidth, and the bytes of weights a token
+reads.
 """
 
 from __future__ import annotations
@@ -122,61 +130,61 @@ class Oracle:
 
 def measure(model, prompt: list[int], n: int, quantize: str | None = None, k: int = 1,
             draft_quantize: str | None = None) -> dict:  # fmt: skip
-    """Plain and MTP greedy decoding of n tokens (batch 1, k drafts per step), each engine
-    warmed up first."""
+    """Plain greedy decoding of n tokens (batch 1), then MTP greedy with k drafts a step made
+    right as often as each of REACH[k] and as never (every engine warmed up first; times less
+    the prompt's prefill)."""
     seq = len(prompt) + n + k + 1
     plain = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, quantize=quantize)
-    spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp",
-                           num_draft=k, quantize=quantize, draft_quantize=draft_quantize)  # fmt: skip
-    for engine in (plain, spec):  # warm-up: allocator, thread pool, decode weight copies
-        nanoseek.generate(model, [prompt], max_new_tokens=8, engine=engine)
-    tp, ts = Timed(plain), Timed(spec)
-    t0 = time.perf_counter()
-    ref = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=plain)
-    t_plain = time.perf_counter() - t0 - tp.seconds["prefill"]  # the prompt: not a step
-    spec.speculator.reset_stats()
-    t0 = time.perf_counter()
-    out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=spec)
-    t_spec = time.perf_counter() - t0 - ts.seconds["prefill"]
-    steps = spec.speculator.row_steps
-    t_verify = ts.seconds["decode"] / steps
-    t_draft = ts.seconds["mtp_forward"] / steps
-    # random drafts are never accepted: each step ran k one-position MTP forwards (the catch-up
-    # and k - 1 further drafts). After a accepted drafts the catch-up covers a + 1 positions:
-    # its time scaled from the run's by the ratio of the two timed on their own (alone, back to
-    # back, both run faster than inside the decode loop)
+    nanoseek.generate(model, [prompt], max_new_tokens=8, engine=plain)
+    tp = Timed(plain)
+
+    def plain_seconds() -> tuple[float, torch.Tensor]:
+        before = tp.seconds["prefill"]
+        t0 = time.perf_counter()
+        out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=plain)
+        return time.perf_counter() - t0 - (tp.seconds["prefill"] - before), out
+
+    t_plain, ref = plain_seconds()
+    sequence = prompt + ref[0].tolist()
+
+    def mtp_run(reach: tuple[float, ...]):
+        spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp",
+                               num_draft=k, quantize=quantize, draft_quantize=draft_quantize)  # fmt: skip
+        Oracle(spec.runner, sequence, reach)
+        nanoseek.generate(model, [prompt], max_new_tokens=8, engine=spec)
+        spec.speculator.reset_stats()
+        ts = Timed(spec)
+        t0 = time.perf_counter()
+        out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=spec)
+        t = time.perf_counter() - t0 - ts.seconds["prefill"]
+        s = spec.speculator
+        return spec, ts.seconds, dict(reach=reach, realized=s.acceptance_rates(), seconds=t,
+                                      tokens_per_step=s.tokens_per_step(), steps=s.row_steps,
+                                      identical=bool(torch.equal(ref, out)))  # fmt: skip
+
+    # drafts never right (each another token than plain greedy's: varied, as a trained
+    # module's are): each step runs k one-position MTP forwards (the catch-up and k - 1 further
+    # drafts) and verifies k + 1 tokens. After a accepted drafts the catch-up covers a + 1
+    # positions: its time scaled from the run's by the ratio of the two timed on their own
+    # (alone, back to back, both run faster than inside the decode loop)
+    spec, seconds, never = mtp_run((0.0,) * k)
+    steps = never["steps"]
+    t_verify, t_draft = seconds["decode"] / steps, seconds["mtp_forward"] / steps
     alone = [mtp_seconds(spec, model, T, len(prompt)) for T in range(1, k + 2)]
     one = t_draft / k
+    del spec
     r = dict(
         k=k,
         t_step=t_plain / (n - 1),  # prefill makes the first token
-        t_verify=t_verify, t_draft=t_draft, t_rest=t_spec / steps - t_verify - t_draft,
+        t_verify=t_verify, t_draft=t_draft, t_rest=never["seconds"] / steps - t_verify - t_draft,
         t_draft_after=[one * (t / alone[0] + k - 1) for t in alone],  # [a]: after a accepted
-        acceptance=spec.speculator.acceptance_rates()[0],
-        tokens_per_step=spec.speculator.tokens_per_step(),
-        speedup=t_plain / t_spec, identical=bool(torch.equal(ref, out)),
+        never=never, speedup=t_plain / never["seconds"],
     )  # fmt: skip
-    # drafts right as often as the trained modules' (Oracle), timed end to end (less the
-    # prompt's prefill) against plain greedy timed again after each
-    sequence = prompt + ref[0].tolist()
+    # drafts right as often as the trained modules', each run against plain greedy timed after it
     runs, plains = [], []
     for reach in REACH[k]:
-        oracle = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp",
-                                 num_draft=k, quantize=quantize, draft_quantize=draft_quantize)  # fmt: skip
-        Oracle(oracle.runner, sequence, reach)
-        nanoseek.generate(model, [prompt], max_new_tokens=8, engine=oracle)
-        oracle.speculator.reset_stats()
-        to = Timed(oracle)
-        t0 = time.perf_counter()
-        out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=oracle)
-        t = time.perf_counter() - t0 - to.seconds["prefill"]
-        runs.append(dict(reach=reach, realized=oracle.speculator.acceptance_rates(),
-                         tokens_per_step=oracle.speculator.tokens_per_step(),
-                         seconds=t, identical=bool(torch.equal(ref, out))))  # fmt: skip
-        before = tp.seconds["prefill"]
-        t0 = time.perf_counter()
-        nanoseek.generate(model, [prompt], max_new_tokens=n, engine=plain)
-        plains.append(time.perf_counter() - t0 - (tp.seconds["prefill"] - before))
+        runs.append(mtp_run(reach)[2])
+        plains.append(plain_seconds()[0])
     r["oracle"] = runs
     r["t_plain_total"] = sum(plains) / len(plains)
     return r
@@ -187,7 +195,7 @@ def mtp_seconds(engine, model, T: int, start: int, reps: int = 8) -> float:
     """Best time of the engine's MTP forward over T positions from `start` (its cache rolled
     back after each). A step after a accepted drafts runs it over a + 1 positions: the accepted
     tokens' and the next (each needs the main model's hidden state from the verify forward),
-    so a trained module's drafts cost more than the random drafts' single position; as the
+    so accepted drafts cost more than a rejected one's single position; as the
     speculator does, only the last position's output is computed (the others write their cache
     entries; their FFN and head are skipped)."""
     runner, dev = engine.runner, model.device
@@ -223,10 +231,10 @@ def report(label: str, cfg, r: dict, bandwidth: float, bytes_per_weight: float) 
     print(f"  {k} draft(s) a step: verify {k + 1} tokens {ms['t_verify']:.1f} ms "
           f"({ms['t_verify'] / ms['t_step']:.2f}x a decode step) + drafts {ms['t_draft']:.1f} "
           f"(after 1.. accepted: {after}) + other {ms['t_rest']:.1f}")  # fmt: skip
-    zero = (0.0,) * k
-    print(f"    random drafts: acceptance {r['acceptance']:.0%}, {r['tokens_per_step']:.2f} tokens "
-          f"per verify step, measured {r['speedup']:.2f}x plain (predicted "
-          f"{predicted(r, zero):.2f}x), output identical: {r['identical']}")  # fmt: skip
+    never = r["never"]
+    print(f"    drafts never right: {never['tokens_per_step']:.2f} tokens a step, measured "
+          f"{r['speedup']:.2f}x plain (predicted {predicted(r, never['reach']):.2f}x), output "
+          f"identical: {never['identical']}")  # fmt: skip
     print("    drafts right as often as the trained modules' (lowest, highest of four seeds; all):")
     for run in r["oracle"]:
         realized = "/".join(f"{x:.2f}" for x in run["realized"])
