@@ -149,6 +149,24 @@ def test_int8_drafts_where_a_draft_reads_enough_bytes(monkeypatch):
         Engine(model, speculative="mtp", draft_quantize="int4")
 
 
+def test_int8_drafts_follow_weight_updates():
+    """A trainer updating the model between generate calls: the int8 draft copies are re-made
+    when the MTP module next starts a sequence (its forward from position 0), a one-token
+    prompt's too (whose first draft is that forward), and the output stays plain greedy's."""
+    model = random_model(tiny_config())
+    engine = Engine(model, max_batch_size=1, max_seq_len=64, speculative="mtp",
+                    draft_quantize="int8")  # fmt: skip
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine.generate([[5]], params)
+    made = engine.runner.draft_weights._made
+    with torch.no_grad():
+        model.mtp[0].eh_proj.weight.mul_(2.0)
+    engine.generate([[5]], params)
+    assert engine.runner.draft_weights._made > made
+    want = Engine(model, max_batch_size=1, max_seq_len=64).generate([[5]], params)
+    assert engine.generate([[5]], params)[0].token_ids == want[0].token_ids
+
+
 def test_speculative_needs_an_mtp_module():
     model = random_model(tiny_config(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="MTP"):
