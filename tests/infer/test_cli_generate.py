@@ -59,6 +59,8 @@ def test_chat_and_speculative(capsys, ckpt):
     assert out.startswith("<think>\n") and "MTP acceptance" in err
     code, plain, _ = run(capsys, *argv)
     assert plain == out  # greedy: speculative changes nothing
+    code, int8_drafts, err = run(capsys, *argv, "--speculative", "mtp", "--draft-quantize", "int8")
+    assert code == 0 and int8_drafts == plain, err  # nor do the drafts' weights
 
 
 def test_sampling_with_a_seed_is_reproducible(capsys, ckpt):
@@ -74,6 +76,7 @@ def test_sampling_with_a_seed_is_reproducible(capsys, ckpt):
         (["--top-p", "0"], ["top_p"]),
         (["--max-new-tokens", "0"], ["max-new-tokens"]),
         (["--speculative", "eagle"], ["speculative"]),
+        (["--speculative", "mtp", "--draft-quantize", "int4"], ["draft-quantize"]),
         (["--exact", "--quantize", "int8"], ["--exact", "--quantize"]),
     ],
 )
