@@ -124,6 +124,26 @@ def test_speculative_sampling_is_seeded_and_logprobs_match_plain(draft_quantize)
     torch.testing.assert_close(torch.tensor(runs[0].logprobs), want, atol=1e-4, rtol=0)
 
 
+def test_greedy_and_sampled_rows_in_one_speculative_batch():
+    """A greedy row batched with sampled ones keeps plain greedy's tokens; a sampled row's
+    log-probs are the main model's whatever was accepted around it."""
+    model = random_model(tiny_config())
+    greedy = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=14, ignore_eos=True, temperature=1.0, seed=5,
+                             logprobs=True)  # fmt: skip
+    prompts = [[5, 9, 11, 3], [7, 8, 9], [20, 30]]
+    want = Engine(model, max_batch_size=1, max_seq_len=64).generate([prompts[0]], greedy)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64, speculative="mtp", num_draft=2)
+    out = engine.generate(prompts, [greedy, sampled, sampled])
+    assert out[0].token_ids == want[0].token_ids
+    for prompt, c in zip(prompts[1:], out[1:]):
+        ids = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            logits = model(ids, mtp=False).logits[0, len(prompt) - 1 : -1]
+        lp = logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), lp, atol=1e-4, rtol=0)
+
+
 def test_int8_drafts_where_a_draft_reads_enough_bytes(monkeypatch):
     """draft_quantize="auto": int8 drafts where the native kernels run and a draft reads at
     least DRAFT_INT8_BYTES (a tiny model's does not); never in exact engines; bad values named."""
