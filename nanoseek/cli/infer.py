@@ -39,9 +39,9 @@ EXACT_HELP = (
 
 
 DRAFT_QUANTIZE_HELP = (
-    "weights the MTP module drafts with: int8 copies (the output is unchanged: the model's own "
-    "weights verify), none (the engine's), auto (int8 where a draft reads >= 16 MB of weights "
-    "and the native kernels run; default)"
+    "weights the MTP module drafts with: int8 copies (the model's own weights verify: greedy "
+    "output is unchanged, sampling keeps the model's distribution), none (the engine's), auto "
+    "(int8 where a draft reads >= 16 MB of weights and the native kernels run; default)"
 )
 
 

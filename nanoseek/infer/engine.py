@@ -114,9 +114,9 @@ class Engine:
         speculative: None or "mtp" (draft num_draft tokens per step with the MTP module).
         draft_quantize: the weights the MTP module drafts with: "int8" (weight-only int8 copies
         of the module and the head: the drafts only propose, the verify step in the model's own
-        weights decides, so the output is unchanged), None (the engine's), or "auto": int8 where
-        the native kernels decode on CPU (not `exact`) and a draft reads at least
-        runner.DRAFT_INT8_BYTES of weights.
+        weights decides: greedy output is unchanged, sampling keeps the model's distribution),
+        None (the engine's), or "auto": int8 where the native kernels decode on CPU (not
+        `exact`) and a draft reads at least runner.DRAFT_INT8_BYTES of weights.
         seed: the generator of requests without their own seed. quantize: None (the model's
         dtype) or "int8": decode with weight-only int8 copies of the weights (faster on CPU, not
         token-identical; nanoseek/infer/quant.py). exact: decode an fp32 model through
