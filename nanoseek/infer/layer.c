@@ -76,7 +76,6 @@ static void layer_rows(const layer_plan *p, const void *x, void *out, const floa
   if (hf)
     for (size_t i = 0; i < (size_t)M * D; i++) hf[i] = bf16_to_float(((const uint16_t *)h)[i]);
   const char *hx = hf ? (const char *)hf : h;
-  const size_t xs = hf ? sizeof(float) : es;
   if (p->SF)
     nanoseek_experts_ffn(hx, p->sw1, p->ss1, p->sw2, p->ss2, &one, &unit, y, 1, M, D, p->SF,
                          p->kind, bf16);
@@ -85,10 +84,9 @@ static void layer_rows(const layer_plan *p, const void *x, void *out, const floa
     int64_t *ids = malloc(sizeof(int64_t) * M * p->K);
     nanoseek_route(h, p->gate, p->gate_bias, gates, ids, M, D, p->E, p->n_group, p->topk_group,
                    p->K, p->softmax, p->method, p->norm, p->route_scale, bf16, p->gate_bf16);
-    if (M == 1) /* MoE.forward_few: per token */
-      for (int n = 0; n < M; n++)
-        nanoseek_experts_ffn(hx + xs * n * D, p->ew1, p->es1, p->ew2, p->es2, ids + n * p->K,
-                             gates + n * p->K, y + es * n * D, p->K, 1, D, p->EF, p->kind, bf16);
+    if (M == 1) /* MoE.forward_few: one token's K experts */
+      nanoseek_experts_ffn(hx, p->ew1, p->es1, p->ew2, p->es2, ids, gates, y, p->K, 1, D, p->EF,
+                           p->kind, bf16);
     else
       nanoseek_experts_grouped(hx, p->ew1, p->es1, p->ew2, p->es2, ids, gates, y, M, p->K, D,
                                p->EF, p->kind, bf16);

@@ -339,9 +339,8 @@ class MoE(FixedDtypeBuffers):
         xe = flat if weights.expert_dtype is None else flat.to(weights.expert_dtype)
         params = self.experts.gate_up_proj, self.experts.down_proj
         if flat.shape[0] == 1:  # one token: its K experts in two calls, no gathers
-            for n, (es, ws) in enumerate(zip(indices.tolist(), gate_weights.tolist())):
-                # [V3 eq. 12]: y_n += sum_i g_i FFN_i(x_n), the experts added in order
-                weights.experts_ffn(xe[n], *params, es, ws, y[n])
+            # [V3 eq. 12]: y += sum_i g_i FFN_i(x), the experts added in order
+            weights.experts_ffn(xe[0], *params, indices[0].tolist(), gate_weights[0].tolist(), y[0])
             return y.view(B, T, D)
         return weights.grouped_experts_ffn(xe, *params, indices, gate_weights, y).view(B, T, D)
 
