@@ -35,7 +35,7 @@ from nanoseek.model.weights import MODULE_WEIGHTS
 PREFILL_INT8 = 64  # prompt tokens (all rows) an int8 engine prefills with its int8 weights
 # bytes of weights a draft reads from which `draft_quantize="auto"` drafts in int8: below it a
 # draft step is overhead-bound, and the int8 calls cost more (the main job's 1.2M model: MTP
-# greedy 0.90x plain with fp32 drafts, 0.84x with int8); the 803M bench model's reads 102 MB
+# greedy 0.90x plain with fp32 drafts, 0.84x with int8); the 803M bench model's reads 103 MB
 DRAFT_INT8_BYTES = 16 << 20
 DRAFT_QUANTIZE = ("auto", None, "int8")
 
