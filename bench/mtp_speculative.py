@@ -13,7 +13,7 @@ scaled so that tokens decide their routing: EMBED_SCALE), fp32, built in memory.
 drafts with int8 copies of its weights unless `--draft-quantize none` (the engine's "auto").
 Each run decodes `--new-tokens` tokens greedily after the same prompt, for each k drafts a step:
 
-- plain greedy: seconds per token (t_step);
+- plain greedy: seconds per token (t_step, the plain run paired with the median never-right run);
 - MTP greedy with drafts never right (`Oracle`: another token than plain greedy's, varied as
   a trained module's drafts are; the module's forward still runs): its output must equal plain
   greedy's; the time of its verify forwards (the main model over [t_n, d_1..d_k]) and draft
@@ -25,7 +25,9 @@ Each run decodes `--new-tokens` tokens greedily after the same prompt, for each 
   only the last one's FFN and head run), timed on its own and scaled to the run's drafts;
 - measured end to end: MTP greedy with drafts made right as often as the main job's trained
   modules' (`Oracle`: plain greedy's next token in that fraction of the steps, the module's
-  forward still run), against plain greedy timed after each run, prompts' prefill left out.
+  forward still run), each run right after a plain greedy run: the speed-up is the pair's
+  ratio, the median and range of `--pairs` pairs (a shared host's bandwidth drifts by +-30%
+  over minutes; within a pair it mostly holds), prompts' prefill left out.
 
 The never-right run is the reach = 0 point of the prediction, which checks it (the random
 module's own drafts would do as well for that, but they are one token over and over). The
@@ -129,10 +131,12 @@ class Oracle:
 
 
 def measure(model, prompt: list[int], n: int, quantize: str | None = None, k: int = 1,
-            draft_quantize: str | None = None) -> dict:  # fmt: skip
-    """Plain greedy decoding of n tokens (batch 1), then MTP greedy with k drafts a step made
-    right as often as each of REACH[k] and as never (every engine warmed up first; times less
-    the prompt's prefill)."""
+            draft_quantize: str | None = None, pairs: int = 3) -> dict:  # fmt: skip
+    """Plain greedy decoding of n tokens (batch 1), and MTP greedy with k drafts a step made
+    right as never and as often as each of REACH[k], each MTP run right after a plain run: a
+    speed-up is a pair's ratio (the median and range of `pairs` pairs), so that the machine's
+    drifts in bandwidth (+-30% over minutes on a shared host) fall on both sides of it. Every
+    engine is warmed up first; times are less the prompt's prefill."""
     seq = len(prompt) + n + k + 1
     plain = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, quantize=quantize)
     nanoseek.generate(model, [prompt], max_new_tokens=8, engine=plain)
@@ -144,50 +148,50 @@ def measure(model, prompt: list[int], n: int, quantize: str | None = None, k: in
         out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=plain)
         return time.perf_counter() - t0 - (tp.seconds["prefill"] - before), out
 
-    t_plain, ref = plain_seconds()
+    ref = plain_seconds()[1]
     sequence = prompt + ref[0].tolist()
 
-    def mtp_run(reach: tuple[float, ...]):
+    def mtp_pairs(reach: tuple[float, ...]):
         spec = nanoseek.Engine(model, max_batch_size=1, max_seq_len=seq, speculative="mtp",
                                num_draft=k, quantize=quantize, draft_quantize=draft_quantize)  # fmt: skip
         Oracle(spec.runner, sequence, reach)
         nanoseek.generate(model, [prompt], max_new_tokens=8, engine=spec)
-        spec.speculator.reset_stats()
-        ts = Timed(spec)
-        t0 = time.perf_counter()
-        out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=spec)
-        t = time.perf_counter() - t0 - ts.seconds["prefill"]
-        s = spec.speculator
-        return spec, ts.seconds, dict(reach=reach, realized=s.acceptance_rates(), seconds=t,
-                                      tokens_per_step=s.tokens_per_step(), steps=s.row_steps,
-                                      identical=bool(torch.equal(ref, out)))  # fmt: skip
+        ts, s = Timed(spec), spec.speculator
+        runs = []
+        for _ in range(pairs):
+            t_plain = plain_seconds()[0]
+            s.reset_stats()
+            before = dict(ts.seconds)
+            t0 = time.perf_counter()
+            out = nanoseek.generate(model, [prompt], max_new_tokens=n, engine=spec)
+            spent = {key: ts.seconds[key] - before.get(key, 0.0) for key in list(ts.seconds)}
+            t = time.perf_counter() - t0 - spent.get("prefill", 0.0)
+            runs.append(dict(reach=reach, realized=s.acceptance_rates(), seconds=t,
+                             t_plain=t_plain, speedup=t_plain / t, spent=spent,
+                             tokens_per_step=s.tokens_per_step(), steps=s.row_steps,
+                             identical=bool(torch.equal(ref, out))))  # fmt: skip
+        return spec, runs
 
     # drafts never right (each another token than plain greedy's: varied, as a trained
     # module's are): each step runs k one-position MTP forwards (the catch-up and k - 1 further
     # drafts) and verifies k + 1 tokens. After a accepted drafts the catch-up covers a + 1
     # positions: its time scaled from the run's by the ratio of the two timed on their own
-    # (alone, back to back, both run faster than inside the decode loop)
-    spec, seconds, never = mtp_run((0.0,) * k)
-    steps = never["steps"]
-    t_verify, t_draft = seconds["decode"] / steps, seconds["mtp_forward"] / steps
+    # (alone, back to back, both run faster than inside the decode loop). The times of the
+    # pair with the median speed-up make the prediction's.
+    spec, never = mtp_pairs((0.0,) * k)
+    mid = sorted(never, key=lambda run: run["speedup"])[len(never) // 2]
+    steps = mid["steps"]
+    t_verify, t_draft = mid["spent"]["decode"] / steps, mid["spent"]["mtp_forward"] / steps
     alone = [mtp_seconds(spec, model, T, len(prompt)) for T in range(1, k + 2)]
     one = t_draft / k
     del spec
-    r = dict(
+    return dict(
         k=k,
-        t_step=t_plain / (n - 1),  # prefill makes the first token
-        t_verify=t_verify, t_draft=t_draft, t_rest=never["seconds"] / steps - t_verify - t_draft,
+        t_step=mid["t_plain"] / (n - 1),  # prefill makes the first token
+        t_verify=t_verify, t_draft=t_draft, t_rest=mid["seconds"] / steps - t_verify - t_draft,
         t_draft_after=[one * (t / alone[0] + k - 1) for t in alone],  # [a]: after a accepted
-        never=never, speedup=t_plain / never["seconds"],
+        never=never, oracle=[mtp_pairs(reach)[1] for reach in REACH[k]],
     )  # fmt: skip
-    # drafts right as often as the trained modules', each run against plain greedy timed after it
-    runs, plains = [], []
-    for reach in REACH[k]:
-        runs.append(mtp_run(reach)[2])
-        plains.append(plain_seconds()[0])
-    r["oracle"] = runs
-    r["t_plain_total"] = sum(plains) / len(plains)
-    return r
 
 
 @torch.inference_mode()
@@ -220,6 +224,12 @@ def predicted(r: dict, reach: tuple[float, ...]) -> float:
     return (1 + sum(reach)) * r["t_step"] / (r["t_verify"] + draft + r["t_rest"])
 
 
+def spread(runs: list[dict]) -> str:
+    """The pairs' speed-ups: median (lowest-highest)."""
+    x = sorted(run["speedup"] for run in runs)
+    return f"{x[len(x) // 2]:.2f}x plain ({x[0]:.2f}-{x[-1]:.2f} over {len(x)} pairs)"
+
+
 def report(label: str, cfg, r: dict, bandwidth: float, bytes_per_weight: float) -> None:
     k, ms = r["k"], {key: r[key] * 1e3 for key in ("t_step", "t_verify", "t_draft", "t_rest")}
     if label:
@@ -232,23 +242,24 @@ def report(label: str, cfg, r: dict, bandwidth: float, bytes_per_weight: float) 
           f"({ms['t_verify'] / ms['t_step']:.2f}x a decode step) + drafts {ms['t_draft']:.1f} "
           f"(after 1.. accepted: {after}) + other {ms['t_rest']:.1f}")  # fmt: skip
     never = r["never"]
-    print(f"    drafts never right: {never['tokens_per_step']:.2f} tokens a step, measured "
-          f"{r['speedup']:.2f}x plain (predicted {predicted(r, never['reach']):.2f}x), output "
-          f"identical: {never['identical']}")  # fmt: skip
+    print(f"    drafts never right: {never[0]['tokens_per_step']:.2f} tokens a step, measured "
+          f"{spread(never)}, predicted {predicted(r, never[0]['reach']):.2f}x; output identical: "
+          f"{all(run['identical'] for run in never)}")  # fmt: skip
     print("    drafts right as often as the trained modules' (lowest, highest of four seeds; all):")
-    for run in r["oracle"]:
+    for runs in r["oracle"]:
+        run = runs[0]
         realized = "/".join(f"{x:.2f}" for x in run["realized"])
         print(f"      accepted to depth 1..{k} {'/'.join(f'{x:.2f}' for x in run['reach'])} "
               f"(this run {realized}, {run['tokens_per_step']:.2f} tokens a step): measured "
-              f"{r['t_plain_total'] / run['seconds']:.2f}x plain, predicted "
-              f"{predicted(r, tuple(run['realized'])):.2f}x; output identical: "
-              f"{run['identical']}")  # fmt: skip
+              f"{spread(runs)}, predicted {predicted(r, tuple(run['realized'])):.2f}x; output "
+              f"identical: {all(x['identical'] for x in runs)}")  # fmt: skip
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=3, help="plain + MTP runs per acceptance profile")
     p.add_argument("--dense", action="store_true", help="also a dense model of the same width")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 decode weights")
     p.add_argument("--num-draft", type=int, nargs="+", default=[1, 2], choices=sorted(REACH),
@@ -283,7 +294,7 @@ def main(argv=None) -> None:
             model = nanoseek.CausalLM(cfg).eval()
             model.model.embed_tokens.weight.mul_(EMBED_SCALE)  # tokens decide their routing
             for i, k in enumerate(args.num_draft):
-                r = measure(model, prompt, args.new_tokens, args.quantize, k, draft_q)
+                r = measure(model, prompt, args.new_tokens, args.quantize, k, draft_q, args.pairs)
                 report(label if i == 0 else "", cfg, r, bandwidth, 1 if args.quantize else 4)
             del model
 
