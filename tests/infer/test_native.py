@@ -112,6 +112,33 @@ def test_int8_batched_and_zero_rows():
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8"])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(kind):
+    """A few activation rows stream the weights row after row, more take 4 x 4 tiles (gemv.c
+    `block_*`): both add a product's terms in the same order, so each row's result is the same
+    bits alone, in a verify step's 2-4 rows, or among 12 (past every kind's row-wise limit).
+    K = 4256: two int32 chunks of the int8 kernel, tails of its 4-vector unroll; 13 outputs: a
+    tail of 1 after 3 blocks of 4."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(12, 4256, generator=g), torch.randn(13, 4256, generator=g)
+    if kind == "q8":
+        q = Int8Weight.quantize(w)
+
+        def run(rows):
+            return KERNELS.q8(rows, q.q, q.scale, torch.float32)
+    else:
+        dtype = torch.float32 if kind == "f32" else torch.bfloat16
+        x, w = x.to(dtype), w.to(dtype)
+
+        def run(rows):
+            return getattr(KERNELS, kind)(rows, w, out_dtype=torch.float32)
+
+    every = run(x)
+    for lo, hi in [(0, 1), (5, 6), (0, 2), (3, 6), (4, 8), (0, 9), (2, 12)]:
+        assert torch.equal(run(x[lo:hi]), every[lo:hi]), (lo, hi)
+
+
+@needs_kernels
 def test_leading_dims_and_strided_activations():
     """x [B,T,K] against one matrix, and per-head x given as a transposed view ([G,M,K] from
     [M,G,K], as MLA's absorbed attention passes it): the same numbers as contiguous 2D calls."""
