@@ -10,12 +10,13 @@ decode step of PyTorch's operators pays microseconds for each of hundreds of the
 streams bf16 with vdpbf16ps, fp32 with vfmadd (an fp32 model's own weights; no W^T copies),
 and int8 weights with vpdpwssd against the activations as int16 (one scale per row: ~15 bits,
 so the result is as exact as the weights' int8 allows, where llama.cpp's q8_0 rounds the
-activations to int8 per block of 32), four weight rows per activation load. Measured on one
-core of an Intel Xeon (AMX; 2026-12-07) against a read bandwidth of ~12 GB/s, with weights
-cycled through DRAM: int8 8.6-11.8 GB/s against ATen's 5.8-6.9, bf16 9.4-11.0 against
-torch.mv's 7.0-11.8; fp32 at MKL's rate (`python bench/gemv.py --dtype fp32|bf16|int8
---pool-mb 1200` compares them on the machine it runs on). A decode step of up to 8 rows is one
-call per decoder layer (layer.c).
+activations to int8 per block of 32). A few activation rows read the weights row after row,
+one stream through memory; more rows take 4 x 4 tiles, four weight rows per activation load.
+Measured on one core of an Intel Xeon (AMX; 2026-12-07, 4 x 4 tiles at every row count) against
+a read bandwidth of ~12 GB/s, with weights cycled through DRAM: int8 8.6-11.8 GB/s against
+ATen's 5.8-6.9, bf16 9.4-11.0 against torch.mv's 7.0-11.8; fp32 at MKL's rate (`python
+bench/gemv.py --dtype fp32|bf16|int8 --pool-mb 1200` compares them on the machine it runs
+on). A decode step of up to 8 rows is one call per decoder layer (layer.c).
 
 The C sources ship with the package and are compiled once per process with the system's C
 compiler (`cc -O3 -march=native -fopenmp`, ~2 s here) into a private temporary directory, so
