@@ -116,9 +116,10 @@ def test_int8_batched_and_zero_rows():
 def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(kind):
     """A few activation rows stream the weights row after row, more take 4 x 4 tiles (gemv.c
     `block_*`): both add a product's terms in the same order, so each row's result is the same
-    bits alone, in a verify step's 2-4 rows, or among 12 (past every kind's row-wise limit).
-    K = 4256: two int32 chunks of the int8 kernel, tails of its 4-vector unroll; 13 outputs: a
-    tail of 1 after 3 blocks of 4."""
+    bits alone, in a verify step's 2-4 rows, or among 12. K = 4256: past the row-wise limit of
+    the activations' bytes from 2 fp32 rows and 4 int16 / bf16 rows on, two int32 chunks of
+    the int8 kernel, tails of its 4-vector unroll; 13 outputs: a tail of 1 after 3 blocks of
+    4."""
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(12, 4256, generator=g), torch.randn(13, 4256, generator=g)
     if kind == "q8":
@@ -134,7 +135,7 @@ def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(kind):
             return getattr(KERNELS, kind)(rows, w, out_dtype=torch.float32)
 
     every = run(x)
-    for lo, hi in [(0, 1), (5, 6), (0, 2), (3, 6), (4, 8), (0, 9), (2, 12)]:
+    for lo, hi in [(0, 1), (5, 6), (0, 2), (3, 6), (0, 3), (4, 8), (0, 9), (2, 12)]:
         assert torch.equal(run(x[lo:hi]), every[lo:hi]), (lo, hi)
 
 
