@@ -180,13 +180,13 @@ ROW_Q16(2, 2)
 ROW_Q16(3, 1)
 ROW_Q16(4, 1)
 
-/* the tile of MT = min(4, M - m) activation rows, MT a constant in each branch */
-#define BY_TILE                        \
+/* F(NAME, MT) for the tile of MT = min(4, M - m) activation rows, MT a constant in each branch */
+#define BY_TILE(F, NAME)               \
   switch (M - m < 4 ? M - m : 4) {     \
-    case 1: ROWS(1) break;             \
-    case 2: ROWS(2) break;             \
-    case 3: ROWS(3) break;             \
-    default: ROWS(4)                   \
+    case 1: F(NAME, 1) break;          \
+    case 2: F(NAME, 2) break;          \
+    case 3: F(NAME, 3) break;          \
+    default: F(NAME, 4)                \
   }
 
 /* one block of up to 4 output rows against all M activation rows, in tiles of 4 rows, for float
@@ -216,12 +216,7 @@ ROW_Q16(4, 1)
         for (int m = 0; m < M; m += 4) {                                                   \
           const T *xm = x + (int64_t)m * K;                                                \
           const int64_t ym = y0 + (int64_t)m * O + r;                                      \
-          switch (M - m < 4 ? M - m : 4) {                                                 \
-            case 1: ROW_TILES(NAME, 1) break;                                              \
-            case 2: ROW_TILES(NAME, 2) break;                                              \
-            case 3: ROW_TILES(NAME, 3) break;                                              \
-            default: ROW_TILES(NAME, 4)                                                    \
-          }                                                                                \
+          BY_TILE(ROW_TILES, NAME)                                                         \
         }                                                                                  \
       }                                                                                    \
       return;                                                                              \
@@ -229,12 +224,7 @@ ROW_Q16(4, 1)
     for (int m = 0; m < M; m += 4) {                                                       \
       const T *xm = x + (int64_t)m * K;                                                    \
       const int64_t ym = y0 + (int64_t)m * O;                                              \
-      switch (M - m < 4 ? M - m : 4) {                                                     \
-        case 1: FLOAT_ROWS(NAME, 1) break;                                                 \
-        case 2: FLOAT_ROWS(NAME, 2) break;                                                 \
-        case 3: FLOAT_ROWS(NAME, 3) break;                                                 \
-        default: FLOAT_ROWS(NAME, 4)                                                       \
-      }                                                                                    \
+      BY_TILE(FLOAT_ROWS, NAME)                                                            \
     }                                                                                      \
   }
 FLOAT_BLOCK(bf16, uint16_t, 8)
@@ -255,8 +245,8 @@ void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_
       for (int m = 0; m < M; m += 4) {
         const int16_t *xm = x + (int64_t)m * K;
         const int64_t ym = y0 + (int64_t)m * O + r;
-#define ROWS(MT_) row_q16_##MT_(xm, sx + m, wr, sr, y, ym, K, O, out_bf16);
-        BY_TILE
+#define ROWS(_, MT_) row_q16_##MT_(xm, sx + m, wr, sr, y, ym, K, O, out_bf16);
+        BY_TILE(ROWS, q16)
 #undef ROWS
       }
     }
@@ -265,13 +255,13 @@ void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_
   for (int m = 0; m < M; m += 4) {
     const int16_t *xm = x + (int64_t)m * K;
     const int64_t ym = y0 + (int64_t)m * O;
-#define ROWS(MT_)                                                                   \
+#define ROWS(_, MT_)                                                                \
   if (R == 4)                                                                       \
     tile_q16_##MT_(xm, sx + m, w, scale, y, ym, 4, K, O, out_bf16);                 \
   else                                                                              \
     for (int r = 0; r < R; r++)                                                     \
       tile_q16_##MT_(xm, sx + m, w + (int64_t)r * K, scale + r, y, ym + r, 1, K, O, out_bf16);
-    BY_TILE
+    BY_TILE(ROWS, q16)
 #undef ROWS
   }
 }
