@@ -285,12 +285,23 @@ void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_
 FLOAT_GEMV(bf16, uint16_t)
 FLOAT_GEMV(f32, float)
 
-/* one row of K fp32 activations as int16 with one scale (amax / 32767) */
+/* one row of K fp32 activations as int16 with one scale (amax / 32767), rounded to nearest even
+ * (vcvtps2dq under the default rounding, as lrintf), 16 lanes at a time: a scalar loop calling
+ * libm's fmaxf and lrintf per value took 2.4% of a perf profile of the 803M model's int8
+ * decoding (on one thread while the other waits), this 0.1% (AMD EPYC, 2026-12-07) */
 void quantize_row(const float *x, int K, int16_t *q, float *scale) {
-  float amax = 0.f;
-  for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+  __m512 vmax = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
   const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-  for (int k = 0; k < K; k++) q[k] = (int16_t)lrintf(x[k] * inv);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (k = 0; k + 16 <= K; k += 16) /* |x * inv| <= 32767: no saturation */
+    _mm256_storeu_si256((__m256i *)(q + k),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(
+                            _mm512_mul_ps(_mm512_loadu_ps(x + k), vinv))));
+  for (; k < K; k++) q[k] = (int16_t)lrintf(x[k] * inv);
   *scale = amax / 32767.f;
 }
 
