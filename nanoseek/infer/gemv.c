@@ -157,14 +157,17 @@ TILE(4)
           const int ku = k + 32 * u;                                                           \
           if (!(ku & 63)) _mm_prefetch((const char *)(w + ku) + PF, _MM_HINT_T0);              \
           const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + ku))); \
-          for (int m = 0; m < MT_; m++)                                                        \
-            acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], _mm512_loadu_si512(x + (int64_t)m * K + ku), \
-                                            wv);                                               \
+          for (int m = 0; m < MT_; m++) {                                                      \
+            const __m512i xv = _mm512_loadu_si512(x + (int64_t)m * K + ku);                    \
+            acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], xv, wv);                                \
+          }                                                                                    \
         }                                                                                      \
       for (; k < k1; k += 32) {                                                                \
         const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k))); \
-        for (int m = 0; m < MT_; m++)                                                          \
-          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(x + (int64_t)m * K + k), wv); \
+        for (int m = 0; m < MT_; m++) {                                                        \
+          const __m512i xv = _mm512_loadu_si512(x + (int64_t)m * K + k);                       \
+          acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], xv, wv);                                  \
+        }                                                                                      \
       }                                                                                        \
       for (int m = 0; m < MT_; m++) {                                                          \
         __m512i a = acc[m][0];                                                                 \
@@ -231,9 +234,9 @@ FLOAT_BLOCK(bf16, uint16_t, 8)
 FLOAT_BLOCK(f32, float, 4)
 
 /* q8 products of up to Q16_ROWWISE activation rows (within ROW_X_BYTES as int16) stream the
- * weights row by row (row_q16); more rows are bound by arithmetic, where 4 x 4 tiles widen and load less per product (against
- * row_q16: 1.4x faster at 32 rows, equal at 16, 1.5x slower at 8; 2 threads, AMD EPYC,
- * 2026-12-07). Both give the same bits. */
+ * weights row by row (row_q16); more rows are bound by arithmetic, where 4 x 4 tiles widen and
+ * load less per product (against row_q16: 1.4x faster at 32 rows, equal at 16, 1.5x slower at
+ * 8; 2 threads, AMD EPYC, 2026-12-07). Both give the same bits. */
 #define Q16_ROWWISE 8
 
 void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_t *scale,
