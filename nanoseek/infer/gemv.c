@@ -210,10 +210,15 @@ ROW_Q16(4, 1)
  * Zen 4, 48 KB on Sapphire Rapids): 3 fp32 rows of 4096 (48 KB) streamed a dense MLP's down
  * projection at 31 GB/s row after row, at 39 in 4 x 4 tiles (AMD EPYC, 2 threads) */
 #define ROW_X_BYTES (32 << 10)
+
+/* whether M activation rows of K values of x_size bytes read the weights row after row */
+static inline int row_after_row(int M, int K, int x_size, int max_rows) {
+  return M <= max_rows && (int64_t)M * K * x_size <= ROW_X_BYTES;
+}
 #define FLOAT_BLOCK(NAME, T, ROWWISE)                                                      \
   void block_##NAME(const T *x, const T *w, void *y, int64_t y0, int R, int M, int K,      \
                     int O, int out_bf16) {                                                 \
-    if (M <= ROWWISE && (int64_t)M * K * sizeof(T) <= ROW_X_BYTES) {                       \
+    if (row_after_row(M, K, sizeof(T), ROWWISE)) {                                        \
       for (int r = 0; r < R; r++) {                                                        \
         const T *wr = w + (int64_t)r * K;                                                  \
         for (int m = 0; m < M; m += 4) {                                                   \
@@ -241,7 +246,7 @@ FLOAT_BLOCK(f32, float, 4)
 
 void block_q16(const int16_t *x, const float *sx, const int8_t *w, const uint16_t *scale,
                void *y, int64_t y0, int R, int M, int K, int O, int out_bf16) {
-  if (M <= Q16_ROWWISE && (int64_t)M * K * 2 <= ROW_X_BYTES) { /* x as int16 */
+  if (row_after_row(M, K, sizeof(int16_t), Q16_ROWWISE)) {
     for (int r = 0; r < R; r++) { /* a row's K bytes from memory once, from L1 for more tiles */
       const int8_t *wr = w + (int64_t)r * K;
       const float sr = bf16_to_float(scale[r]);
