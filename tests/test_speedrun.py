@@ -57,6 +57,7 @@ def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeyp
     # greedy MTP speculative decoding must reproduce plain greedy decoding exactly
     assert res["speculative"]["greedy_identical"] is True
     assert len(res["speculative"]["acceptance"]) == 1
+    assert 1 <= res["speculative"]["reply_tokens"] <= res["speculative"]["new_tokens"]
     md = open(os.path.join(out, "report.md")).read()
     for stage in ALL:
         assert f"| {stage} |" in md
