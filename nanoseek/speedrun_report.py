@@ -249,11 +249,14 @@ def _rl_story(out: str, stage: str, before: str) -> list[str]:
 
 
 def _reply_tokens(r: dict) -> str:
-    """The speculative stage's reply lengths (a run from before it stopped at the replies' end
-    decoded `new_tokens` each, past the end)."""
+    """The speculative stage's reply lengths (a result without `reply_tokens` decoded
+    `new_tokens` a prompt, past the replies' end)."""
     if "reply_tokens" not in r:
-        return f"{r['new_tokens']} new tokens each, past the end"
-    return f"{r['reply_tokens']:.1f} tokens on average, at most {r['new_tokens']}"
+        return f"{r['new_tokens']} new tokens each, past the replies' end"
+    return (
+        f"each reply to its end ({r['reply_tokens']:.1f} tokens on average, at most "
+        f"{r['new_tokens']})"
+    )
 
 
 def _img(plots: dict, name: str, alt: str) -> list[str]:
@@ -341,8 +344,9 @@ def _sections(out: str, res: dict, plots: dict) -> list[str]:
         r = res["speculative"]
         md += ["", "## Generation: plain vs MTP speculative decoding", ""]
         md.append(
-            f"Final model, greedy, batch 1, {r['prompts']} held-out prompts, each reply to its "
-            f"end ({_reply_tokens(r)}), {r['threads']} threads: plain {r['plain_tokens_per_s']:.1f} tokens/s, "
+            f"Final model, greedy, batch 1, {r['prompts']} held-out prompts, {_reply_tokens(r)}, "
+            f"{r['threads']} threads: plain "
+            f"{r['plain_tokens_per_s']:.1f} tokens/s, "
             f"MTP {r['mtp_tokens_per_s']:.1f} tokens/s ({r['speedup']:.2f}x); acceptance "
             f"{', '.join(f'{a:.1%}' for a in r['acceptance'])}, {r['tokens_per_step']:.2f} "
             f"tokens per verify step; outputs identical: "

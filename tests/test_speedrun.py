@@ -66,6 +66,7 @@ def test_smoke_speedrun_end_to_end_then_rerun_skips_everything(tmp_path, monkeyp
                 "plots/r1_reasoning_rl_curves.png"):  # fmt: skip
         assert f"]({rel})" in md and os.path.isfile(os.path.join(out, rel)), rel
     assert "smoke mode" in md and "Machine:" in md and "Effective hyperparameters" in md
+    assert "held-out prompts, each reply to its end (" in md
     assert "## Headline" in md and "## R1-Zero" in md and "zero reward variance" in md
     assert md.rstrip().endswith("```") and f"nanoseek chat {res['r1']['final_model']}" in md
 
